@@ -1,0 +1,319 @@
+//! Signed change envelopes.
+//!
+//! Every Automerge change travels and is stored inside an envelope: the record it belongs
+//! to, the raw change bytes, and the author's ed25519 signature over
+//! `(org id, record, change hash)`. Binding the record stops a valid change from being
+//! replayed into another record; binding the org stops it crossing organisations.
+//!
+//! Verification works on the bytes as received: the change hash is computed by Automerge
+//! from the raw change chunk, and the author is the change's own actor id, so nothing is
+//! re-encoded before it is checked.
+//!
+//! Encoding, all integers big-endian:
+//! `[version u8 = 1][record len u16][record utf-8][change len u32][change][signature 64]`.
+
+use automerge::{Change, ChangeHash};
+use ed25519_dalek::Signature;
+
+use crate::identity::{Identity, NodeId, OrgId};
+use crate::record::RecordId;
+
+/// The envelope format version.
+pub const ENVELOPE_VERSION: u8 = 1;
+/// Length of an ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// Largest change an envelope may carry, in bytes.
+pub const CHANGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Domain separation for change signatures.
+const SIGNING_CONTEXT: &[u8] = b"mesh/change/v1";
+
+/// A change with its signature, as bytes that can be stored and sent unchanged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Envelope {
+    bytes: Vec<u8>,
+}
+
+/// A change whose envelope parsed and whose signature is valid for its author.
+///
+/// Only [`Envelope::verify`] and [`VerifiedChange::sign`] make one, so a function that
+/// takes a `VerifiedChange` needs no further signature check.
+#[derive(Clone, Debug)]
+pub struct VerifiedChange {
+    /// The record the author signed the change for.
+    pub record: RecordId,
+    /// The change's author: its Automerge actor id.
+    pub author: NodeId,
+    /// The parsed change.
+    pub change: Change,
+    /// The envelope exactly as received or made.
+    pub envelope: Envelope,
+}
+
+/// Why an envelope was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The bytes end early, run long, or carry an unknown version.
+    #[error("malformed envelope: {0}")]
+    Malformed(&'static str),
+    /// The record address inside is invalid.
+    #[error("envelope names an invalid record: {0}")]
+    Record(String),
+    /// Automerge cannot parse the change.
+    #[error("envelope carries a change automerge cannot read: {0}")]
+    Change(String),
+    /// The change's actor id is not an ed25519 public key.
+    #[error("the change's author is not a node key")]
+    Author,
+    /// The signature does not match the author, org, record and change hash.
+    #[error("bad signature for change {hash} by {author} on {record}")]
+    Signature {
+        /// The record named in the envelope.
+        record: String,
+        /// The change's author.
+        author: String,
+        /// The change's hash.
+        hash: String,
+    },
+}
+
+/// The bytes a change signature covers.
+fn signed_message(org: &OrgId, record: &RecordId, hash: &ChangeHash) -> Vec<u8> {
+    let record = record.as_str().as_bytes();
+    let mut message = Vec::with_capacity(SIGNING_CONTEXT.len() + 32 + 2 + record.len() + 32);
+    message.extend_from_slice(SIGNING_CONTEXT);
+    message.extend_from_slice(org.as_bytes());
+    message.extend_from_slice(&(record.len() as u16).to_be_bytes());
+    message.extend_from_slice(record);
+    message.extend_from_slice(&hash.0);
+    message
+}
+
+impl Envelope {
+    /// Wraps bytes received from a peer or read from the log; nothing is checked until
+    /// [`Envelope::verify`].
+    pub fn from_bytes(bytes: Vec<u8>) -> Envelope {
+        Envelope { bytes }
+    }
+
+    /// The encoded envelope.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The encoded envelope, consumed.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the envelope is empty (never true for a valid one).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Builds an envelope from its parts.
+    pub fn encode(
+        record: &RecordId,
+        change_bytes: &[u8],
+        signature: &[u8; SIGNATURE_LEN],
+    ) -> Envelope {
+        let key = record.as_str().as_bytes();
+        let mut bytes =
+            Vec::with_capacity(1 + 2 + key.len() + 4 + change_bytes.len() + SIGNATURE_LEN);
+        bytes.push(ENVELOPE_VERSION);
+        bytes.extend_from_slice(&(key.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(&(change_bytes.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(change_bytes);
+        bytes.extend_from_slice(signature);
+        Envelope { bytes }
+    }
+
+    /// Splits the envelope into (record text, change bytes, signature) without judging them.
+    fn parts(&self) -> Result<(&str, &[u8], &[u8; SIGNATURE_LEN]), VerifyError> {
+        let bytes = &self.bytes[..];
+        let (&version, rest) = bytes.split_first().ok_or(VerifyError::Malformed("empty"))?;
+        if version != ENVELOPE_VERSION {
+            return Err(VerifyError::Malformed("unknown envelope version"));
+        }
+        let (key_len, rest) = split_be::<2>(rest)?;
+        let key_len = u16::from_be_bytes(key_len) as usize;
+        if rest.len() < key_len {
+            return Err(VerifyError::Malformed("truncated record"));
+        }
+        let (key, rest) = rest.split_at(key_len);
+        let key =
+            std::str::from_utf8(key).map_err(|_| VerifyError::Malformed("record is not utf-8"))?;
+        let (change_len, rest) = split_be::<4>(rest)?;
+        let change_len = u32::from_be_bytes(change_len) as usize;
+        if change_len > CHANGE_BYTES_MAX {
+            return Err(VerifyError::Malformed("change too large"));
+        }
+        if rest.len() != change_len + SIGNATURE_LEN {
+            return Err(VerifyError::Malformed("length does not match its header"));
+        }
+        let (change, signature) = rest.split_at(change_len);
+        let signature: &[u8; SIGNATURE_LEN] = signature.try_into().expect("length checked above");
+        Ok((key, change, signature))
+    }
+
+    /// The record named in the envelope, without verifying anything else. For routing
+    /// only: trust nothing in it until [`Envelope::verify`] succeeds.
+    pub fn record_unverified(&self) -> Option<RecordId> {
+        self.parts().ok()?.0.parse().ok()
+    }
+
+    /// Parses the change and checks the signature against the change's own actor id.
+    pub fn verify(&self, org: &OrgId) -> Result<VerifiedChange, VerifyError> {
+        let (key, change_bytes, signature) = self.parts()?;
+        let record: RecordId = key
+            .parse()
+            .map_err(|error: crate::record::NameError| VerifyError::Record(error.to_string()))?;
+        let change = Change::from_bytes(change_bytes.to_vec())
+            .map_err(|error| VerifyError::Change(error.to_string()))?;
+        // Automerge parses a change whose checksum field is wrong; the checksum is the
+        // first four bytes of the hash, so a mismatch means the bytes were altered.
+        if change_bytes.get(4..8) != Some(&change.hash().0[..4]) {
+            return Err(VerifyError::Change(
+                "checksum does not match contents".into(),
+            ));
+        }
+        let author =
+            NodeId::from_slice(change.actor_id().to_bytes()).map_err(|_| VerifyError::Author)?;
+        let message = signed_message(org, &record, &change.hash());
+        let signature = Signature::from_bytes(signature);
+        author
+            .verifying_key()
+            .verify_strict(&message, &signature)
+            .map_err(|_| VerifyError::Signature {
+                record: record.to_string(),
+                author: author.to_string(),
+                hash: change.hash().to_string(),
+            })?;
+        Ok(VerifiedChange {
+            record,
+            author,
+            change,
+            envelope: self.clone(),
+        })
+    }
+}
+
+fn split_be<const N: usize>(bytes: &[u8]) -> Result<([u8; N], &[u8]), VerifyError> {
+    if bytes.len() < N {
+        return Err(VerifyError::Malformed("truncated header"));
+    }
+    let (head, rest) = bytes.split_at(N);
+    Ok((head.try_into().expect("split at N"), rest))
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Envelope({} bytes)", self.bytes.len())
+    }
+}
+
+impl VerifiedChange {
+    /// Signs a change this node just made. Asserts that the change's actor is this node:
+    /// signing someone else's change would forge authorship.
+    pub fn sign(
+        identity: &Identity,
+        org: &OrgId,
+        record: RecordId,
+        change: Change,
+    ) -> VerifiedChange {
+        let author = identity.node_id();
+        assert_eq!(
+            change.actor_id().to_bytes(),
+            author.as_bytes(),
+            "a node signs only its own changes"
+        );
+        let signature = identity.sign(&signed_message(org, &record, &change.hash()));
+        let envelope = Envelope::encode(&record, change.raw_bytes(), &signature);
+        VerifiedChange {
+            record,
+            author,
+            change,
+            envelope,
+        }
+    }
+
+    /// The change's hash.
+    pub fn hash(&self) -> ChangeHash {
+        self.change.hash()
+    }
+
+    /// The signature, to store beside the change.
+    pub fn signature(&self) -> [u8; SIGNATURE_LEN] {
+        let bytes = self.envelope.as_bytes();
+        bytes[bytes.len() - SIGNATURE_LEN..]
+            .try_into()
+            .expect("envelopes end with the signature")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Edit, FieldValue, RecordDoc};
+
+    fn signed(org: &OrgId, record: &str) -> VerifiedChange {
+        let identity = Identity::from_seed(3);
+        let mut doc = RecordDoc::new(&identity.node_id());
+        let edit = Edit::Put([("a".to_owned(), Some(FieldValue::Int(1)))].into());
+        let change = doc.edit(&edit, 0).unwrap().unwrap();
+        VerifiedChange::sign(&identity, org, record.parse().unwrap(), change)
+    }
+
+    #[test]
+    fn a_signed_change_verifies_and_names_its_author() {
+        let org = OrgId::from_bytes([9; 32]);
+        let change = signed(&org, "stock/1");
+        let verified = change.envelope.verify(&org).unwrap();
+        assert_eq!(verified.author, Identity::from_seed(3).node_id());
+        assert_eq!(verified.hash(), change.hash());
+        assert_eq!(verified.record.as_str(), "stock/1");
+    }
+
+    #[test]
+    fn replay_into_another_record_or_org_fails_the_signature() {
+        let org = OrgId::from_bytes([9; 32]);
+        let change = signed(&org, "stock/1");
+        let (_, raw, signature) = change.envelope.parts().unwrap();
+        let replayed = Envelope::encode(&"stock/2".parse().unwrap(), raw, signature);
+        assert!(matches!(
+            replayed.verify(&org),
+            Err(VerifyError::Signature { .. })
+        ));
+        let other_org = OrgId::from_bytes([8; 32]);
+        assert!(matches!(
+            change.envelope.verify(&other_org),
+            Err(VerifyError::Signature { .. })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_refused_without_panic() {
+        let org = OrgId::from_bytes([9; 32]);
+        let bytes = signed(&org, "stock/1").envelope.into_bytes();
+        for len in 0..bytes.len() {
+            assert!(
+                Envelope::from_bytes(bytes[..len].to_vec())
+                    .verify(&org)
+                    .is_err()
+            );
+        }
+        for index in 0..bytes.len() {
+            let mut flipped = bytes.clone();
+            flipped[index] ^= 0x01;
+            assert!(
+                Envelope::from_bytes(flipped).verify(&org).is_err(),
+                "byte {index}"
+            );
+        }
+    }
+}

@@ -1,0 +1,688 @@
+//! Records: one Automerge document per record, addressed `collection/id`.
+//!
+//! Fields are keys at the document root. Each field holds one typed value ([`FieldValue`]);
+//! a delete is the tombstone field `_deleted`, so a delete merges like any other edit
+//! (last writer wins against a concurrent edit of the same field, never against other
+//! fields). Names that start with `_` are reserved for such bookkeeping fields.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{Automerge, Change, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use serde_json::{Map as JsonMap, Value as Json};
+
+use crate::identity::NodeId;
+
+/// Longest collection name, in bytes.
+pub const COLLECTION_BYTES_MAX: usize = 64;
+/// Longest record id within a collection, in bytes.
+pub const RECORD_ID_BYTES_MAX: usize = 256;
+/// Longest field name, in bytes.
+pub const FIELD_NAME_BYTES_MAX: usize = 128;
+/// Most fields one record may hold.
+pub const FIELDS_MAX: usize = 1024;
+/// The tombstone field.
+pub const DELETED_FIELD: &str = "_deleted";
+
+/// The address of a record: `collection/id`.
+///
+/// Records sort by their key text, which is also the order of reconciliation ranges.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordId {
+    key: String,
+    slash: usize,
+}
+
+/// Why a record address or field name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The collection name is empty, too long, or uses other characters.
+    #[error(
+        "collection `{0}` is not valid: use 1 to {COLLECTION_BYTES_MAX} lowercase letters, digits, `_` or `-`, starting with a letter"
+    )]
+    Collection(String),
+    /// The record id is empty, too long, or contains `/` or control characters.
+    #[error(
+        "record id `{0}` is not valid: use 1 to {RECORD_ID_BYTES_MAX} bytes without `/` or control characters"
+    )]
+    RecordId(String),
+    /// The key has no `/` between collection and id.
+    #[error("`{0}` is not a record address: write it as collection/id")]
+    Address(String),
+    /// The field name is empty, too long, reserved or has control characters.
+    #[error(
+        "field name `{0}` is not valid: use 1 to {FIELD_NAME_BYTES_MAX} bytes, no control characters, not starting with `_`"
+    )]
+    Field(String),
+}
+
+/// One typed field value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue {
+    /// A short string, replaced whole on each edit.
+    Str(String),
+    /// A signed 64-bit integer.
+    Int(i64),
+    /// A 64-bit float.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// Milliseconds since the Unix epoch.
+    Timestamp(i64),
+    /// Collaborative text: concurrent edits of different parts merge character by character.
+    Text(String),
+    /// A list of strings, replaced whole on each edit.
+    List(Vec<String>),
+    /// A reference to another record.
+    Ref(RecordId),
+}
+
+/// One edit of a record, as the caller asked for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Edit {
+    /// Set fields (`Some`) or remove them (`None`); other fields are left alone.
+    /// Writing to a deleted record brings it back.
+    Put(BTreeMap<String, Option<FieldValue>>),
+    /// Mark the record deleted.
+    Delete,
+}
+
+/// A record as read: its fields, tombstone and heads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordView {
+    /// The record's address.
+    pub record: RecordId,
+    /// The current value of every field.
+    pub fields: BTreeMap<String, FieldValue>,
+    /// Whether the record carries a tombstone.
+    pub deleted: bool,
+    /// The hashes of the latest changes.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// Why a JSON value cannot become a [`FieldValue`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {problem}")]
+pub struct JsonFieldError {
+    /// The field's name.
+    pub field: String,
+    /// What is wrong with its value.
+    pub problem: String,
+}
+
+/// Why a document cannot be edited or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    /// The edit names an invalid field.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The edit sets more fields than a record may hold.
+    #[error("a record may hold at most {FIELDS_MAX} fields")]
+    TooManyFields,
+    /// Automerge refused the operation or the bytes.
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+}
+
+/// One record's Automerge document, with this node as the actor of new changes.
+#[derive(Debug, Clone)]
+pub struct RecordDoc {
+    doc: Automerge,
+}
+
+impl RecordId {
+    /// The address of record `id` in `collection`, if both names are valid.
+    pub fn new(collection: &str, id: &str) -> Result<RecordId, NameError> {
+        check_collection(collection)?;
+        check_record_id(id)?;
+        Ok(RecordId {
+            key: format!("{collection}/{id}"),
+            slash: collection.len(),
+        })
+    }
+
+    /// The collection name.
+    pub fn collection(&self) -> &str {
+        &self.key[..self.slash]
+    }
+
+    /// The id within the collection.
+    pub fn id(&self) -> &str {
+        &self.key[self.slash + 1..]
+    }
+
+    /// The `collection/id` text, which is also the sort key.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+}
+
+impl FromStr for RecordId {
+    type Err = NameError;
+
+    fn from_str(key: &str) -> Result<RecordId, NameError> {
+        let (collection, id) = key
+            .split_once('/')
+            .ok_or_else(|| NameError::Address(key.to_owned()))?;
+        RecordId::new(collection, id)
+    }
+}
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+impl fmt::Debug for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecordId({})", self.key)
+    }
+}
+
+impl serde::Serialize for RecordId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.key)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RecordId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks a collection name.
+pub fn check_collection(name: &str) -> Result<(), NameError> {
+    let valid = !name.is_empty()
+        && name.len() <= COLLECTION_BYTES_MAX
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(NameError::Collection(name.to_owned()))
+    }
+}
+
+fn check_record_id(id: &str) -> Result<(), NameError> {
+    let valid = !id.is_empty()
+        && id.len() <= RECORD_ID_BYTES_MAX
+        && !id.chars().any(|c| c == '/' || c.is_control());
+    if valid {
+        Ok(())
+    } else {
+        Err(NameError::RecordId(id.to_owned()))
+    }
+}
+
+/// Checks a field name: user fields never start with `_`.
+pub fn check_field_name(name: &str) -> Result<(), NameError> {
+    let valid = !name.is_empty()
+        && name.len() <= FIELD_NAME_BYTES_MAX
+        && !name.starts_with('_')
+        && !name.chars().any(char::is_control);
+    if valid {
+        Ok(())
+    } else {
+        Err(NameError::Field(name.to_owned()))
+    }
+}
+
+impl FieldValue {
+    /// The value as JSON. Types that JSON lacks are tagged objects:
+    /// `{"$timestamp": ms}`, `{"$ref": "collection/id"}`, `{"$text": "..."}`.
+    pub fn to_json(&self) -> Json {
+        match self {
+            FieldValue::Str(text) => Json::String(text.clone()),
+            FieldValue::Int(number) => Json::from(*number),
+            FieldValue::Float(number) => Json::from(*number),
+            FieldValue::Bool(flag) => Json::Bool(*flag),
+            FieldValue::Timestamp(ms) => tagged("$timestamp", Json::from(*ms)),
+            FieldValue::Text(text) => tagged("$text", Json::String(text.clone())),
+            FieldValue::List(items) => Json::from(items.clone()),
+            FieldValue::Ref(record) => tagged("$ref", Json::String(record.to_string())),
+        }
+    }
+
+    /// The value a JSON value stands for: the inverse of [`FieldValue::to_json`].
+    /// `null` means "remove the field" and so gives `None`.
+    pub fn from_json(field: &str, json: &Json) -> Result<Option<FieldValue>, JsonFieldError> {
+        let problem = |problem: &str| JsonFieldError {
+            field: field.to_owned(),
+            problem: problem.to_owned(),
+        };
+        let value = match json {
+            Json::Null => return Ok(None),
+            Json::Bool(flag) => FieldValue::Bool(*flag),
+            Json::String(text) => FieldValue::Str(text.clone()),
+            Json::Number(number) => match number.as_i64() {
+                Some(integer) => FieldValue::Int(integer),
+                None => FieldValue::Float(
+                    number
+                        .as_f64()
+                        .ok_or_else(|| problem("number out of range"))?,
+                ),
+            },
+            Json::Array(items) => FieldValue::List(
+                items
+                    .iter()
+                    .map(|item| item.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| problem("lists may hold only strings"))?,
+            ),
+            Json::Object(object) => from_tagged_json(object).map_err(|text| problem(&text))?,
+        };
+        Ok(Some(value))
+    }
+
+    /// The name of the value's type, as used in schemas and error messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            FieldValue::Str(_) => "string",
+            FieldValue::Int(_) => "integer",
+            FieldValue::Float(_) => "float",
+            FieldValue::Bool(_) => "bool",
+            FieldValue::Timestamp(_) => "timestamp",
+            FieldValue::Text(_) => "text",
+            FieldValue::List(_) => "list",
+            FieldValue::Ref(_) => "reference",
+        }
+    }
+}
+
+fn tagged(tag: &str, value: Json) -> Json {
+    let mut object = JsonMap::new();
+    object.insert(tag.to_owned(), value);
+    Json::Object(object)
+}
+
+fn from_tagged_json(object: &JsonMap<String, Json>) -> Result<FieldValue, String> {
+    let mut entries = object.iter();
+    let (Some((tag, value)), None) = (entries.next(), entries.next()) else {
+        return Err("objects must have exactly one key: $timestamp, $text or $ref".to_owned());
+    };
+    match (tag.as_str(), value) {
+        ("$timestamp", Json::Number(ms)) => ms
+            .as_i64()
+            .map(FieldValue::Timestamp)
+            .ok_or_else(|| "$timestamp must be integer milliseconds since 1970".to_owned()),
+        ("$text", Json::String(text)) => Ok(FieldValue::Text(text.clone())),
+        ("$ref", Json::String(key)) => key
+            .parse()
+            .map(FieldValue::Ref)
+            .map_err(|error: NameError| error.to_string()),
+        _ => Err(format!(
+            "unknown or mistyped tag `{tag}`: use {{\"$timestamp\": ms}}, {{\"$text\": \"...\"}} or {{\"$ref\": \"collection/id\"}}"
+        )),
+    }
+}
+
+impl RecordView {
+    /// The record as a JSON object: `{"collection", "id", "deleted", "heads", "fields"}`.
+    pub fn to_json(&self) -> Json {
+        let fields: JsonMap<String, Json> = self
+            .fields
+            .iter()
+            .map(|(name, value)| (name.clone(), value.to_json()))
+            .collect();
+        serde_json::json!({
+            "collection": self.record.collection(),
+            "id": self.record.id(),
+            "deleted": self.deleted,
+            "heads": self.heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "fields": fields,
+        })
+    }
+}
+
+impl RecordDoc {
+    /// An empty document whose new changes are authored by `author`.
+    pub fn new(author: &NodeId) -> RecordDoc {
+        RecordDoc {
+            doc: Automerge::new().with_actor(author.actor_id()),
+        }
+    }
+
+    /// Loads a saved document; new changes are authored by `author`.
+    pub fn load(bytes: &[u8], author: &NodeId) -> Result<RecordDoc, DocError> {
+        let doc = Automerge::load(bytes)?.with_actor(author.actor_id());
+        Ok(RecordDoc { doc })
+    }
+
+    /// The whole document in Automerge's standard binary format.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// The underlying Automerge document.
+    pub fn automerge(&self) -> &Automerge {
+        &self.doc
+    }
+
+    /// The hashes of the latest changes, sorted.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// Whether the document holds the change with this hash.
+    pub fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_meta_by_hash(hash).is_some()
+    }
+
+    /// The change with this hash, if the document holds it.
+    pub fn change(&self, hash: &ChangeHash) -> Option<Change> {
+        self.doc.get_change_by_hash(hash)
+    }
+
+    /// Every change not in the history of `have`; hashes the document does not hold are
+    /// ignored, so the answer errs towards sending too much, never too little.
+    pub fn changes_after(&self, have: &[ChangeHash]) -> Vec<Change> {
+        let known: Vec<ChangeHash> = have
+            .iter()
+            .filter(|hash| self.has_change(hash))
+            .copied()
+            .collect();
+        self.doc.get_changes(&known)
+    }
+
+    /// Applies changes whose dependencies the caller has checked are present.
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), DocError> {
+        self.doc.apply_changes(changes)?;
+        Ok(())
+    }
+
+    /// Whether the tombstone is set.
+    pub fn deleted(&self) -> bool {
+        matches!(
+            self.doc.get(ROOT, DELETED_FIELD),
+            Ok(Some((Value::Scalar(value), _))) if matches!(value.as_ref(), ScalarValue::Boolean(true))
+        )
+    }
+
+    /// The current value of every user field.
+    pub fn fields(&self) -> BTreeMap<String, FieldValue> {
+        self.doc
+            .keys(ROOT)
+            .filter(|key| !key.starts_with('_'))
+            .filter_map(|key| {
+                let value = self.field(&key)?;
+                Some((key, value))
+            })
+            .collect()
+    }
+
+    /// The current value of one field.
+    pub fn field(&self, name: &str) -> Option<FieldValue> {
+        let (value, object) = self.doc.get(ROOT, name).ok()??;
+        match value {
+            Value::Scalar(scalar) => match scalar.as_ref() {
+                ScalarValue::Str(text) => Some(FieldValue::Str(text.to_string())),
+                ScalarValue::Int(number) => Some(FieldValue::Int(*number)),
+                ScalarValue::Uint(number) => i64::try_from(*number).ok().map(FieldValue::Int),
+                ScalarValue::F64(number) => Some(FieldValue::Float(*number)),
+                ScalarValue::Boolean(flag) => Some(FieldValue::Bool(*flag)),
+                ScalarValue::Timestamp(ms) => Some(FieldValue::Timestamp(*ms)),
+                _ => None,
+            },
+            Value::Object(ObjType::Text) => self.doc.text(&object).ok().map(FieldValue::Text),
+            Value::Object(ObjType::List) => Some(FieldValue::List(
+                self.doc
+                    .list_range(&object, ..)
+                    .filter_map(|item| match item.value {
+                        automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(text)) => {
+                            Some(text.to_string())
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            Value::Object(ObjType::Map) => match self.doc.get(&object, "$ref").ok()?? {
+                (Value::Scalar(scalar), _) => match scalar.as_ref() {
+                    ScalarValue::Str(key) => key.parse().ok().map(FieldValue::Ref),
+                    _ => None,
+                },
+                _ => None,
+            },
+            Value::Object(_) => None,
+        }
+    }
+
+    /// The record as read now.
+    pub fn view(&self, record: &RecordId) -> RecordView {
+        RecordView {
+            record: record.clone(),
+            fields: self.fields(),
+            deleted: self.deleted(),
+            heads: self.heads(),
+        }
+    }
+
+    /// What the record's fields would be after `edit`, without changing anything: lets the
+    /// caller check a schema before any change exists.
+    pub fn preview(&self, edit: &Edit) -> (BTreeMap<String, FieldValue>, bool) {
+        let mut fields = self.fields();
+        match edit {
+            Edit::Put(updates) => {
+                for (name, value) in updates {
+                    match value {
+                        Some(value) => fields.insert(name.clone(), value.clone()),
+                        None => fields.remove(name),
+                    };
+                }
+                (fields, false)
+            }
+            Edit::Delete => (fields, true),
+        }
+    }
+
+    /// Makes one change for `edit`, stamped `time_ms`. Fields whose value is unchanged are
+    /// not written, so only changed fields travel; `None` means nothing changed.
+    pub fn edit(&mut self, edit: &Edit, time_ms: i64) -> Result<Option<Change>, DocError> {
+        if let Edit::Put(updates) = edit {
+            if updates.len() > FIELDS_MAX {
+                return Err(DocError::TooManyFields);
+            }
+            for name in updates.keys() {
+                check_field_name(name)?;
+            }
+        }
+        let mut tx = self.doc.transaction();
+        let result = write_edit(&mut tx, edit);
+        if let Err(error) = result {
+            tx.rollback();
+            return Err(error);
+        }
+        let (hash, _) = tx.commit_with(CommitOptions::default().with_time(time_ms));
+        Ok(hash.map(|hash| {
+            self.doc
+                .get_change_by_hash(&hash)
+                .expect("a change just committed is in the document")
+        }))
+    }
+}
+
+fn write_edit(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    edit: &Edit,
+) -> Result<(), DocError> {
+    let deleted = matches!(
+        tx.get(ROOT, DELETED_FIELD)?,
+        Some((Value::Scalar(value), _)) if matches!(value.as_ref(), ScalarValue::Boolean(true))
+    );
+    match edit {
+        Edit::Delete => {
+            if !deleted {
+                tx.put(ROOT, DELETED_FIELD, true)?;
+            }
+        }
+        Edit::Put(updates) => {
+            if deleted {
+                tx.put(ROOT, DELETED_FIELD, false)?;
+            }
+            for (name, value) in updates {
+                write_field(tx, name, value.as_ref())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_field(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    name: &str,
+    value: Option<&FieldValue>,
+) -> Result<(), DocError> {
+    let current = tx.get(ROOT, name)?;
+    let Some(value) = value else {
+        if current.is_some() {
+            tx.delete(ROOT, name)?;
+        }
+        return Ok(());
+    };
+    let scalar = match value {
+        FieldValue::Str(text) => Some(ScalarValue::Str(text.as_str().into())),
+        FieldValue::Int(number) => Some(ScalarValue::Int(*number)),
+        FieldValue::Float(number) => Some(ScalarValue::F64(*number)),
+        FieldValue::Bool(flag) => Some(ScalarValue::Boolean(*flag)),
+        FieldValue::Timestamp(ms) => Some(ScalarValue::Timestamp(*ms)),
+        FieldValue::Text(_) | FieldValue::List(_) | FieldValue::Ref(_) => None,
+    };
+    if let Some(scalar) = scalar {
+        let unchanged =
+            matches!(&current, Some((Value::Scalar(old), _)) if old.as_ref() == &scalar);
+        if !unchanged {
+            tx.put(ROOT, name, scalar)?;
+        }
+        return Ok(());
+    }
+    match value {
+        FieldValue::Text(text) => match current {
+            // Edit existing text in place so concurrent edits of other parts survive.
+            Some((Value::Object(ObjType::Text), object)) => tx.update_text(&object, text)?,
+            _ => {
+                let object = tx.put_object(ROOT, name, ObjType::Text)?;
+                tx.splice_text(&object, 0, 0, text)?;
+            }
+        },
+        FieldValue::List(items) => {
+            let same = matches!(&current, Some((Value::Object(ObjType::List), object))
+            if tx.length(object) == items.len()
+                && tx.list_range(object, ..).zip(items).all(|(item, want)| {
+                    matches!(item.value, automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(text)) if text == want.as_str())
+                }));
+            if !same {
+                let object = tx.put_object(ROOT, name, ObjType::List)?;
+                for (index, item) in items.iter().enumerate() {
+                    tx.insert(&object, index, item.as_str())?;
+                }
+            }
+        }
+        FieldValue::Ref(record) => {
+            let same = matches!(&current, Some((Value::Object(ObjType::Map), object))
+                if matches!(tx.get(object, "$ref"), Ok(Some((Value::Scalar(key), _)))
+                    if matches!(key.as_ref(), ScalarValue::Str(key) if key.as_str() == record.as_str())));
+            if !same {
+                let object = tx.put_object(ROOT, name, ObjType::Map)?;
+                tx.put(&object, "$ref", record.as_str())?;
+            }
+        }
+        _ => unreachable!("scalars were written above"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    fn put(fields: &[(&str, FieldValue)]) -> Edit {
+        Edit::Put(
+            fields
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), Some(value.clone())))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn every_field_type_round_trips_through_the_document_and_json() {
+        let author = Identity::from_seed(1).node_id();
+        let record = RecordId::new("stock", "item-1").unwrap();
+        let values = [
+            ("name", FieldValue::Str("Paracetamol".into())),
+            ("count", FieldValue::Int(-42)),
+            ("price", FieldValue::Float(1.5)),
+            ("active", FieldValue::Bool(true)),
+            ("seen", FieldValue::Timestamp(1_790_000_000_000)),
+            ("notes", FieldValue::Text("take with water".into())),
+            ("tags", FieldValue::List(vec!["a".into(), "b".into()])),
+            (
+                "item",
+                FieldValue::Ref(RecordId::new("catalogue", "p1").unwrap()),
+            ),
+        ];
+        let mut doc = RecordDoc::new(&author);
+        doc.edit(&put(&values), 0).unwrap().expect("a change");
+        let reloaded = RecordDoc::load(&doc.save(), &author).unwrap();
+        let view = reloaded.view(&record);
+        for (name, value) in &values {
+            assert_eq!(view.fields.get(*name), Some(value), "{name}");
+            let json = value.to_json();
+            assert_eq!(
+                FieldValue::from_json(name, &json).unwrap().as_ref(),
+                Some(value)
+            );
+        }
+        assert!(!view.deleted);
+    }
+
+    #[test]
+    fn an_unchanged_put_makes_no_change_and_a_one_field_put_writes_one_op() {
+        let mut doc = RecordDoc::new(&Identity::from_seed(1).node_id());
+        let edit = put(&[("a", FieldValue::Int(1)), ("b", FieldValue::Int(2))]);
+        assert!(doc.edit(&edit, 0).unwrap().is_some());
+        assert!(doc.edit(&edit, 0).unwrap().is_none());
+        let change = doc
+            .edit(&put(&[("a", FieldValue::Int(3))]), 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(change.len(), 1, "only the changed field is in the change");
+    }
+
+    #[test]
+    fn delete_is_a_tombstone_and_a_later_put_restores_the_record() {
+        let mut doc = RecordDoc::new(&Identity::from_seed(1).node_id());
+        doc.edit(&put(&[("a", FieldValue::Int(1))]), 0).unwrap();
+        doc.edit(&Edit::Delete, 0).unwrap();
+        assert!(doc.deleted());
+        doc.edit(&put(&[("b", FieldValue::Int(1))]), 0).unwrap();
+        assert!(!doc.deleted());
+    }
+
+    #[test]
+    fn invalid_names_are_refused_with_the_rule() {
+        assert!(RecordId::new("Stock", "x").is_err());
+        assert!(RecordId::new("stock", "a/b").is_err());
+        assert!("stock".parse::<RecordId>().is_err());
+        let mut doc = RecordDoc::new(&Identity::from_seed(1).node_id());
+        let error = doc
+            .edit(&put(&[("_deleted", FieldValue::Bool(false))]), 0)
+            .unwrap_err();
+        assert!(error.to_string().contains("_deleted"), "{error}");
+    }
+
+    #[test]
+    fn json_refuses_mixed_lists_and_unknown_tags() {
+        let error = FieldValue::from_json("tags", &serde_json::json!(["a", 1])).unwrap_err();
+        assert_eq!(error.field, "tags");
+        assert!(FieldValue::from_json("x", &serde_json::json!({"$what": 1})).is_err());
+        assert_eq!(FieldValue::from_json("x", &Json::Null).unwrap(), None);
+    }
+}
