@@ -375,6 +375,29 @@ impl RecordDoc {
         self.doc.get_change_meta_by_hash(hash).is_some()
     }
 
+    /// Hashes behind the heads, nearest first, at most `limit` of them: lets a peer whose
+    /// history forked from ours find the last change we share.
+    pub fn ancestors(&self, limit: usize) -> Vec<ChangeHash> {
+        let mut seen: std::collections::BTreeSet<ChangeHash> = self.heads().into_iter().collect();
+        let mut frontier: std::collections::VecDeque<ChangeHash> = seen.iter().copied().collect();
+        let mut ancestors = Vec::new();
+        while let Some(hash) = frontier.pop_front() {
+            let Some(meta) = self.doc.get_change_meta_by_hash(&hash) else {
+                continue;
+            };
+            for dep in meta.deps {
+                if ancestors.len() == limit {
+                    return ancestors;
+                }
+                if seen.insert(dep) {
+                    ancestors.push(dep);
+                    frontier.push_back(dep);
+                }
+            }
+        }
+        ancestors
+    }
+
     /// The change with this hash, if the document holds it.
     pub fn change(&self, hash: &ChangeHash) -> Option<Change> {
         self.doc.get_change_by_hash(hash)

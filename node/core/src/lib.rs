@@ -1,1 +1,55 @@
-//! placeholder
+//! The sans-IO core of a mesh node: everything a node decides, nothing it does.
+//!
+//! A [`Node`] is a state machine. The driver (the daemon, the simulator, a test harness)
+//! feeds it one [`Input`] at a time with the current time, and carries out the
+//! [`Effect`]s it returns, in order: send bytes to a peer, append to the change log,
+//! complete a command, disconnect a peer, emit an event. It also calls
+//! `handle(now, Input::Tick)` when [`Node::next_deadline`] passes.
+//!
+//! ```
+//! use mesh_core::{Command, CommandId, Config, Effect, Input, Instant, Node};
+//! use crdt_schema::{FieldValue, Identity};
+//!
+//! let mut node = Node::new(Config::default(), Identity::from_seed(1), 1);
+//! let now = Instant::from_millis(0);
+//! let put = Command::Put {
+//!     record: "stock/aspirin".parse().unwrap(),
+//!     fields: [("count".to_owned(), Some(FieldValue::Int(12)))].into(),
+//! };
+//! let effects = node.handle(now, Input::Command { id: CommandId(1), command: put });
+//! // The write is not acknowledged yet: first the driver must make the change durable.
+//! let Effect::Storage { op, .. } = &effects[0] else { panic!("an append comes first") };
+//! let effects = node.handle(now, Input::StorageDone { op: *op, result: Ok(()) });
+//! assert!(effects.iter().any(|effect| matches!(effect, Effect::Complete { .. })));
+//! ```
+//!
+//! The core does no IO, reads no clock and draws no OS entropy: time is an argument,
+//! randomness comes from a seeded rng, ids from counters. The same inputs give the same
+//! effects, which is what lets the simulator replay any run from its seed.
+//!
+//! Modules:
+//! - [`node`]: the state machine, the input/effect enums and the write pipeline.
+//! - [`sync`](crate::node::Node::status): peers and range-based reconciliation sessions.
+//! - [`records`]: the record index (durable heads, digest) and the document cache.
+//! - [`wire`]: the versioned peer protocol with its size limits.
+//! - [`digest`]: item hashes, accumulators and fingerprints.
+//! - [`storage`]: what the core asks of storage and what it gets back on start.
+//! - [`limits`]: every bound, in one place.
+
+pub mod config;
+pub mod digest;
+pub mod limits;
+pub mod node;
+pub mod records;
+pub mod status;
+pub mod storage;
+mod sync;
+pub mod time;
+pub mod wire;
+
+pub use config::Config;
+pub use digest::Digest;
+pub use node::{Command, CommandError, CommandId, Effect, Event, Input, Node, Reply};
+pub use status::{PeerState, Status, SyncOutcome, SyncRecord};
+pub use storage::{Restore, SavedRecord, StorageError, StorageOpId, StorageRequest};
+pub use time::Instant;

@@ -1,0 +1,51 @@
+//! The node's configuration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crdt_schema::{CollectionSchema, OrgId};
+
+/// How a node behaves. Every field documents its default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The organisation whose changes this node accepts; it enters every signature.
+    /// Default: the all-zero org, for a mesh without a policy.
+    pub org: OrgId,
+    /// The collections this node replicates; `None` replicates everything. Default: `None`.
+    /// Reconciliation between two peers covers the intersection of their scopes.
+    pub collections: Option<BTreeSet<String>>,
+    /// Field schemas checked on local writes. Default: none.
+    pub schemas: BTreeMap<String, CollectionSchema>,
+    /// How often each connected peer is reconciled with (anti-entropy). Default: 30 s.
+    pub sync_interval: Duration,
+    /// A session with no progress for this long is dropped and started afresh. Default: 10 s.
+    pub sync_stall_timeout: Duration,
+    /// How long applied changes may wait before their records are saved as documents and
+    /// the log can be compacted. Default: 1 s.
+    pub checkpoint_interval: Duration,
+    /// How many Automerge documents stay loaded. Default: [`crate::limits::LOADED_DOCUMENTS_MAX`].
+    pub loaded_documents_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            org: OrgId::default(),
+            collections: None,
+            schemas: BTreeMap::new(),
+            sync_interval: Duration::from_secs(30),
+            sync_stall_timeout: Duration::from_secs(10),
+            checkpoint_interval: Duration::from_secs(1),
+            loaded_documents_max: crate::limits::LOADED_DOCUMENTS_MAX,
+        }
+    }
+}
+
+impl Config {
+    /// Whether this node replicates `collection`.
+    pub fn replicates(&self, collection: &str) -> bool {
+        self.collections
+            .as_ref()
+            .is_none_or(|collections| collections.contains(collection))
+    }
+}

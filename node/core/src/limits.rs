@@ -1,0 +1,63 @@
+//! Every bound of the node core, in one place.
+//!
+//! Anything that grows with peer input has a `*_max` here; input past it is refused,
+//! counted and reported. Relationships between limits are checked at compile time.
+
+use std::time::Duration;
+
+/// Largest message a peer may send us, in bytes. Larger ones are refused before decoding.
+pub const MESSAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Largest change pushed whole by gossip; larger ones are announced by heads and pulled.
+pub const PUSH_CHANGE_BYTES_MAX: usize = 64 * 1024;
+/// Most envelope bytes in one `SyncChanges` batch message.
+pub const SYNC_BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// Most change bytes one side sends in one reconciliation round; the rest waits for the
+/// next round, so a receiver applies what it got before it is sent more (flow control).
+pub const SYNC_ROUND_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Most ranges in one reconciliation message.
+pub const RANGES_PER_MESSAGE_MAX: usize = 4096;
+/// Most (record, heads) items in one reconciliation message, over all its ranges.
+pub const ITEMS_PER_MESSAGE_MAX: usize = 65_536;
+/// Most heads one record may list in a message.
+pub const HEADS_PER_ITEM_MAX: usize = 64;
+/// Most record needs in one message.
+pub const NEEDS_PER_MESSAGE_MAX: usize = 16_384;
+/// Most ancestor hashes sent with one need.
+pub const NEED_ANCESTORS_MAX: usize = 16;
+/// Most changes in one push or batch message.
+pub const CHANGES_PER_MESSAGE_MAX: usize = 65_536;
+/// Most collections named in a replication scope.
+pub const SCOPE_COLLECTIONS_MAX: usize = 1024;
+
+/// A range holding at most this many records is answered with its item list.
+pub const RANGE_ITEMS_THRESHOLD: usize = 32;
+/// A larger range that differs is split into this many subranges.
+pub const RANGE_FANOUT: usize = 16;
+
+/// Most changes held because their dependencies have not arrived yet.
+pub const PENDING_CHANGES_MAX: usize = 4096;
+/// How long a change waits for its dependencies before it is dropped (anti-entropy will
+/// bring it again with its dependencies).
+pub const PENDING_CHANGE_TTL: Duration = Duration::from_secs(120);
+/// Most remote changes waiting for their log append; past it a batch is refused and
+/// reconciliation fetches it again later.
+pub const PIPELINE_REMOTE_CHANGES_MAX: usize = 200_000;
+/// Most peers the node keeps state for.
+pub const PEERS_MAX: usize = 1024;
+/// Most reconciliation rounds in one session before it ends and the next timer retries:
+/// a livelock fails a session instead of hanging it.
+pub const SYNC_ROUNDS_MAX: u32 = 64;
+/// Most messages deferred in one session while its changes are made durable.
+pub const SESSION_DEFERRED_MAX: usize = 64;
+/// Entries kept in the in-memory sync history.
+pub const HISTORY_ENTRIES_MAX: usize = 1000;
+
+/// Most Automerge documents kept loaded; the rest are held as saved bytes. A loaded
+/// document costs about 15 KB even when tiny.
+pub const LOADED_DOCUMENTS_MAX: usize = 4096;
+
+const _: () = assert!(PUSH_CHANGE_BYTES_MAX < MESSAGE_BYTES_MAX);
+const _: () = assert!(SYNC_BATCH_BYTES_MAX + 64 * 1024 < MESSAGE_BYTES_MAX);
+const _: () = assert!(crdt_schema::change::CHANGE_BYTES_MAX + 64 * 1024 < MESSAGE_BYTES_MAX);
+const _: () = assert!(RANGE_ITEMS_THRESHOLD * RANGE_FANOUT <= ITEMS_PER_MESSAGE_MAX);
+const _: () = assert!(RANGE_FANOUT >= 2);

@@ -1,0 +1,1180 @@
+//! The node state machine: `handle(now, input) -> effects`.
+//!
+//! Everything that can happen to a node is an [`Input`]; everything it asks its driver to
+//! do is an [`Effect`]. One call handles one input and returns the effects in the order
+//! the driver must carry them out.
+//!
+//! The write path, local or remote, is one pipeline:
+//! 1. a change is verified (remote) or made and signed (local);
+//! 2. it joins the next log append; at most one append is in flight, so everything that
+//!    arrives meanwhile is committed together (group commit);
+//! 3. when the driver reports the append durable, remote changes are applied, local writes
+//!    are acknowledged, and only then are the changes pushed to peers.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crdt_schema::{
+    ChangeHash, Edit, Envelope, FieldValue, Identity, NodeId, RecordDoc, RecordId, RecordView,
+    SchemaError, VerifiedChange,
+};
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+
+use crate::config::Config;
+use crate::limits::*;
+use crate::records::{Records, Scope};
+use crate::status::{Counters, PeerCounters, PeerState, SyncRecord};
+use crate::storage::{Restore, SavedRecord, Signature, StorageError, StorageOpId, StorageRequest};
+use crate::sync::Session;
+use crate::time::Instant;
+use crate::wire::{EnvelopeBytes, Message, Need};
+
+/// Numbers a command, so its completion can be matched. Chosen by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommandId(pub u64);
+
+/// Everything that can happen to a node.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// What survived in storage. Fed once, before anything else, when a node starts.
+    Restore(Restore),
+    /// A request from the local application or user.
+    Command {
+        /// Echoed in the completion.
+        id: CommandId,
+        /// What to do.
+        command: Command,
+    },
+    /// The transport is dialling a peer.
+    PeerConnecting {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// The transport connected a peer (either direction).
+    PeerConnected {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// The transport lost a peer.
+    PeerDisconnected {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// A message from a connected peer.
+    MessageReceived {
+        /// The peer.
+        from: NodeId,
+        /// The message as received.
+        bytes: Vec<u8>,
+    },
+    /// A storage request finished.
+    StorageDone {
+        /// The request.
+        op: StorageOpId,
+        /// Whether it succeeded; an append succeeds only once durable.
+        result: Result<(), StorageError>,
+    },
+    /// A deadline from [`Node::next_deadline`] passed.
+    Tick,
+}
+
+/// Everything a node asks its driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Send a message to a connected peer.
+    Send {
+        /// The peer.
+        to: NodeId,
+        /// The encoded message.
+        bytes: Vec<u8>,
+    },
+    /// Carry out a storage request and report it with [`Input::StorageDone`].
+    Storage {
+        /// Echo this in the completion.
+        op: StorageOpId,
+        /// What to do.
+        request: StorageRequest,
+    },
+    /// A command finished.
+    Complete {
+        /// The command.
+        id: CommandId,
+        /// Its result.
+        result: Result<Reply, CommandError>,
+    },
+    /// Drop the connection to a peer that broke the protocol.
+    Disconnect {
+        /// The peer.
+        peer: NodeId,
+        /// Why, for logs.
+        reason: String,
+    },
+    /// Something worth telling the user or the change feed.
+    Emit(Event),
+}
+
+/// Requests from the local application or user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Create or update some fields of a record (`None` removes a field).
+    Put {
+        /// The record.
+        record: RecordId,
+        /// The fields to set or remove.
+        fields: BTreeMap<String, Option<FieldValue>>,
+    },
+    /// Mark a record deleted.
+    Delete {
+        /// The record.
+        record: RecordId,
+    },
+    /// Read a record.
+    Get {
+        /// The record.
+        record: RecordId,
+    },
+    /// Read every live record of a collection.
+    List {
+        /// The collection.
+        collection: String,
+    },
+    /// The node's status.
+    Status,
+    /// Reconcile now with every connected peer, or with one.
+    SyncNow {
+        /// Only this peer.
+        peer: Option<NodeId>,
+    },
+    /// End every running reconciliation this node started; what was applied stays.
+    SyncAbort,
+    /// The sync history, newest first.
+    History,
+    /// A record's Automerge document in the standard binary format.
+    Export {
+        /// The record.
+        record: RecordId,
+    },
+}
+
+/// Successful command results.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// A write is durable.
+    Written {
+        /// The record.
+        record: RecordId,
+        /// Its heads after the write.
+        heads: Vec<ChangeHash>,
+        /// Whether the write changed anything.
+        changed: bool,
+    },
+    /// A record, or `None` if it does not exist.
+    Record(Option<RecordView>),
+    /// Records of a collection.
+    Records(Vec<RecordView>),
+    /// Status.
+    Status(Box<crate::status::Status>),
+    /// How many reconciliations were started.
+    SyncStarted {
+        /// Peers a session was started with.
+        peers: Vec<NodeId>,
+    },
+    /// How many reconciliations were aborted.
+    SyncAborted {
+        /// Sessions ended.
+        sessions: usize,
+    },
+    /// Sync history rows, newest first.
+    History(Vec<SyncRecord>),
+    /// A document's bytes.
+    Document(Vec<u8>),
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    /// The record does not exist.
+    #[error("record {0} does not exist")]
+    NotFound(RecordId),
+    /// The request itself is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The write breaks the collection's schema.
+    #[error("the write breaks the schema of `{collection}`: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Schema {
+        /// The collection.
+        collection: String,
+        /// Every problem.
+        errors: Vec<SchemaError>,
+    },
+    /// The change could not be made durable; nothing was written.
+    #[error("storage failed, nothing was written: {0}")]
+    Storage(String),
+    /// The peer is not connected.
+    #[error("peer {0} is not connected")]
+    PeerNotConnected(NodeId),
+}
+
+/// Things worth telling the user or a change feed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A record's durable state changed.
+    RecordChanged {
+        /// The record.
+        record: RecordId,
+        /// Its new durable heads.
+        heads: Vec<ChangeHash>,
+        /// The peer it came from, or `None` for a local write.
+        from: Option<NodeId>,
+    },
+    /// A change from a peer was refused.
+    ChangeRejected {
+        /// The peer that sent it.
+        from: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// A message from a peer was refused.
+    MessageRejected {
+        /// The peer.
+        from: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// A reconciliation started.
+    SyncStarted {
+        /// The peer.
+        peer: NodeId,
+        /// The session.
+        session: u64,
+        /// Whether this node started it.
+        initiator: bool,
+    },
+    /// A reconciliation ended.
+    SyncEnded(SyncRecord),
+    /// A storage request failed.
+    StorageFailed {
+        /// The driver's error.
+        error: String,
+    },
+}
+
+/// Where a remote change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Pushed: forward it to other peers once applied.
+    Push,
+    /// Part of a session, initiated by us (`true`) or the peer.
+    Session { id: u64, initiator: bool },
+    /// Replayed from the log on start: already durable.
+    Log,
+}
+
+/// One write waiting for its log append.
+enum PipelineEntry {
+    Local {
+        command: CommandId,
+        record: RecordId,
+        change: Option<VerifiedChange>,
+    },
+    Remote {
+        from: NodeId,
+        change: VerifiedChange,
+        origin: Origin,
+    },
+}
+
+#[derive(Default)]
+struct Pipeline {
+    in_flight: Option<(StorageOpId, Vec<PipelineEntry>)>,
+    queued: Vec<PipelineEntry>,
+    /// Remote changes queued or in flight, so a second copy is recognised.
+    remote: BTreeSet<(String, ChangeHash)>,
+}
+
+/// A remote change waiting for its dependencies.
+pub(crate) struct PendingChange {
+    from: NodeId,
+    change: VerifiedChange,
+    origin: Origin,
+    since: Instant,
+}
+
+/// What a node knows about one peer.
+pub(crate) struct Peer {
+    pub(crate) state: PeerState,
+    /// The peer's replication scope, once its `Hello` arrived.
+    pub(crate) scope: Option<Scope>,
+    pub(crate) connected_since: Option<Instant>,
+    pub(crate) last_sync: Option<Instant>,
+    pub(crate) next_sync_at: Option<Instant>,
+    pub(crate) outbound: Option<Session>,
+    pub(crate) inbound: Option<Session>,
+    pub(crate) counters: PeerCounters,
+    pub(crate) last_error: Option<String>,
+    pub(crate) behind_estimate: u64,
+}
+
+/// One mesh node: all it decides, none of its IO.
+pub struct Node {
+    pub(crate) config: Config,
+    pub(crate) identity: Identity,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) now: Instant,
+    pub(crate) records: Records,
+    pipeline: Pipeline,
+    pending: BTreeMap<(String, ChangeHash), PendingChange>,
+    pub(crate) peers: BTreeMap<NodeId, Peer>,
+    pub(crate) counters: Counters,
+    pub(crate) history: VecDeque<SyncRecord>,
+    next_op: u64,
+    pub(crate) next_session: u64,
+    checkpoint_due: Option<Instant>,
+    checkpoint_in_flight: Option<(StorageOpId, Vec<String>)>,
+    last_local_change: Option<Instant>,
+    last_remote_change: Option<Instant>,
+    pub(crate) last_sync: Option<Instant>,
+    pub(crate) effects: Vec<Effect>,
+}
+
+impl Node {
+    /// A node with no records. Feed [`Input::Restore`] first if storage holds any.
+    pub fn new(config: Config, identity: Identity, seed: u64) -> Node {
+        let records = Records::new(identity.node_id(), config.loaded_documents_max);
+        Node {
+            config,
+            identity,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            now: Instant::default(),
+            records,
+            pipeline: Pipeline::default(),
+            pending: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            counters: Counters::default(),
+            history: VecDeque::new(),
+            next_op: 0,
+            next_session: 0,
+            checkpoint_due: None,
+            checkpoint_in_flight: None,
+            last_local_change: None,
+            last_remote_change: None,
+            last_sync: None,
+            effects: Vec::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Feeds one input; returns what the driver must do, in order.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        // Time never runs backwards inside the core, whatever the driver's clock does.
+        self.now = self.now.max(now);
+        match input {
+            Input::Restore(restore) => self.restore(restore),
+            Input::Command { id, command } => self.command(id, command),
+            Input::PeerConnecting { peer } => self.peer_connecting(peer),
+            Input::PeerConnected { peer } => self.peer_connected(peer),
+            Input::PeerDisconnected { peer } => self.peer_disconnected(peer),
+            Input::MessageReceived { from, bytes } => self.message_received(from, bytes),
+            Input::StorageDone { op, result } => self.storage_done(op, result),
+            Input::Tick => self.tick(),
+        }
+        self.start_append();
+        std::mem::take(&mut self.effects)
+    }
+
+    /// When the driver must next call `handle(now, Input::Tick)`.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut deadline: Option<Instant> = None;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                deadline = Some(deadline.map_or(at, |current| current.min(at)));
+            }
+        };
+        if self.checkpoint_in_flight.is_none() {
+            consider(self.checkpoint_due);
+        }
+        for peer in self.peers.values() {
+            if peer.state != PeerState::Connected {
+                continue;
+            }
+            if peer.outbound.is_none() && peer.inbound.is_none() {
+                consider(peer.next_sync_at);
+            }
+            for session in peer.outbound.iter().chain(&peer.inbound) {
+                consider(Some(
+                    session.last_progress_at + self.config.sync_stall_timeout,
+                ));
+            }
+        }
+        consider(
+            self.pending
+                .values()
+                .map(|pending| pending.since + PENDING_CHANGE_TTL)
+                .min(),
+        );
+        deadline
+    }
+
+    pub(crate) fn last_local_change_at(&self) -> Option<Instant> {
+        self.last_local_change
+    }
+
+    pub(crate) fn last_remote_change_at(&self) -> Option<Instant> {
+        self.last_remote_change
+    }
+
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn unflushed_len(&self) -> usize {
+        let in_flight = self
+            .pipeline
+            .in_flight
+            .as_ref()
+            .map_or(0, |(_, entries)| entries.len());
+        in_flight + self.pipeline.queued.len()
+    }
+
+    pub(crate) fn emit(&mut self, event: Event) {
+        self.effects.push(Effect::Emit(event));
+    }
+
+    pub(crate) fn send(&mut self, to: NodeId, message: &Message) {
+        let bytes = message.encode();
+        debug_assert!(
+            bytes.len() <= MESSAGE_BYTES_MAX,
+            "the node never sends what it refuses"
+        );
+        if let Some(peer) = self.peers.get_mut(&to) {
+            peer.counters.messages_sent += 1;
+            peer.counters.bytes_sent += bytes.len() as u64;
+        }
+        self.effects.push(Effect::Send { to, bytes });
+    }
+
+    fn next_op(&mut self) -> StorageOpId {
+        self.next_op += 1;
+        StorageOpId(self.next_op)
+    }
+
+    fn complete(&mut self, id: CommandId, result: Result<Reply, CommandError>) {
+        self.effects.push(Effect::Complete { id, result });
+    }
+
+    // ----- start -----
+
+    fn restore(&mut self, restore: Restore) {
+        for saved in restore.records {
+            let heads = saved.heads.iter().map(|hash| ChangeHash(*hash)).collect();
+            let signatures = saved
+                .signatures
+                .iter()
+                .map(|(hash, signature)| (ChangeHash(*hash), signature.0))
+                .collect();
+            self.records.restore(
+                saved.record.clone(),
+                heads,
+                saved.document,
+                signatures,
+                false,
+            );
+            // Pair check: the stored heads must be the document's heads.
+            let doc_heads = self.records.doc_mut(saved.record.as_str()).heads();
+            let entry = self
+                .records
+                .entry(saved.record.as_str())
+                .expect("just restored");
+            assert_eq!(
+                doc_heads, entry.heads,
+                "stored heads of {} disagree with its document",
+                saved.record
+            );
+            self.records.refresh_deleted(saved.record.as_str());
+        }
+        let mut replayed = Vec::new();
+        for bytes in restore.log {
+            match Envelope::from_bytes(bytes).verify(&self.config.org) {
+                Ok(change) => replayed.push(change),
+                // The driver checksums log entries; a bad one here means a bug or
+                // tampering, and is counted rather than trusted.
+                Err(_) => self.counters.changes_rejected += 1,
+            }
+        }
+        for change in replayed {
+            let key = change.record.as_str().to_owned();
+            if self.is_known(&key, &change.hash()) {
+                continue;
+            }
+            if self.deps_known(&key, &change) {
+                self.apply_remote_batch(vec![(self.node_id(), change, Origin::Log)]);
+            } else {
+                self.counters.changes_dropped += 1;
+            }
+        }
+    }
+
+    // ----- commands -----
+
+    fn command(&mut self, id: CommandId, command: Command) {
+        match command {
+            Command::Put { record, fields } => self.write(id, record, Edit::Put(fields)),
+            Command::Delete { record } => {
+                if self.records.entry(record.as_str()).is_none() {
+                    self.complete(id, Err(CommandError::NotFound(record)));
+                } else {
+                    self.write(id, record, Edit::Delete);
+                }
+            }
+            Command::Get { record } => {
+                let view = self
+                    .records
+                    .entry(record.as_str())
+                    .is_some()
+                    .then(|| self.records.doc_mut(record.as_str()).view(&record));
+                self.complete(id, Ok(Reply::Record(view)));
+            }
+            Command::List { collection } => {
+                let keys: Vec<RecordId> = self
+                    .records
+                    .range(
+                        &format!("{collection}/"),
+                        Some(&format!("{collection}0")),
+                        &None,
+                    )
+                    .filter(|entry| !entry.deleted)
+                    .map(|entry| entry.record.clone())
+                    .collect();
+                let views = keys
+                    .iter()
+                    .map(|record| self.records.doc_mut(record.as_str()).view(record))
+                    .collect();
+                self.complete(id, Ok(Reply::Records(views)));
+            }
+            Command::Status => {
+                let status = self.status();
+                self.complete(id, Ok(Reply::Status(Box::new(status))));
+            }
+            Command::SyncNow { peer } => self.sync_now(id, peer),
+            Command::SyncAbort => {
+                let sessions = self.abort_syncs();
+                self.complete(id, Ok(Reply::SyncAborted { sessions }));
+            }
+            Command::History => {
+                let rows = self.history.iter().rev().cloned().collect();
+                self.complete(id, Ok(Reply::History(rows)));
+            }
+            Command::Export { record } => match self.records.entry(record.as_str()) {
+                Some(_) => {
+                    let bytes = self.records.doc_mut(record.as_str()).save();
+                    self.complete(id, Ok(Reply::Document(bytes)));
+                }
+                None => self.complete(id, Err(CommandError::NotFound(record))),
+            },
+        }
+    }
+
+    fn write(&mut self, id: CommandId, record: RecordId, edit: Edit) {
+        if !self.config.replicates(record.collection()) {
+            let message = format!(
+                "this node does not replicate collection `{}`; add it to the node's collections",
+                record.collection()
+            );
+            return self.complete(id, Err(CommandError::Invalid(message)));
+        }
+        let key = record.as_str().to_owned();
+        let existed = self.records.entry(&key).is_some();
+        if let Some(schema) = self.config.schemas.get(record.collection()) {
+            let (fields, deleted) = match existed {
+                true => self.records.doc_mut(&key).preview(&edit),
+                false => RecordDoc::new(&self.node_id()).preview(&edit),
+            };
+            if let Err(errors) = schema.check(&fields, deleted) {
+                let collection = record.collection().to_owned();
+                return self.complete(id, Err(CommandError::Schema { collection, errors }));
+            }
+        }
+        self.records.create(&record);
+        let time_ms = i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX);
+        let change = match self.records.doc_mut(&key).edit(&edit, time_ms) {
+            Ok(change) => change,
+            Err(error) => {
+                if !existed
+                    && self
+                        .records
+                        .entry(&key)
+                        .is_some_and(|entry| entry.heads.is_empty())
+                {
+                    // Nothing was written, so the record must not appear.
+                    self.records.remove_empty(&key);
+                }
+                return self.complete(id, Err(CommandError::Invalid(error.to_string())));
+            }
+        };
+        let change = change.map(|change| {
+            let change =
+                VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
+            let entry = self.records.entry_mut(&key).expect("created above");
+            entry.unacked.insert(change.hash());
+            self.last_local_change = Some(self.now);
+            change
+        });
+        self.pipeline.queued.push(PipelineEntry::Local {
+            command: id,
+            record,
+            change,
+        });
+    }
+
+    // ----- the write pipeline -----
+
+    /// Starts the next log append if none is in flight.
+    fn start_append(&mut self) {
+        if self.pipeline.in_flight.is_some() || self.pipeline.queued.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.pipeline.queued);
+        let envelopes: Vec<Vec<u8>> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                PipelineEntry::Local { change, .. } => change.as_ref(),
+                PipelineEntry::Remote { change, .. } => Some(change),
+            })
+            .map(|change| change.envelope.as_bytes().to_vec())
+            .collect();
+        if envelopes.is_empty() {
+            // Only writes that changed nothing: they are as durable as what preceded them.
+            self.append_done(entries);
+            return;
+        }
+        let op = self.next_op();
+        self.effects.push(Effect::Storage {
+            op,
+            request: StorageRequest::Append { envelopes },
+        });
+        self.pipeline.in_flight = Some((op, entries));
+    }
+
+    fn storage_done(&mut self, op: StorageOpId, result: Result<(), StorageError>) {
+        if let Some((checkpoint, keys)) = self.checkpoint_in_flight.take_if(|(id, _)| *id == op) {
+            debug_assert_eq!(checkpoint, op);
+            if let Err(error) = result {
+                self.counters.storage_errors += 1;
+                for key in keys {
+                    if let Some(entry) = self.records.entry_mut(&key) {
+                        entry.dirty = true;
+                    }
+                }
+                self.schedule_checkpoint();
+                self.emit(Event::StorageFailed { error: error.0 });
+            }
+            return;
+        }
+        let Some((in_flight, entries)) = self.pipeline.in_flight.take_if(|(id, _)| *id == op)
+        else {
+            // A completion for nothing we asked: a driver bug, not a peer's doing.
+            panic!("storage completion for unknown op {op:?}");
+        };
+        debug_assert_eq!(in_flight, op);
+        match result {
+            Ok(()) => self.append_done(entries),
+            Err(error) => self.append_failed(entries, error),
+        }
+    }
+
+    /// The append is durable: acknowledge, apply, announce.
+    fn append_done(&mut self, entries: Vec<PipelineEntry>) {
+        let mut remote = Vec::new();
+        let mut pushed: Vec<(Option<NodeId>, VerifiedChange)> = Vec::new();
+        for entry in entries {
+            match entry {
+                PipelineEntry::Local {
+                    command,
+                    record,
+                    change,
+                } => {
+                    let changed = change.is_some();
+                    if let Some(change) = change {
+                        let key = record.as_str();
+                        let deps = change.change.deps().to_vec();
+                        self.records
+                            .mark_durable(key, change.hash(), &deps, change.signature());
+                        self.records.refresh_deleted(key);
+                        self.counters.changes_local += 1;
+                        let heads = self.records.entry(key).expect("written").heads.clone();
+                        self.emit(Event::RecordChanged {
+                            record: record.clone(),
+                            heads,
+                            from: None,
+                        });
+                        pushed.push((None, change));
+                    }
+                    let heads = self
+                        .records
+                        .entry(record.as_str())
+                        .map(|entry| entry.heads.clone());
+                    self.complete(
+                        command,
+                        Ok(Reply::Written {
+                            record,
+                            heads: heads.unwrap_or_default(),
+                            changed,
+                        }),
+                    );
+                }
+                PipelineEntry::Remote {
+                    from,
+                    change,
+                    origin,
+                } => {
+                    self.pipeline
+                        .remote
+                        .remove(&(change.record.as_str().to_owned(), change.hash()));
+                    if let Origin::Session { id, initiator } = origin
+                        && let Some(session) = self.session_mut(from, id, initiator)
+                    {
+                        session.pipelined -= 1;
+                    }
+                    if origin == Origin::Push {
+                        pushed.push((Some(from), change.clone()));
+                    }
+                    remote.push((from, change, origin));
+                }
+            }
+        }
+        self.apply_remote_batch(remote);
+        self.schedule_checkpoint();
+        self.push_to_peers(pushed);
+        self.release_pending();
+        self.resume_sessions();
+    }
+
+    /// Applies durable remote changes, grouped per record.
+    fn apply_remote_batch(&mut self, batch: Vec<(NodeId, VerifiedChange, Origin)>) {
+        let mut by_record: BTreeMap<String, Vec<(NodeId, VerifiedChange, Origin)>> =
+            BTreeMap::new();
+        for item in batch {
+            by_record
+                .entry(item.1.record.as_str().to_owned())
+                .or_default()
+                .push(item);
+        }
+        for (key, items) in by_record {
+            let record = items[0].1.record.clone();
+            self.records.create(&record);
+            let changes = items
+                .iter()
+                .map(|(_, change, _)| change.change.clone())
+                .collect();
+            if let Err(error) = self.records.doc_mut(&key).apply(changes) {
+                // Verified changes whose dependencies are present apply; if Automerge still
+                // refuses, keep the node alive and say so.
+                self.counters.changes_rejected += items.len() as u64;
+                self.emit(Event::ChangeRejected {
+                    from: items[0].0,
+                    reason: format!("automerge refused a change to {key}: {error}"),
+                });
+                continue;
+            }
+            let mut from = None;
+            for (peer, change, origin) in &items {
+                let hash = change.hash();
+                assert!(
+                    self.records.doc_mut(&key).has_change(&hash),
+                    "a change whose dependencies were checked is applied, not queued"
+                );
+                let deps = change.change.deps().to_vec();
+                self.records
+                    .mark_durable(&key, hash, &deps, change.signature());
+                if *origin != Origin::Log {
+                    self.counters.changes_applied += 1;
+                    self.last_remote_change = Some(self.now);
+                    from = Some(*peer);
+                }
+            }
+            self.records.refresh_deleted(&key);
+            let heads = self
+                .records
+                .entry(&key)
+                .expect("created above")
+                .heads
+                .clone();
+            self.emit(Event::RecordChanged {
+                record,
+                heads,
+                from,
+            });
+        }
+    }
+
+    /// The append failed: nothing in it is durable. Fail its writes, undo its local changes
+    /// and every queued local change that could build on them, drop its remote changes
+    /// (reconciliation brings them again).
+    fn append_failed(&mut self, entries: Vec<PipelineEntry>, error: StorageError) {
+        self.counters.storage_errors += 1;
+        let queued = std::mem::take(&mut self.pipeline.queued);
+        let mut undone: BTreeMap<String, BTreeSet<ChangeHash>> = BTreeMap::new();
+        for entry in entries.into_iter().chain(queued) {
+            match entry {
+                PipelineEntry::Local {
+                    command,
+                    change,
+                    record,
+                    ..
+                } => {
+                    if let Some(change) = change {
+                        undone
+                            .entry(record.as_str().to_owned())
+                            .or_default()
+                            .insert(change.hash());
+                    }
+                    self.complete(command, Err(CommandError::Storage(error.0.clone())));
+                }
+                PipelineEntry::Remote { change, .. } => {
+                    self.pipeline
+                        .remote
+                        .remove(&(change.record.as_str().to_owned(), change.hash()));
+                    self.counters.changes_dropped += 1;
+                }
+            }
+        }
+        for (key, hashes) in undone {
+            self.undo_local_changes(&key, &hashes);
+        }
+        // The dropped remote changes belonged to sessions that now cannot finish; end
+        // them, and the next timer reconciles again.
+        self.fail_all_sessions(&format!("storage failed: {}", error.0));
+        self.emit(Event::StorageFailed { error: error.0 });
+    }
+
+    /// Rebuilds a record's document without the given local changes, which never left
+    /// this node. Automerge cannot remove a change, so the document is rebuilt from the rest.
+    fn undo_local_changes(&mut self, key: &str, undone: &BTreeSet<ChangeHash>) {
+        let doc = self.records.doc_mut(key);
+        let kept: Vec<_> = doc
+            .changes_after(&[])
+            .into_iter()
+            .filter(|change| !undone.contains(&change.hash()))
+            .collect();
+        let mut rebuilt = RecordDoc::new(&self.node_id());
+        rebuilt
+            .apply(kept)
+            .expect("changes taken from a valid document apply to an empty one");
+        let entry = self.records.entry_mut(key).expect("record exists");
+        entry.unacked.retain(|hash| !undone.contains(hash));
+        if entry.heads.is_empty() && entry.unacked.is_empty() {
+            self.records.remove_empty(key);
+        } else {
+            self.records.replace_doc(key, rebuilt);
+        }
+    }
+
+    // ----- remote changes -----
+
+    pub(crate) fn is_known(&mut self, key: &str, hash: &ChangeHash) -> bool {
+        if self.pipeline.remote.contains(&(key.to_owned(), *hash)) {
+            return true;
+        }
+        match self.records.entry(key) {
+            Some(entry) if entry.unacked.contains(hash) || entry.signatures.contains_key(hash) => {
+                true
+            }
+            Some(_) => self.records.doc_mut(key).has_change(hash),
+            None => false,
+        }
+    }
+
+    fn deps_known(&mut self, key: &str, change: &VerifiedChange) -> bool {
+        change
+            .change
+            .deps()
+            .iter()
+            .all(|dep| self.is_known(key, dep))
+    }
+
+    /// The one place every remote change enters: verification, then (once a policy is in
+    /// force) the verdict, then routing to the pipeline or the pending set. Returns false
+    /// if the change was refused, which costs the sender its connection.
+    pub(crate) fn admit_change(&mut self, from: NodeId, bytes: Vec<u8>, origin: Origin) -> bool {
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.counters.changes_received += 1;
+        }
+        let change = match Envelope::from_bytes(bytes).verify(&self.config.org) {
+            Ok(change) => change,
+            Err(error) => {
+                self.counters.changes_rejected += 1;
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    peer.counters.rejected += 1;
+                }
+                self.emit(Event::ChangeRejected {
+                    from,
+                    reason: error.to_string(),
+                });
+                return false;
+            }
+        };
+        if !self.config.replicates(change.record.collection()) {
+            return true;
+        }
+        let key = change.record.as_str().to_owned();
+        let hash = change.hash();
+        if self.is_known(&key, &hash) || self.pending.contains_key(&(key.clone(), hash)) {
+            self.counters.changes_duplicate += 1;
+            return true;
+        }
+        if self.deps_known(&key, &change) {
+            self.enqueue_remote(from, change, origin);
+        } else {
+            self.hold_pending(from, change, origin);
+        }
+        true
+    }
+
+    fn enqueue_remote(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {
+        if self.pipeline.remote.len() >= PIPELINE_REMOTE_CHANGES_MAX {
+            self.counters.changes_dropped += 1;
+            return;
+        }
+        self.pipeline
+            .remote
+            .insert((change.record.as_str().to_owned(), change.hash()));
+        if let Origin::Session { id, initiator } = origin
+            && let Some(session) = self.session_mut(from, id, initiator)
+        {
+            session.pipelined += 1;
+        }
+        self.pipeline.queued.push(PipelineEntry::Remote {
+            from,
+            change,
+            origin,
+        });
+    }
+
+    fn hold_pending(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {
+        if self.pending.len() >= PENDING_CHANGES_MAX {
+            self.counters.changes_dropped += 1;
+            return;
+        }
+        let key = change.record.as_str().to_owned();
+        let asked = self.pending.keys().any(|(pending, _)| pending == &key);
+        self.pending.insert(
+            (key.clone(), change.hash()),
+            PendingChange {
+                from,
+                change,
+                origin,
+                since: self.now,
+            },
+        );
+        if !asked {
+            // Ask the sender for what we lack of this record, once per record.
+            let need = self.need_for(&key);
+            self.send(from, &Message::Need { needs: vec![need] });
+        }
+    }
+
+    /// Moves pending changes whose dependencies are now known into the pipeline.
+    fn release_pending(&mut self) {
+        loop {
+            let ready: Vec<(String, ChangeHash)> = self
+                .pending
+                .iter()
+                .map(|(id, pending)| (id.clone(), pending.change.clone()))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter(|(id, change)| self.deps_known(&id.0, change))
+                .map(|(id, _)| id)
+                .collect();
+            if ready.is_empty() {
+                return;
+            }
+            for id in ready {
+                let pending = self.pending.remove(&id).expect("listed above");
+                self.enqueue_remote(pending.from, pending.change, pending.origin);
+            }
+        }
+    }
+
+    /// What this node has of a record, for a `Need`.
+    pub(crate) fn need_for(&mut self, key: &str) -> Need {
+        match self.records.entry(key) {
+            None => Need {
+                record: key.to_owned(),
+                heads: Vec::new(),
+                ancestors: Vec::new(),
+            },
+            Some(entry) => {
+                let heads: Vec<[u8; 32]> = entry.heads.iter().map(|hash| hash.0).collect();
+                let has_unacked = entry.has_unacked();
+                let doc = self.records.doc_mut(key);
+                // The ancestors of the document's heads are durable unless local changes
+                // are in flight; skip them then rather than reveal unacknowledged hashes.
+                let ancestors = if has_unacked {
+                    Vec::new()
+                } else {
+                    doc.ancestors(NEED_ANCESTORS_MAX)
+                        .iter()
+                        .map(|hash| hash.0)
+                        .collect()
+                };
+                Need {
+                    record: key.to_owned(),
+                    heads,
+                    ancestors,
+                }
+            }
+        }
+    }
+
+    /// Durable changes of `key` not in the history of `have`, as envelopes.
+    pub(crate) fn envelopes_after(&mut self, key: &str, have: &[ChangeHash]) -> Vec<Vec<u8>> {
+        let Some(entry) = self.records.entry(key) else {
+            return Vec::new();
+        };
+        let record = entry.record.clone();
+        let unacked = entry.unacked.clone();
+        let changes = self.records.doc_mut(key).changes_after(have);
+        let entry = self.records.entry(key).expect("checked above");
+        changes
+            .iter()
+            .filter(|change| !unacked.contains(&change.hash()))
+            .filter_map(|change| {
+                let signature = entry.signatures.get(&change.hash())?;
+                Some(Envelope::encode(&record, change.raw_bytes(), signature).into_bytes())
+            })
+            .collect()
+    }
+
+    /// Pushes newly durable changes to connected peers that replicate their collection,
+    /// except the peer each came from.
+    fn push_to_peers(&mut self, changes: Vec<(Option<NodeId>, VerifiedChange)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let local = changes.iter().filter(|(from, _)| from.is_none()).count() as u64;
+        for peer in self.peers.values_mut() {
+            if peer.state != PeerState::Connected || peer.scope.is_none() {
+                peer.behind_estimate += local;
+            }
+        }
+        let targets: Vec<(NodeId, Option<Scope>)> = self
+            .peers
+            .iter()
+            .filter(|(_, peer)| peer.state == PeerState::Connected && peer.scope.is_some())
+            .map(|(id, peer)| (*id, peer.scope.clone()))
+            .collect();
+        for (target, scope) in targets {
+            let scope = scope.expect("filtered above");
+            let mut batch: Vec<EnvelopeBytes> = Vec::new();
+            let mut batch_bytes = 0;
+            for (from, change) in &changes {
+                if *from == Some(target)
+                    || !crate::records::in_scope(&scope, change.record.collection())
+                {
+                    continue;
+                }
+                let envelope = change.envelope.as_bytes();
+                if envelope.len() > PUSH_CHANGE_BYTES_MAX {
+                    let heads = self
+                        .records
+                        .entry(change.record.as_str())
+                        .map(|entry| entry.heads.iter().map(|hash| hash.0).collect())
+                        .unwrap_or_default();
+                    let record = change.record.as_str().to_owned();
+                    self.send(target, &Message::Announce { record, heads });
+                    continue;
+                }
+                if batch_bytes + envelope.len() > SYNC_BATCH_BYTES_MAX {
+                    self.flush_push(target, &mut batch);
+                    batch_bytes = 0;
+                }
+                batch_bytes += envelope.len();
+                batch.push(EnvelopeBytes(envelope.to_vec()));
+            }
+            self.flush_push(target, &mut batch);
+        }
+    }
+
+    fn flush_push(&mut self, target: NodeId, batch: &mut Vec<EnvelopeBytes>) {
+        if batch.is_empty() {
+            return;
+        }
+        let changes = std::mem::take(batch);
+        if let Some(peer) = self.peers.get_mut(&target) {
+            peer.counters.changes_sent += changes.len() as u64;
+        }
+        self.send(target, &Message::Push { changes });
+    }
+
+    // ----- checkpoints and timers -----
+
+    fn schedule_checkpoint(&mut self) {
+        if self.checkpoint_due.is_none() && self.records.iter().any(|entry| entry.dirty) {
+            self.checkpoint_due = Some(self.now + self.config.checkpoint_interval);
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        let keys: Vec<String> = self
+            .records
+            .iter()
+            .filter(|entry| entry.dirty && !entry.has_unacked())
+            .map(|entry| entry.record.as_str().to_owned())
+            .collect();
+        self.checkpoint_due = None;
+        if keys.is_empty() {
+            self.schedule_checkpoint();
+            return;
+        }
+        let mut records = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let document = self.records.document_bytes(key);
+            let entry = self.records.entry_mut(key).expect("listed above");
+            entry.dirty = false;
+            records.push(SavedRecord {
+                record: entry.record.clone(),
+                heads: entry.heads.iter().map(|hash| hash.0).collect(),
+                document,
+                signatures: entry
+                    .signatures
+                    .iter()
+                    .map(|(hash, signature)| (hash.0, Signature(*signature)))
+                    .collect(),
+            });
+        }
+        let op = self.next_op();
+        self.effects.push(Effect::Storage {
+            op,
+            request: StorageRequest::Checkpoint { records },
+        });
+        self.checkpoint_in_flight = Some((op, keys));
+    }
+
+    fn tick(&mut self) {
+        let now = self.now;
+        if self.checkpoint_in_flight.is_none() && self.checkpoint_due.is_some_and(|due| due <= now)
+        {
+            self.checkpoint();
+        }
+        let expired: Vec<(String, ChangeHash)> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| pending.since + PENDING_CHANGE_TTL <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.pending.remove(&id);
+            self.counters.changes_dropped += 1;
+        }
+        self.sync_timers();
+    }
+}

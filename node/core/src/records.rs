@@ -1,0 +1,301 @@
+//! The node's records: an ordered index of (record, durable heads) with an incremental
+//! digest, over documents that are loaded on demand and kept in a bounded cache.
+//!
+//! The index holds *durable* heads only: a local change joins them when its log append is
+//! reported durable, a remote one when it is applied. Reconciliation and status read the
+//! index and never load a document. A document may run ahead of its durable heads while
+//! local changes wait for their append; those changes are never handed to peers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use crdt_schema::{ChangeHash, NodeId, RecordDoc, RecordId};
+
+use crate::digest::{Accumulator, ItemHash};
+
+/// Collections a reconciliation covers; `None` means all.
+pub type Scope = Option<BTreeSet<String>>;
+
+/// One record's state.
+pub struct Entry {
+    /// The record's address.
+    pub record: RecordId,
+    /// Heads of the durable changes.
+    pub heads: Vec<ChangeHash>,
+    /// This record's contribution to digests.
+    pub item: ItemHash,
+    /// Whether the record carries a tombstone, as of its last durable change.
+    pub deleted: bool,
+    /// Signatures of the durable changes.
+    pub signatures: BTreeMap<ChangeHash, [u8; 64]>,
+    /// Local changes made but not yet durable.
+    pub unacked: BTreeSet<ChangeHash>,
+    /// Changed since the last checkpoint.
+    pub dirty: bool,
+    body: Body,
+    last_used: u64,
+}
+
+enum Body {
+    Loaded(Box<RecordDoc>),
+    Saved(Vec<u8>),
+}
+
+/// All records of a node.
+pub struct Records {
+    entries: BTreeMap<String, Entry>,
+    total: Accumulator,
+    author: NodeId,
+    loaded: BTreeMap<u64, String>,
+    use_clock: u64,
+    loaded_max: usize,
+}
+
+impl Records {
+    /// No records; new documents are authored by `author`.
+    pub fn new(author: NodeId, loaded_max: usize) -> Records {
+        assert!(
+            loaded_max > 0,
+            "at least one document must fit in the cache"
+        );
+        Records {
+            entries: BTreeMap::new(),
+            total: Accumulator::default(),
+            author,
+            loaded: BTreeMap::new(),
+            use_clock: 0,
+            loaded_max,
+        }
+    }
+
+    /// The record's entry, if it exists.
+    pub fn entry(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// The record's entry for changing bookkeeping fields.
+    pub fn entry_mut(&mut self, key: &str) -> Option<&mut Entry> {
+        self.entries.get_mut(key)
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// The digest accumulator over all records.
+    pub fn total(&self) -> &Accumulator {
+        &self.total
+    }
+
+    /// Number of loaded documents.
+    pub fn loaded_count(&self) -> usize {
+        self.loaded.len()
+    }
+
+    /// Adds an empty record, or does nothing if it exists.
+    pub fn create(&mut self, record: &RecordId) {
+        if self.entries.contains_key(record.as_str()) {
+            return;
+        }
+        let item = ItemHash::of(record.as_str(), &[]);
+        self.total.add(&item);
+        let doc = RecordDoc::new(&self.author);
+        self.entries.insert(
+            record.as_str().to_owned(),
+            Entry {
+                record: record.clone(),
+                heads: Vec::new(),
+                item,
+                deleted: false,
+                signatures: BTreeMap::new(),
+                unacked: BTreeSet::new(),
+                dirty: true,
+                body: Body::Loaded(Box::new(doc)),
+                last_used: 0,
+            },
+        );
+        self.touch(record.as_str());
+    }
+
+    /// Removes a record that has neither durable nor pending changes (a first write that
+    /// failed), so that it does not appear.
+    pub fn remove_empty(&mut self, key: &str) {
+        if self
+            .entries
+            .get(key)
+            .is_some_and(|entry| entry.heads.is_empty() && entry.unacked.is_empty())
+        {
+            let entry = self.entries.remove(key).expect("checked above");
+            self.total.remove(&entry.item);
+            self.loaded.remove(&entry.last_used);
+        }
+    }
+
+    /// Adds a record restored from storage, unloaded.
+    pub fn restore(
+        &mut self,
+        record: RecordId,
+        heads: Vec<ChangeHash>,
+        document: Vec<u8>,
+        signatures: BTreeMap<ChangeHash, [u8; 64]>,
+        deleted: bool,
+    ) {
+        let item = ItemHash::of(record.as_str(), &heads);
+        if let Some(old) = self.entries.remove(record.as_str()) {
+            self.total.remove(&old.item);
+            self.loaded.remove(&old.last_used);
+        }
+        self.total.add(&item);
+        self.entries.insert(
+            record.as_str().to_owned(),
+            Entry {
+                record,
+                heads,
+                item,
+                deleted,
+                signatures,
+                unacked: BTreeSet::new(),
+                dirty: false,
+                body: Body::Saved(document),
+                last_used: 0,
+            },
+        );
+    }
+
+    /// The record's document, loaded if needed. Panics if the record does not exist.
+    pub fn doc_mut(&mut self, key: &str) -> &mut RecordDoc {
+        self.touch(key);
+        let author = self.author;
+        let entry = self
+            .entries
+            .get_mut(key)
+            .expect("caller checked the record exists");
+        if let Body::Saved(bytes) = &entry.body {
+            let doc = RecordDoc::load(bytes, &author).expect(
+                "saved documents are written by this node from valid documents and checked on restore",
+            );
+            entry.body = Body::Loaded(Box::new(doc));
+        }
+        match &mut entry.body {
+            Body::Loaded(doc) => doc,
+            Body::Saved(_) => unreachable!("loaded above"),
+        }
+    }
+
+    /// The saved bytes of a record's document, saving it now if it is loaded.
+    pub fn document_bytes(&mut self, key: &str) -> Vec<u8> {
+        match &self.entries.get(key).expect("record exists").body {
+            Body::Saved(bytes) => bytes.clone(),
+            Body::Loaded(doc) => doc.save(),
+        }
+    }
+
+    /// Replaces the record's document (after dropping changes that failed to persist).
+    pub fn replace_doc(&mut self, key: &str, doc: RecordDoc) {
+        let entry = self.entries.get_mut(key).expect("record exists");
+        entry.body = Body::Loaded(Box::new(doc));
+        self.touch(key);
+    }
+
+    /// Records that `hash` became durable: moves the durable heads the way Automerge moves
+    /// heads, which is exact because durable changes arrive in causal order.
+    pub fn mark_durable(
+        &mut self,
+        key: &str,
+        hash: ChangeHash,
+        deps: &[ChangeHash],
+        signature: [u8; 64],
+    ) {
+        let entry = self.entries.get_mut(key).expect("record exists");
+        entry.heads.retain(|head| !deps.contains(head));
+        if let Err(position) = entry.heads.binary_search(&hash) {
+            entry.heads.insert(position, hash);
+        }
+        entry.signatures.insert(hash, signature);
+        entry.unacked.remove(&hash);
+        entry.dirty = true;
+        let item = ItemHash::of(key, &entry.heads);
+        self.total.remove(&entry.item);
+        self.total.add(&item);
+        entry.item = item;
+    }
+
+    /// Refreshes the cached tombstone flag from the document.
+    pub fn refresh_deleted(&mut self, key: &str) {
+        let deleted = self.doc_mut(key).deleted();
+        self.entries.get_mut(key).expect("record exists").deleted = deleted;
+    }
+
+    /// Entries in `[lower, upper)` whose collection is in `scope`.
+    pub fn range<'a>(
+        &'a self,
+        lower: &str,
+        upper: Option<&str>,
+        scope: &'a Scope,
+    ) -> impl Iterator<Item = &'a Entry> + 'a {
+        let upper = match upper {
+            Some(upper) => Bound::Excluded(upper),
+            None => Bound::Unbounded,
+        };
+        self.entries
+            .range::<str, _>((Bound::Included(lower), upper))
+            .map(|(_, entry)| entry)
+            .filter(move |entry| in_scope(scope, entry.record.collection()))
+    }
+
+    /// The accumulator over `[lower, upper)` within `scope`.
+    pub fn accumulate(&self, lower: &str, upper: Option<&str>, scope: &Scope) -> Accumulator {
+        let mut accumulator = Accumulator::default();
+        for entry in self.range(lower, upper, scope) {
+            accumulator.add(&entry.item);
+        }
+        accumulator
+    }
+
+    fn touch(&mut self, key: &str) {
+        self.use_clock += 1;
+        let clock = self.use_clock;
+        let entry = self.entries.get_mut(key).expect("record exists");
+        self.loaded.remove(&entry.last_used);
+        entry.last_used = clock;
+        self.loaded.insert(clock, key.to_owned());
+        while self.loaded.len() > self.loaded_max {
+            let (_, evicted) = self
+                .loaded
+                .pop_first()
+                .expect("over the limit, so not empty");
+            let entry = self
+                .entries
+                .get_mut(&evicted)
+                .expect("cache names existing records");
+            if let Body::Loaded(doc) = &entry.body {
+                entry.body = Body::Saved(doc.save());
+            }
+        }
+    }
+}
+
+/// Whether `collection` is inside `scope`.
+pub fn in_scope(scope: &Scope, collection: &str) -> bool {
+    scope
+        .as_ref()
+        .is_none_or(|collections| collections.contains(collection))
+}
+
+impl Entry {
+    /// Whether the record has changes not yet durable.
+    pub fn has_unacked(&self) -> bool {
+        !self.unacked.is_empty()
+    }
+}

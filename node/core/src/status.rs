@@ -1,0 +1,153 @@
+//! What a node reports about itself: status, per-peer state, counters and sync history.
+//! These types serialise to the JSON that `mesh status --json` prints.
+
+use std::collections::BTreeMap;
+
+use crdt_schema::NodeId;
+use serde::Serialize;
+
+use crate::time::Instant;
+
+/// A peer's connection state, as the PRISMAsync seed shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// The transport reports the peer connected.
+    Connected,
+    /// The transport is dialling the peer (reported by the driver).
+    Connecting,
+    /// Not connected.
+    Disconnected,
+}
+
+/// A node's view of itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Live (not deleted) records per collection.
+    pub records: BTreeMap<String, u64>,
+    /// All records, deleted ones included.
+    pub records_total: u64,
+    /// Digest over every record's durable heads; equal digests mean equal records.
+    pub digest: String,
+    /// When this node last made a change.
+    pub last_local_change: Option<Instant>,
+    /// When a change from a peer was last applied.
+    pub last_remote_change: Option<Instant>,
+    /// When a reconciliation with any peer last completed.
+    pub last_sync: Option<Instant>,
+    /// Every peer the node knows.
+    pub peers: Vec<PeerStatus>,
+    /// Event counters since start.
+    pub counters: Counters,
+    /// Changes waiting for their dependencies.
+    pub pending_changes: u64,
+    /// Changes waiting for their log append.
+    pub unflushed_changes: u64,
+    /// Loaded Automerge documents.
+    pub loaded_documents: u64,
+}
+
+/// One peer as this node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerStatus {
+    /// The peer's id.
+    pub peer_id: NodeId,
+    /// Connection state.
+    pub state: PeerState,
+    /// When the current connection was made.
+    pub connected_since: Option<Instant>,
+    /// When a reconciliation with this peer last completed.
+    pub last_sync: Option<Instant>,
+    /// Whether a reconciliation with this peer is running.
+    pub syncing: bool,
+    /// Local changes made since the last completed sync with this peer that were not
+    /// pushed to it: an upper bound on how far behind it is.
+    pub behind_estimate: u64,
+    /// The last error of a sync with this peer.
+    pub last_error: Option<String>,
+    /// Traffic with this peer.
+    pub counters: PeerCounters,
+}
+
+/// Per-peer traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerCounters {
+    /// Messages received.
+    pub messages_received: u64,
+    /// Messages sent.
+    pub messages_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Changes received (all, duplicates included).
+    pub changes_received: u64,
+    /// Changes sent.
+    pub changes_sent: u64,
+    /// Messages or changes from this peer that were refused.
+    pub rejected: u64,
+}
+
+/// Node-wide counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    /// Changes this node made and made durable.
+    pub changes_local: u64,
+    /// Remote changes applied.
+    pub changes_applied: u64,
+    /// Remote changes already held.
+    pub changes_duplicate: u64,
+    /// Changes refused: bad signature or malformed envelope.
+    pub changes_rejected: u64,
+    /// Messages refused: garbage, truncated, oversized or out of protocol.
+    pub messages_rejected: u64,
+    /// Changes dropped because the pending set or pipeline was full, or they waited too long.
+    pub changes_dropped: u64,
+    /// Log appends that failed.
+    pub storage_errors: u64,
+    /// Reconciliation sessions completed.
+    pub syncs_completed: u64,
+    /// Reconciliation sessions that failed, stalled or were aborted.
+    pub syncs_failed: u64,
+}
+
+/// How a sync session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum SyncOutcome {
+    /// Both sides were found in sync.
+    Completed,
+    /// The session failed.
+    Error(String),
+    /// A user aborted it.
+    Aborted,
+}
+
+/// One row of the sync history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncRecord {
+    /// The peer.
+    pub peer: NodeId,
+    /// The session number, in the initiator's numbering.
+    pub session: u64,
+    /// Whether this node started the session.
+    pub initiator: bool,
+    /// When it started.
+    pub started: Instant,
+    /// When it ended.
+    pub ended: Instant,
+    /// How it ended.
+    pub outcome: SyncOutcome,
+    /// Request/response rounds.
+    pub rounds: u32,
+    /// Changes received.
+    pub changes_received: u64,
+    /// Changes sent.
+    pub changes_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+}

@@ -1,0 +1,103 @@
+//! What the core asks of storage, and what the driver hands back on start.
+//!
+//! Storage is the driver's: the daemon maps these requests to the change log and sled, the
+//! simulator to an in-memory store that loses unflushed writes on a crash. The core sees
+//! only two requests:
+//!
+//! - [`StorageRequest::Append`]: append signed envelopes to the change log and report done
+//!   only once they are durable (fdatasync). Nothing is acknowledged or announced before.
+//!   The core has at most one append in flight; everything that arrives meanwhile goes into
+//!   the next one, which is group commit.
+//! - [`StorageRequest::Checkpoint`]: save these records as documents. Once the driver has
+//!   made the checkpoint durable it may drop every log entry appended before it.
+//!
+//! On start the driver feeds [`Restore`]: the last saved documents and the log entries
+//! since. Replaying an entry a document already holds is harmless.
+
+use serde::{Deserialize, Serialize};
+
+use crdt_schema::{ChangeHash, RecordId};
+
+/// Numbers a storage request, so its completion can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StorageOpId(pub u64);
+
+/// One request to the driver's storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageRequest {
+    /// Append these envelopes to the change log; complete only when durable.
+    Append {
+        /// Encoded signed envelopes, in the order they must be replayed.
+        envelopes: Vec<Vec<u8>>,
+    },
+    /// Save these records. Every append that completed before this request is reflected
+    /// in them, so once this checkpoint is durable those log entries may be compacted.
+    Checkpoint {
+        /// The records changed since the last checkpoint.
+        records: Vec<SavedRecord>,
+    },
+}
+
+/// Why storage failed, as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StorageError(pub String);
+
+/// A record as stored: its Automerge document and the signatures of its changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRecord {
+    /// The record.
+    pub record: RecordId,
+    /// The document's heads, so a start need not load every document; checked against
+    /// the document when it is loaded.
+    pub heads: Vec<[u8; 32]>,
+    /// The document in Automerge's standard binary format.
+    #[serde(with = "serde_bytes")]
+    pub document: Vec<u8>,
+    /// The author's signature of every change in the document, by change hash.
+    pub signatures: Vec<([u8; 32], Signature)>,
+}
+
+/// An ed25519 signature, serialised as bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature(#[serde(with = "serde_bytes")] pub [u8; 64]);
+
+/// What survived in storage, handed to a new node before anything else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restore {
+    /// The records as last checkpointed.
+    pub records: Vec<SavedRecord>,
+    /// Log entries appended since, in order.
+    pub log: Vec<Vec<u8>>,
+}
+
+/// Why stored bytes could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored record is damaged: {0}")]
+pub struct DecodeError(pub String);
+
+impl SavedRecord {
+    /// Encodes the record for the driver to store.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
+    }
+
+    /// Decodes a stored record.
+    pub fn decode(bytes: &[u8]) -> Result<SavedRecord, DecodeError> {
+        postcard::from_bytes(bytes).map_err(|error| DecodeError(error.to_string()))
+    }
+
+    /// The signature of one change, if stored.
+    pub fn signature(&self, hash: &ChangeHash) -> Option<&Signature> {
+        self.signatures
+            .iter()
+            .find(|(stored, _)| stored == &hash.0)
+            .map(|(_, signature)| signature)
+    }
+}
+
+impl std::fmt::Debug for Signature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Signature({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}

@@ -1,0 +1,1047 @@
+//! Peers and reconciliation: range-based set reconciliation over (record, heads).
+//!
+//! A session is rounds of request and response between an initiator and a responder.
+//! Each round carries key ranges with either a fingerprint (sum of item hashes and a
+//! count) or, for small ranges, the list of records and heads. A side that receives a
+//! fingerprint it does not match splits its own items in the range into
+//! [`RANGE_FANOUT`] parts, or lists them once there are at most [`RANGE_ITEMS_THRESHOLD`].
+//! A side that receives a list compares it with its own records and sends what the other
+//! lacks or asks (`Need`) for what it lacks. Finding the differences among `n` records
+//! therefore costs about `log_16(n)` rounds, whatever `n` is.
+//!
+//! Changes travel in `SyncChanges` batches just before the round message they belong to.
+//! A side processes a round message only after the changes that came before it are
+//! durable and applied, so every round sees the other side's latest answer and a round
+//! never sends more than [`SYNC_ROUND_BYTES_MAX`] (flow control). After any changes moved,
+//! the initiator ends with one more root fingerprint: equal means converged.
+//!
+//! Each connection starts with fresh session state, and a session without progress for
+//! `sync_stall_timeout` is dropped and started again, so a lost message cannot stall a
+//! pair for ever.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crdt_schema::{ChangeHash, NodeId, RecordId};
+use rand_core::Rng;
+
+use crate::digest::Accumulator;
+use crate::limits::*;
+use crate::node::{CommandError, CommandId, Effect, Event, Node, Origin, Peer, Reply};
+use crate::records::{Scope, in_scope};
+use crate::status::{PeerCounters, PeerState, PeerStatus, Status, SyncOutcome, SyncRecord};
+use crate::time::Instant;
+use crate::wire::{EnvelopeBytes, Hash, Item, Message, Need, Range, RangeSummary, Round};
+
+/// One side's state of one reconciliation session.
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    pub(crate) initiator: bool,
+    scope: Scope,
+    started_at: Instant,
+    pub(crate) last_progress_at: Instant,
+    rounds: u32,
+    /// This session's remote changes waiting for their log append.
+    pub(crate) pipelined: usize,
+    /// Round messages waiting until `pipelined` reaches zero.
+    deferred: VecDeque<Round>,
+    /// Whether changes moved since the last root comparison.
+    exchanged: bool,
+    changes_received: u64,
+    changes_sent: u64,
+    bytes_received: u64,
+    bytes_sent: u64,
+}
+
+/// What answering one round produced.
+#[derive(Default)]
+struct RoundOutput {
+    ranges: Vec<Range>,
+    needs: Vec<Need>,
+    changes: Vec<Vec<u8>>,
+    changes_bytes: usize,
+    truncated: bool,
+}
+
+impl RoundOutput {
+    fn is_empty(&self) -> bool {
+        self.ranges.is_empty() && self.needs.is_empty() && self.changes.is_empty()
+    }
+
+    /// Adds envelopes unless the round's budget is spent.
+    fn add_changes(&mut self, envelopes: Vec<Vec<u8>>) {
+        for envelope in envelopes {
+            if self.changes_bytes + envelope.len() > SYNC_ROUND_BYTES_MAX {
+                self.truncated = true;
+                return;
+            }
+            self.changes_bytes += envelope.len();
+            self.changes.push(envelope);
+        }
+    }
+}
+
+impl Session {
+    fn new(id: u64, initiator: bool, scope: Scope, now: Instant) -> Session {
+        Session {
+            id,
+            initiator,
+            scope,
+            started_at: now,
+            last_progress_at: now,
+            rounds: 0,
+            pipelined: 0,
+            deferred: VecDeque::new(),
+            exchanged: false,
+            changes_received: 0,
+            changes_sent: 0,
+            bytes_received: 0,
+            bytes_sent: 0,
+        }
+    }
+}
+
+fn hashes(heads: &[ChangeHash]) -> Vec<Hash> {
+    heads.iter().map(|hash| hash.0).collect()
+}
+
+fn change_hashes(heads: &[Hash]) -> Vec<ChangeHash> {
+    heads.iter().map(|hash| ChangeHash(*hash)).collect()
+}
+
+fn intersect(own: &Option<BTreeSet<String>>, theirs: &Scope) -> Scope {
+    match (own, theirs) {
+        (None, None) => None,
+        (Some(own), None) => Some(own.clone()),
+        (None, Some(theirs)) => Some(theirs.clone()),
+        (Some(own), Some(theirs)) => Some(own.intersection(theirs).cloned().collect()),
+    }
+}
+
+impl Node {
+    // ----- peers -----
+
+    pub(crate) fn peer_connecting(&mut self, peer: NodeId) {
+        if peer == self.node_id() || !self.make_room_for(peer) {
+            return;
+        }
+        let entry = self.peers.entry(peer).or_insert_with(Peer::new);
+        if entry.state == PeerState::Disconnected {
+            entry.state = PeerState::Connecting;
+        }
+    }
+
+    pub(crate) fn peer_connected(&mut self, peer: NodeId) {
+        if peer == self.node_id() || !self.make_room_for(peer) {
+            return;
+        }
+        // Fresh session state on every connection: whatever was in flight is gone.
+        self.end_sessions(peer, SyncOutcome::Error("connection replaced".into()));
+        let now = self.now;
+        let entry = self.peers.entry(peer).or_insert_with(Peer::new);
+        entry.state = PeerState::Connected;
+        entry.connected_since = Some(now);
+        entry.scope = None;
+        let scope = self
+            .config
+            .collections
+            .as_ref()
+            .map(|set| set.iter().cloned().collect());
+        self.send(peer, &Message::Hello { scope });
+    }
+
+    pub(crate) fn peer_disconnected(&mut self, peer: NodeId) {
+        self.end_sessions(peer, SyncOutcome::Error("peer disconnected".into()));
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            entry.state = PeerState::Disconnected;
+            entry.connected_since = None;
+            entry.scope = None;
+        }
+    }
+
+    /// Whether a peer may be tracked: refuses new peers past [`PEERS_MAX`].
+    fn make_room_for(&mut self, peer: NodeId) -> bool {
+        if self.peers.contains_key(&peer) || self.peers.len() < PEERS_MAX {
+            return true;
+        }
+        // Forget the longest-disconnected peer, if any, before refusing.
+        let forgettable = self
+            .peers
+            .iter()
+            .find(|(_, entry)| entry.state == PeerState::Disconnected)
+            .map(|(id, _)| *id);
+        match forgettable {
+            Some(old) => {
+                self.peers.remove(&old);
+                true
+            }
+            None => {
+                self.effects.push(Effect::Disconnect {
+                    peer,
+                    reason: format!("this node already tracks {PEERS_MAX} peers"),
+                });
+                false
+            }
+        }
+    }
+
+    /// Refuses a message: counted, reported, and the peer is disconnected.
+    fn reject_message(&mut self, from: NodeId, reason: String) {
+        self.counters.messages_rejected += 1;
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.counters.rejected += 1;
+        }
+        self.emit(Event::MessageRejected {
+            from,
+            reason: reason.clone(),
+        });
+        self.effects.push(Effect::Disconnect { peer: from, reason });
+        self.peer_disconnected(from);
+    }
+
+    pub(crate) fn message_received(&mut self, from: NodeId, bytes: Vec<u8>) {
+        let Some(peer) = self
+            .peers
+            .get_mut(&from)
+            .filter(|peer| peer.state == PeerState::Connected)
+        else {
+            // The driver delivers only from connected peers; a late message after a
+            // disconnect is dropped.
+            self.counters.messages_rejected += 1;
+            return;
+        };
+        peer.counters.messages_received += 1;
+        peer.counters.bytes_received += bytes.len() as u64;
+        let message = match Message::decode(&bytes) {
+            Ok(message) => message,
+            Err(error) => return self.reject_message(from, error.to_string()),
+        };
+        let has_hello = peer.scope.is_some();
+        match message {
+            Message::Hello { scope } => self.hello(from, scope),
+            _ if !has_hello => self.reject_message(from, "message before hello".into()),
+            Message::Push { changes } => {
+                for envelope in changes {
+                    if !self.admit_change(from, envelope.0, Origin::Push) {
+                        return self.reject_message(
+                            from,
+                            "pushed a change that failed verification".into(),
+                        );
+                    }
+                }
+            }
+            Message::Announce { record, heads } => self.announced(from, &record, &heads),
+            Message::Need { needs } => self.answer_needs(from, needs),
+            Message::SyncRequest(round) => self.sync_request(from, round),
+            Message::SyncResponse(round) => self.sync_response(from, round),
+            Message::SyncChanges {
+                session,
+                from_initiator,
+                changes,
+            } => self.sync_changes(from, session, from_initiator, changes),
+            Message::SyncEnd { session, completed } => {
+                let ours = self.peers[&from]
+                    .inbound
+                    .as_ref()
+                    .is_some_and(|s| s.id == session);
+                if ours {
+                    let outcome = match completed {
+                        true => SyncOutcome::Completed,
+                        false => SyncOutcome::Error("the peer ended the session".into()),
+                    };
+                    self.finish_session(from, false, outcome);
+                }
+            }
+        }
+    }
+
+    fn hello(&mut self, from: NodeId, scope: Option<Vec<String>>) {
+        if let Some(collections) = &scope
+            && let Some(bad) = collections
+                .iter()
+                .find(|name| crdt_schema::record::check_collection(name).is_err())
+        {
+            return self.reject_message(from, format!("hello names an invalid collection `{bad}`"));
+        }
+        let now = self.now;
+        let interval = self.config.sync_interval;
+        let jitter = self.jitter();
+        let peer = self
+            .peers
+            .get_mut(&from)
+            .expect("connected peers are tracked");
+        peer.scope = Some(scope.map(|names| names.into_iter().collect()));
+        peer.next_sync_at = Some(now + interval + jitter);
+        // One side starts the first session, so a new connection is reconciled once, not twice.
+        if self.node_id() < from {
+            self.start_session(from);
+        }
+    }
+
+    fn jitter(&mut self) -> std::time::Duration {
+        let spread_ms = (self.config.sync_interval.as_millis() / 10).max(1) as u64;
+        std::time::Duration::from_millis(self.rng.next_u64() % spread_ms)
+    }
+
+    fn announced(&mut self, from: NodeId, record: &str, heads: &[Hash]) {
+        let Ok(record) = record.parse::<RecordId>() else {
+            return self
+                .reject_message(from, format!("announce names an invalid record `{record}`"));
+        };
+        if !self.config.replicates(record.collection()) {
+            return;
+        }
+        let key = record.as_str();
+        if change_hashes(heads)
+            .iter()
+            .any(|head| !self.is_known(key, head))
+        {
+            let need = self.need_for(key);
+            self.send(from, &Message::Need { needs: vec![need] });
+        }
+    }
+
+    fn answer_needs(&mut self, from: NodeId, needs: Vec<Need>) {
+        let mut output = RoundOutput::default();
+        let scope = self.scope_with(from);
+        for need in &needs {
+            self.answer_need(&scope, need, &mut output);
+        }
+        let changes = std::mem::take(&mut output.changes);
+        for batch in batches(changes) {
+            if let Some(peer) = self.peers.get_mut(&from) {
+                peer.counters.changes_sent += batch.len() as u64;
+            }
+            self.send(from, &Message::Push { changes: batch });
+        }
+        if !output.needs.is_empty() {
+            self.send(
+                from,
+                &Message::Need {
+                    needs: output.needs,
+                },
+            );
+        }
+    }
+
+    fn scope_with(&self, peer: NodeId) -> Scope {
+        let theirs = self
+            .peers
+            .get(&peer)
+            .and_then(|peer| peer.scope.clone())
+            .flatten();
+        intersect(&self.config.collections, &theirs)
+    }
+
+    // ----- sessions -----
+
+    pub(crate) fn session_mut(
+        &mut self,
+        peer: NodeId,
+        id: u64,
+        initiator: bool,
+    ) -> Option<&mut Session> {
+        let peer = self.peers.get_mut(&peer)?;
+        let session = if initiator {
+            peer.outbound.as_mut()
+        } else {
+            peer.inbound.as_mut()
+        };
+        session.filter(|session| session.id == id)
+    }
+
+    fn start_session(&mut self, peer: NodeId) {
+        self.next_session += 1;
+        let id = self.next_session;
+        let scope = self.scope_with(peer);
+        let mut session = Session::new(id, true, scope, self.now);
+        session.rounds = 1;
+        let root = self.root_range(&session.scope);
+        let entry = self
+            .peers
+            .get_mut(&peer)
+            .expect("sessions start with connected peers");
+        entry.outbound = Some(session);
+        entry.next_sync_at = None;
+        self.emit(Event::SyncStarted {
+            peer,
+            session: id,
+            initiator: true,
+        });
+        self.send_round(
+            peer,
+            true,
+            Round {
+                session: id,
+                ranges: vec![root],
+                needs: vec![],
+            },
+            Vec::new(),
+        );
+    }
+
+    fn root_range(&self, scope: &Scope) -> Range {
+        let accumulator = self.records.accumulate("", None, scope);
+        Range {
+            lower: String::new(),
+            upper: None,
+            summary: RangeSummary::Fingerprint {
+                fingerprint: accumulator.fingerprint(),
+                count: accumulator.count(),
+            },
+        }
+    }
+
+    /// Sends a round's changes in batches, then the round message itself.
+    fn send_round(&mut self, peer: NodeId, initiator: bool, round: Round, changes: Vec<Vec<u8>>) {
+        let session = round.session;
+        let count = changes.len() as u64;
+        let bytes: u64 = changes.iter().map(|change| change.len() as u64).sum();
+        if let Some(state) = self.session_mut(peer, session, initiator) {
+            state.changes_sent += count;
+            state.bytes_sent += bytes;
+            if count > 0 {
+                state.exchanged = true;
+            }
+        }
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            entry.counters.changes_sent += count;
+        }
+        for batch in batches(changes) {
+            let message = Message::SyncChanges {
+                session,
+                from_initiator: initiator,
+                changes: batch,
+            };
+            self.send(peer, &message);
+        }
+        let message = match initiator {
+            true => Message::SyncRequest(round),
+            false => Message::SyncResponse(round),
+        };
+        self.send(peer, &message);
+    }
+
+    fn sync_request(&mut self, from: NodeId, round: Round) {
+        let current = self.peers[&from].inbound.as_ref().map(|session| session.id);
+        if current != Some(round.session) {
+            if current.is_some() {
+                self.finish_session(
+                    from,
+                    false,
+                    SyncOutcome::Error("superseded by a new session".into()),
+                );
+            }
+            let scope = self.scope_with(from);
+            let session = Session::new(round.session, false, scope, self.now);
+            self.peers.get_mut(&from).expect("checked").inbound = Some(session);
+            self.emit(Event::SyncStarted {
+                peer: from,
+                session: round.session,
+                initiator: false,
+            });
+        }
+        self.process_or_defer(from, false, round);
+    }
+
+    fn sync_response(&mut self, from: NodeId, round: Round) {
+        let current = self.peers[&from]
+            .outbound
+            .as_ref()
+            .map(|session| session.id);
+        if current == Some(round.session) {
+            self.process_or_defer(from, true, round);
+        }
+    }
+
+    fn process_or_defer(&mut self, from: NodeId, initiator: bool, round: Round) {
+        let session = self
+            .session_mut(from, round.session, initiator)
+            .expect("callers ensure the session exists");
+        if session.pipelined > 0 || !session.deferred.is_empty() {
+            if session.deferred.len() >= SESSION_DEFERRED_MAX {
+                return self.reject_message(from, "too many rounds in flight".into());
+            }
+            session.deferred.push_back(round);
+            return;
+        }
+        self.process_round(from, initiator, round);
+    }
+
+    fn sync_changes(
+        &mut self,
+        from: NodeId,
+        session: u64,
+        from_initiator: bool,
+        changes: Vec<EnvelopeBytes>,
+    ) {
+        let initiator = !from_initiator;
+        let now = self.now;
+        if let Some(state) = self.session_mut(from, session, initiator) {
+            state.changes_received += changes.len() as u64;
+            state.bytes_received += changes
+                .iter()
+                .map(|change| change.0.len() as u64)
+                .sum::<u64>();
+            state.exchanged = true;
+            state.last_progress_at = now;
+        }
+        let origin = Origin::Session {
+            id: session,
+            initiator,
+        };
+        for envelope in changes {
+            if !self.admit_change(from, envelope.0, origin) {
+                return self.reject_message(from, "sent a change that failed verification".into());
+            }
+        }
+    }
+
+    /// Processes deferred rounds of sessions whose changes are now applied.
+    pub(crate) fn resume_sessions(&mut self) {
+        let ready: Vec<(NodeId, bool)> = self
+            .peers
+            .iter()
+            .flat_map(|(id, peer)| {
+                [peer.outbound.as_ref(), peer.inbound.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .filter(|session| session.pipelined == 0 && !session.deferred.is_empty())
+                    .map(|session| (*id, session.initiator))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (peer, initiator) in ready {
+            loop {
+                let Some(entry) = self.peers.get_mut(&peer) else {
+                    break;
+                };
+                let session = if initiator {
+                    entry.outbound.as_mut()
+                } else {
+                    entry.inbound.as_mut()
+                };
+                let Some(session) = session.filter(|session| session.pipelined == 0) else {
+                    break;
+                };
+                let Some(round) = session.deferred.pop_front() else {
+                    break;
+                };
+                self.process_round(peer, initiator, round);
+            }
+        }
+    }
+
+    fn process_round(&mut self, peer: NodeId, initiator: bool, round: Round) {
+        let id = round.session;
+        let scope = {
+            let session = self
+                .session_mut(peer, id, initiator)
+                .expect("session exists");
+            session.scope.clone()
+        };
+        let output = match self.answer_round(&scope, &round) {
+            Ok(output) => output,
+            Err(reason) => return self.reject_message(peer, reason),
+        };
+        let now = self.now;
+        let session = self
+            .session_mut(peer, id, initiator)
+            .expect("session exists");
+        session.last_progress_at = now;
+        if output.truncated {
+            session.exchanged = true;
+        }
+        if !initiator {
+            session.rounds += 1;
+            let round = Round {
+                session: id,
+                ranges: output.ranges,
+                needs: output.needs,
+            };
+            return self.send_round(peer, false, round, output.changes);
+        }
+        if output.is_empty() {
+            if session.exchanged && session.rounds < SYNC_ROUNDS_MAX {
+                // Changes moved: confirm with one more root comparison.
+                session.exchanged = false;
+                session.rounds += 1;
+                let root = self.root_range(&scope);
+                let round = Round {
+                    session: id,
+                    ranges: vec![root],
+                    needs: vec![],
+                };
+                return self.send_round(peer, true, round, Vec::new());
+            }
+            self.send(
+                peer,
+                &Message::SyncEnd {
+                    session: id,
+                    completed: true,
+                },
+            );
+            return self.finish_session(peer, true, SyncOutcome::Completed);
+        }
+        if session.rounds >= SYNC_ROUNDS_MAX {
+            self.send(
+                peer,
+                &Message::SyncEnd {
+                    session: id,
+                    completed: false,
+                },
+            );
+            let reason = format!("not converged after {SYNC_ROUNDS_MAX} rounds; will retry");
+            return self.finish_session(peer, true, SyncOutcome::Error(reason));
+        }
+        session.rounds += 1;
+        let round = Round {
+            session: id,
+            ranges: output.ranges,
+            needs: output.needs,
+        };
+        self.send_round(peer, true, round, output.changes);
+    }
+
+    /// Answers every range and need of a round. An error is a protocol violation.
+    fn answer_round(&mut self, scope: &Scope, round: &Round) -> Result<RoundOutput, String> {
+        let mut output = RoundOutput::default();
+        let mut previous_upper: Option<&str> = Some("");
+        for range in &round.ranges {
+            // Ranges must be increasing and not overlap, or a peer could make us list the
+            // same records again and again.
+            match previous_upper {
+                Some(upper) if range.lower.as_str() >= upper => {}
+                _ => return Err("reconciliation ranges overlap or are out of order".into()),
+            }
+            if let Some(upper) = &range.upper
+                && upper <= &range.lower
+            {
+                return Err("reconciliation range is empty or reversed".into());
+            }
+            previous_upper = range.upper.as_deref();
+            match &range.summary {
+                RangeSummary::Fingerprint { fingerprint, count } => {
+                    self.answer_fingerprint(scope, range, fingerprint, *count, &mut output)
+                }
+                RangeSummary::Items(items) => {
+                    self.answer_items(scope, range, items, &mut output)?
+                }
+            }
+        }
+        for need in &round.needs {
+            self.answer_need(scope, need, &mut output);
+        }
+        Ok(output)
+    }
+
+    fn answer_fingerprint(
+        &mut self,
+        scope: &Scope,
+        range: &Range,
+        fingerprint: &crate::digest::Fingerprint,
+        count: u64,
+        output: &mut RoundOutput,
+    ) {
+        let upper = range.upper.as_deref();
+        let mine: Vec<(String, crate::digest::ItemHash, Vec<Hash>)> = self
+            .records
+            .range(&range.lower, upper, scope)
+            .map(|entry| {
+                (
+                    entry.record.as_str().to_owned(),
+                    entry.item,
+                    hashes(&entry.heads),
+                )
+            })
+            .collect();
+        let mut accumulator = Accumulator::default();
+        mine.iter().for_each(|(_, item, _)| accumulator.add(item));
+        if accumulator.count() == count && &accumulator.fingerprint() == fingerprint {
+            return;
+        }
+        if count == 0 {
+            // They have nothing here: send everything.
+            for (key, _, _) in &mine {
+                let envelopes = self.envelopes_after(key, &[]);
+                output.add_changes(envelopes);
+            }
+            return;
+        }
+        if mine.len() <= RANGE_ITEMS_THRESHOLD {
+            let items = mine
+                .into_iter()
+                .map(|(record, _, heads)| Item { record, heads })
+                .collect();
+            output.ranges.push(Range {
+                lower: range.lower.clone(),
+                upper: range.upper.clone(),
+                summary: RangeSummary::Items(items),
+            });
+            return;
+        }
+        let chunk = mine.len().div_ceil(RANGE_FANOUT);
+        let parts: Vec<&[(String, crate::digest::ItemHash, Vec<Hash>)]> =
+            mine.chunks(chunk).collect();
+        for (index, part) in parts.iter().enumerate() {
+            let lower = match index {
+                0 => range.lower.clone(),
+                _ => part[0].0.clone(),
+            };
+            let upper = match parts.get(index + 1) {
+                Some(next) => Some(next[0].0.clone()),
+                None => range.upper.clone(),
+            };
+            let mut accumulator = Accumulator::default();
+            part.iter().for_each(|(_, item, _)| accumulator.add(item));
+            output.ranges.push(Range {
+                lower,
+                upper,
+                summary: RangeSummary::Fingerprint {
+                    fingerprint: accumulator.fingerprint(),
+                    count: accumulator.count(),
+                },
+            });
+        }
+    }
+
+    fn answer_items(
+        &mut self,
+        scope: &Scope,
+        range: &Range,
+        items: &[Item],
+        output: &mut RoundOutput,
+    ) -> Result<(), String> {
+        let mut theirs: BTreeMap<&str, &[Hash]> = BTreeMap::new();
+        for item in items {
+            let inside = item.record >= range.lower
+                && range
+                    .upper
+                    .as_ref()
+                    .is_none_or(|upper| &item.record < upper);
+            let record: RecordId = item
+                .record
+                .parse()
+                .map_err(|_| format!("item names an invalid record `{}`", item.record))?;
+            if !inside {
+                return Err(format!("item `{}` lies outside its range", item.record));
+            }
+            if in_scope(scope, record.collection()) {
+                theirs.insert(item.record.as_str(), &item.heads);
+            }
+        }
+        let missing_there: Vec<String> = self
+            .records
+            .range(&range.lower, range.upper.as_deref(), scope)
+            .filter(|entry| !theirs.contains_key(entry.record.as_str()))
+            .map(|entry| entry.record.as_str().to_owned())
+            .collect();
+        for key in missing_there {
+            let envelopes = self.envelopes_after(&key, &[]);
+            output.add_changes(envelopes);
+        }
+        for (key, heads) in theirs {
+            self.compare(key, &change_hashes(heads), None, output);
+        }
+        Ok(())
+    }
+
+    fn answer_need(&mut self, scope: &Scope, need: &Need, output: &mut RoundOutput) {
+        let Ok(record) = need.record.parse::<RecordId>() else {
+            return;
+        };
+        if !in_scope(scope, record.collection()) {
+            return;
+        }
+        let heads = change_hashes(&need.heads);
+        let ancestors = change_hashes(&need.ancestors);
+        self.compare(&need.record, &heads, Some(&ancestors), output);
+    }
+
+    /// Compares our copy of a record with a peer's heads (and, for a need, some of its older
+    /// hashes): sends what the peer lacks and asks for what we lack.
+    fn compare(
+        &mut self,
+        key: &str,
+        their_heads: &[ChangeHash],
+        their_ancestors: Option<&[ChangeHash]>,
+        output: &mut RoundOutput,
+    ) {
+        let Some(entry) = self.records.entry(key) else {
+            if !their_heads.is_empty() {
+                output.needs.push(self.need_for(key));
+            }
+            return;
+        };
+        if entry.heads == their_heads {
+            return;
+        }
+        let all_known = their_heads.iter().all(|head| self.is_known(key, head));
+        if all_known {
+            let envelopes = self.envelopes_after(key, their_heads);
+            output.add_changes(envelopes);
+            return;
+        }
+        if let Some(ancestors) = their_ancestors {
+            // Their history forked from ours: send what follows the hashes we share.
+            let have: Vec<ChangeHash> = their_heads.iter().chain(ancestors).copied().collect();
+            let envelopes = self.envelopes_after(key, &have);
+            output.add_changes(envelopes);
+        }
+        output.needs.push(self.need_for(key));
+    }
+
+    fn finish_session(&mut self, peer: NodeId, initiator: bool, outcome: SyncOutcome) {
+        let now = self.now;
+        let interval = self.config.sync_interval;
+        let jitter = self.jitter();
+        let Some(entry) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let session = match initiator {
+            true => entry.outbound.take(),
+            false => entry.inbound.take(),
+        };
+        let Some(session) = session else { return };
+        if outcome == SyncOutcome::Completed {
+            entry.last_sync = Some(now);
+            entry.behind_estimate = 0;
+            entry.last_error = None;
+        } else if let SyncOutcome::Error(reason) = &outcome {
+            entry.last_error = Some(reason.clone());
+        }
+        if entry.outbound.is_none() && entry.inbound.is_none() {
+            entry.next_sync_at = Some(now + interval + jitter);
+        }
+        match outcome {
+            SyncOutcome::Completed => {
+                self.counters.syncs_completed += 1;
+                self.last_sync = Some(now);
+            }
+            _ => self.counters.syncs_failed += 1,
+        }
+        let row = SyncRecord {
+            peer,
+            session: session.id,
+            initiator,
+            started: session.started_at,
+            ended: now,
+            outcome,
+            rounds: session.rounds,
+            changes_received: session.changes_received,
+            changes_sent: session.changes_sent,
+            bytes_received: session.bytes_received,
+            bytes_sent: session.bytes_sent,
+        };
+        if self.history.len() == HISTORY_ENTRIES_MAX {
+            self.history.pop_front();
+        }
+        self.history.push_back(row.clone());
+        self.emit(Event::SyncEnded(row));
+    }
+
+    fn end_sessions(&mut self, peer: NodeId, outcome: SyncOutcome) {
+        self.finish_session(peer, true, outcome.clone());
+        self.finish_session(peer, false, outcome);
+    }
+
+    pub(crate) fn fail_all_sessions(&mut self, reason: &str) {
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            if let Some(session) = self.peers[&peer].outbound.as_ref() {
+                let id = session.id;
+                self.send(
+                    peer,
+                    &Message::SyncEnd {
+                        session: id,
+                        completed: false,
+                    },
+                );
+            }
+            self.end_sessions(peer, SyncOutcome::Error(reason.to_owned()));
+        }
+    }
+
+    pub(crate) fn sync_now(&mut self, id: CommandId, only: Option<NodeId>) {
+        if let Some(peer) = only {
+            let connected = self
+                .peers
+                .get(&peer)
+                .is_some_and(|entry| entry.state == PeerState::Connected && entry.scope.is_some());
+            if !connected {
+                return self.effects.push(Effect::Complete {
+                    id,
+                    result: Err(CommandError::PeerNotConnected(peer)),
+                });
+            }
+        }
+        let targets: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(peer, entry)| {
+                only.is_none_or(|only| only == **peer)
+                    && entry.state == PeerState::Connected
+                    && entry.scope.is_some()
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in &targets {
+            if self.peers[peer].outbound.is_none() {
+                self.start_session(*peer);
+            }
+        }
+        self.effects.push(Effect::Complete {
+            id,
+            result: Ok(Reply::SyncStarted { peers: targets }),
+        });
+    }
+
+    pub(crate) fn abort_syncs(&mut self) -> usize {
+        let running: Vec<(NodeId, u64)> = self
+            .peers
+            .iter()
+            .filter_map(|(peer, entry)| entry.outbound.as_ref().map(|session| (*peer, session.id)))
+            .collect();
+        for (peer, session) in &running {
+            self.send(
+                *peer,
+                &Message::SyncEnd {
+                    session: *session,
+                    completed: false,
+                },
+            );
+            self.finish_session(*peer, true, SyncOutcome::Aborted);
+        }
+        running.len()
+    }
+
+    /// Starts due sessions and restarts stalled ones.
+    pub(crate) fn sync_timers(&mut self) {
+        let now = self.now;
+        let stall = self.config.sync_stall_timeout;
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            let entry = &self.peers[&peer];
+            if entry.state != PeerState::Connected || entry.scope.is_none() {
+                continue;
+            }
+            let stalled = |session: &Option<Session>| {
+                session
+                    .as_ref()
+                    .is_some_and(|session| session.last_progress_at + stall <= now)
+            };
+            let reason = format!("no progress for {} s; starting afresh", stall.as_secs());
+            if stalled(&entry.inbound) {
+                self.finish_session(peer, false, SyncOutcome::Error(reason.clone()));
+            }
+            if stalled(&self.peers[&peer].outbound) {
+                let id = self.peers[&peer]
+                    .outbound
+                    .as_ref()
+                    .map(|session| session.id);
+                if let Some(id) = id {
+                    self.send(
+                        peer,
+                        &Message::SyncEnd {
+                            session: id,
+                            completed: false,
+                        },
+                    );
+                }
+                self.finish_session(peer, true, SyncOutcome::Error(reason));
+                self.start_session(peer);
+                continue;
+            }
+            let entry = &self.peers[&peer];
+            let due = entry.next_sync_at.is_some_and(|at| at <= now);
+            if due && entry.outbound.is_none() && entry.inbound.is_none() {
+                self.start_session(peer);
+            }
+        }
+    }
+
+    /// The node's status, from indexes only: no document is loaded.
+    pub fn status(&self) -> Status {
+        let mut records: BTreeMap<String, u64> = BTreeMap::new();
+        for entry in self
+            .records
+            .iter()
+            .filter(|entry| !entry.deleted && !entry.heads.is_empty())
+        {
+            *records
+                .entry(entry.record.collection().to_owned())
+                .or_default() += 1;
+        }
+        let peers = self
+            .peers
+            .iter()
+            .map(|(peer_id, peer)| PeerStatus {
+                peer_id: *peer_id,
+                state: peer.state,
+                connected_since: peer.connected_since,
+                last_sync: peer.last_sync,
+                syncing: peer.outbound.is_some() || peer.inbound.is_some(),
+                behind_estimate: peer.behind_estimate,
+                last_error: peer.last_error.clone(),
+                counters: peer.counters.clone(),
+            })
+            .collect();
+        Status {
+            node_id: self.node_id(),
+            records,
+            records_total: self.records.len() as u64,
+            digest: self.records.total().digest().to_string(),
+            last_local_change: self.last_local_change_at(),
+            last_remote_change: self.last_remote_change_at(),
+            last_sync: self.last_sync,
+            peers,
+            counters: self.counters.clone(),
+            pending_changes: self.pending_len() as u64,
+            unflushed_changes: self.unflushed_len() as u64,
+            loaded_documents: self.records.loaded_count() as u64,
+        }
+    }
+
+    /// The digest over every record's durable heads.
+    pub fn digest(&self) -> crate::digest::Digest {
+        self.records.total().digest()
+    }
+}
+
+impl Peer {
+    pub(crate) fn new() -> Peer {
+        Peer {
+            state: PeerState::Disconnected,
+            scope: None,
+            connected_since: None,
+            last_sync: None,
+            next_sync_at: None,
+            outbound: None,
+            inbound: None,
+            counters: PeerCounters::default(),
+            last_error: None,
+            behind_estimate: 0,
+        }
+    }
+}
+
+/// Splits envelopes into message-sized batches.
+fn batches(changes: Vec<Vec<u8>>) -> Vec<Vec<EnvelopeBytes>> {
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for change in changes {
+        if !batch.is_empty()
+            && (bytes + change.len() > SYNC_BATCH_BYTES_MAX
+                || batch.len() == CHANGES_PER_MESSAGE_MAX)
+        {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += change.len();
+        batch.push(EnvelopeBytes(change));
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}

@@ -1,0 +1,291 @@
+//! The peer protocol: message types and their versioned, size-limited encoding.
+//!
+//! A message is `[WIRE_VERSION u8][postcard body]`. The transport (libp2p, the simulator)
+//! frames messages and keeps them in order per connection. Decoding refuses anything over
+//! [`MESSAGE_BYTES_MAX`] before reading it, then checks every list against its limit, so a
+//! peer cannot make a node allocate or loop without bound.
+//!
+//! The exchanges:
+//! - `Hello` once per connection, each way: protocol version and replication scope.
+//! - `Push` carries new changes as they are committed; `Announce` carries only the heads
+//!   of a record whose change is too large to push; `Need` asks for a record's changes.
+//! - A reconciliation session is request/response rounds: the initiator's `SyncRequest`,
+//!   the responder's `SyncResponse`, each preceded by the `SyncChanges` batches it sends,
+//!   and a final `SyncEnd`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Fingerprint;
+use crate::limits::*;
+
+/// The protocol version this node speaks.
+pub const WIRE_VERSION: u8 = 1;
+
+/// A change hash on the wire.
+pub type Hash = [u8; 32];
+
+/// A signed change envelope on the wire.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EnvelopeBytes(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// Everything peers say to each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Sent once on connect.
+    Hello {
+        /// Collections the sender replicates; `None` for all.
+        scope: Option<Vec<String>>,
+    },
+    /// Newly committed changes.
+    Push {
+        /// The envelopes, in dependency order.
+        changes: Vec<EnvelopeBytes>,
+    },
+    /// A record has new heads whose changes were too large to push.
+    Announce {
+        /// The record's key.
+        record: String,
+        /// Its new heads.
+        heads: Vec<Hash>,
+    },
+    /// Requests for changes outside a session (after a push with missing dependencies).
+    Need {
+        /// What the sender has of each record.
+        needs: Vec<Need>,
+    },
+    /// One round of a reconciliation, from the initiator.
+    SyncRequest(Round),
+    /// The responder's answer to one round.
+    SyncResponse(Round),
+    /// Changes belonging to a session, sent before the round message that follows them.
+    SyncChanges {
+        /// The session.
+        session: u64,
+        /// Whether the initiator sent them (session numbers are the initiator's).
+        from_initiator: bool,
+        /// The envelopes, in dependency order per record.
+        changes: Vec<EnvelopeBytes>,
+    },
+    /// The initiator ends a session.
+    SyncEnd {
+        /// The session.
+        session: u64,
+        /// Whether the two nodes were found in sync.
+        completed: bool,
+    },
+}
+
+/// One round of range-based set reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Round {
+    /// The session, numbered by its initiator.
+    pub session: u64,
+    /// Ranges still to be compared; contiguous and increasing.
+    pub ranges: Vec<Range>,
+    /// Records whose changes the sender lacks.
+    pub needs: Vec<Need>,
+}
+
+/// A key range `[lower, upper)` and what the sender knows of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Range {
+    /// Inclusive lower bound; `""` is the start of the key space.
+    pub lower: String,
+    /// Exclusive upper bound; `None` is the end of the key space.
+    pub upper: Option<String>,
+    /// The sender's view of the range.
+    pub summary: RangeSummary,
+}
+
+/// What a range message says about a range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RangeSummary {
+    /// The sender's fingerprint and record count for the range.
+    Fingerprint {
+        /// The fingerprint.
+        fingerprint: Fingerprint,
+        /// How many records the sender has in the range.
+        count: u64,
+    },
+    /// Every record the sender has in the range, with its heads.
+    Items(Vec<Item>),
+}
+
+/// A record and its heads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// The record's key.
+    pub record: String,
+    /// Its heads, sorted.
+    pub heads: Vec<Hash>,
+}
+
+/// "Send me what I lack of this record."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Need {
+    /// The record's key.
+    pub record: String,
+    /// The sender's heads (empty if it has nothing).
+    pub heads: Vec<Hash>,
+    /// Some of the sender's older hashes, nearest first, so that a peer whose history
+    /// forked can find what both share and send only the rest.
+    pub ancestors: Vec<Hash>,
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Longer than [`MESSAGE_BYTES_MAX`].
+    #[error("message of {0} bytes is over the limit of {MESSAGE_BYTES_MAX}")]
+    TooLarge(usize),
+    /// Empty.
+    #[error("empty message")]
+    Empty,
+    /// A protocol version this node does not speak.
+    #[error("protocol version {0} is not supported (this node speaks {WIRE_VERSION})")]
+    Version(u8),
+    /// The body does not decode.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A list is longer than its limit.
+    #[error("message has {found} {what}; the limit is {limit}")]
+    OverLimit {
+        /// What was counted.
+        what: &'static str,
+        /// How many there were.
+        found: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl Message {
+    /// Encodes the message with its version byte.
+    pub fn encode(&self) -> Vec<u8> {
+        let bytes = vec![WIRE_VERSION];
+        postcard::to_extend(self, bytes).expect("encoding into a Vec cannot fail")
+    }
+
+    /// Decodes and checks a message from a peer.
+    pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+        if bytes.len() > MESSAGE_BYTES_MAX {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
+        if version != WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let message: Message =
+            postcard::from_bytes(body).map_err(|error| WireError::Malformed(error.to_string()))?;
+        message.check_limits()?;
+        Ok(message)
+    }
+
+    fn check_limits(&self) -> Result<(), WireError> {
+        match self {
+            Message::Hello { scope } => check(
+                "scope collections",
+                scope.as_ref().map_or(0, Vec::len),
+                SCOPE_COLLECTIONS_MAX,
+            ),
+            Message::Push { changes } | Message::SyncChanges { changes, .. } => {
+                check("changes", changes.len(), CHANGES_PER_MESSAGE_MAX)
+            }
+            Message::Announce { heads, .. } => check("heads", heads.len(), HEADS_PER_ITEM_MAX),
+            Message::Need { needs } => check_needs(needs),
+            Message::SyncRequest(round) | Message::SyncResponse(round) => {
+                check("ranges", round.ranges.len(), RANGES_PER_MESSAGE_MAX)?;
+                let mut items = 0;
+                for range in &round.ranges {
+                    if let RangeSummary::Items(list) = &range.summary {
+                        items += list.len();
+                        for item in list {
+                            check("heads", item.heads.len(), HEADS_PER_ITEM_MAX)?;
+                        }
+                    }
+                }
+                check("items", items, ITEMS_PER_MESSAGE_MAX)?;
+                check_needs(&round.needs)
+            }
+            Message::SyncEnd { .. } => Ok(()),
+        }
+    }
+}
+
+fn check_needs(needs: &[Need]) -> Result<(), WireError> {
+    check("needs", needs.len(), NEEDS_PER_MESSAGE_MAX)?;
+    for need in needs {
+        check("heads", need.heads.len(), HEADS_PER_ITEM_MAX)?;
+        check("ancestors", need.ancestors.len(), NEED_ANCESTORS_MAX)?;
+    }
+    Ok(())
+}
+
+fn check(what: &'static str, found: usize, limit: usize) -> Result<(), WireError> {
+    if found > limit {
+        Err(WireError::OverLimit { what, found, limit })
+    } else {
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for EnvelopeBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Envelope({} bytes)", self.0.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_refused() {
+        let message = Message::SyncRequest(Round {
+            session: 7,
+            ranges: vec![Range {
+                lower: String::new(),
+                upper: Some("b/1".into()),
+                summary: RangeSummary::Fingerprint {
+                    fingerprint: [3; 16],
+                    count: 9,
+                },
+            }],
+            needs: vec![],
+        });
+        let bytes = message.encode();
+        assert_eq!(Message::decode(&bytes), Ok(message));
+        assert_eq!(Message::decode(&[]), Err(WireError::Empty));
+        assert_eq!(Message::decode(&[9, 0]), Err(WireError::Version(9)));
+        assert!(matches!(
+            Message::decode(&[WIRE_VERSION, 200, 1]),
+            Err(WireError::Malformed(_))
+        ));
+        for len in 1..bytes.len() {
+            assert!(
+                Message::decode(&bytes[..len]).is_err(),
+                "truncated at {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_declared_huge_list_is_refused_without_allocating_it() {
+        // Variant 1 (Push) with a varint length of about 2^62.
+        let bytes = [
+            WIRE_VERSION,
+            1,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0x3f,
+        ];
+        assert!(Message::decode(&bytes).is_err());
+    }
+}
