@@ -224,6 +224,25 @@ impl Harness {
         self.in_flight.drain(..).collect()
     }
 
+    /// Delivers the `index`-th message in flight (modulo their number), out of order; with
+    /// `duplicate` a copy stays in flight to be delivered again. Returns false if nothing
+    /// was in flight. Storage completes afterwards as in [`Harness::step`].
+    pub fn deliver_nth(&mut self, index: usize, duplicate: bool) -> bool {
+        if self.in_flight.is_empty() {
+            return false;
+        }
+        let index = index % self.in_flight.len();
+        let (from, to, bytes) = match duplicate {
+            true => self.in_flight[index].clone(),
+            false => self.in_flight.remove(index).expect("index is in range"),
+        };
+        self.deliver(from, to, bytes);
+        if self.storage_mode == StorageMode::Immediate {
+            self.complete_all_storage();
+        }
+        true
+    }
+
     /// Delivers one message now, if the two nodes are still linked.
     pub fn deliver(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
         if !self.linked(from, to) {

@@ -20,22 +20,35 @@ fn writer_with_history(mesh: &mut Harness) {
 fn a_node_that_missed_10k_changes_on_1k_records_catches_up_in_at_most_8_round_trips() {
     let mut mesh = Harness::new(2);
     writer_with_history(&mut mesh);
-    assert_eq!(mesh.status(0).counters.changes_local, (RECORDS * EDITS_PER_RECORD) as u64);
+    assert_eq!(
+        mesh.status(0).counters.changes_local,
+        (RECORDS * EDITS_PER_RECORD) as u64
+    );
 
     mesh.connect(0, 1);
     let flights = mesh.run_until_quiet(100);
     let round_trips = flights.div_ceil(2);
 
     assert!(mesh.converged());
-    assert_eq!(mesh.status(1).counters.changes_applied, (RECORDS * EDITS_PER_RECORD) as u64);
-    assert!(round_trips <= 8, "catching up took {round_trips} round trips ({flights} flights)");
+    assert_eq!(
+        mesh.status(1).counters.changes_applied,
+        (RECORDS * EDITS_PER_RECORD) as u64
+    );
+    assert!(
+        round_trips <= 8,
+        "catching up took {round_trips} round trips ({flights} flights)"
+    );
 }
 
 #[test]
 fn a_node_with_old_versions_of_every_record_catches_up_in_at_most_8_round_trips() {
     let mut mesh = Harness::new(2);
     for record in 0..RECORDS {
-        mesh.put(0, &format!("stock/item-{record:04}"), &[("count", FieldValue::Int(-1))]);
+        mesh.put(
+            0,
+            &format!("stock/item-{record:04}"),
+            &[("count", FieldValue::Int(-1))],
+        );
     }
     mesh.connect(0, 1);
     mesh.run_until_quiet(100);
@@ -48,7 +61,10 @@ fn a_node_with_old_versions_of_every_record_catches_up_in_at_most_8_round_trips(
     let round_trips = flights.div_ceil(2);
 
     assert!(mesh.converged());
-    assert!(round_trips <= 8, "catching up took {round_trips} round trips ({flights} flights)");
+    assert!(
+        round_trips <= 8,
+        "catching up took {round_trips} round trips ({flights} flights)"
+    );
     let history = mesh.nodes[0].node.status();
     assert_eq!(history.counters.syncs_failed, 0);
 }
@@ -57,13 +73,18 @@ fn a_node_with_old_versions_of_every_record_catches_up_in_at_most_8_round_trips(
 fn converged_nodes_confirm_in_one_round_trip() {
     let mut mesh = Harness::new(2);
     for record in 0..200 {
-        mesh.put(0, &format!("stock/{record}"), &[("count", FieldValue::Int(1))]);
+        mesh.put(
+            0,
+            &format!("stock/{record}"),
+            &[("count", FieldValue::Int(1))],
+        );
     }
     mesh.connect(0, 1);
     mesh.run_until_quiet(100);
     let delivered = mesh.messages_delivered;
     let id = mesh.id(1);
-    mesh.command(0, mesh_core::Command::SyncNow { peer: Some(id) }).unwrap();
+    mesh.command(0, mesh_core::Command::SyncNow { peer: Some(id) })
+        .unwrap();
     let flights = mesh.run_until_quiet(100);
     // Request, response, end.
     assert_eq!(flights, 3);

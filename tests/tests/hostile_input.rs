@@ -1,7 +1,7 @@
 //! Bytes from a peer never panic a node: bad input is refused, counted, and changes nothing.
 
-use crdt_schema::{Envelope, FieldValue, Identity, OrgId, RecordDoc, VerifiedChange};
 use crdt_schema::record::Edit;
+use crdt_schema::{Envelope, FieldValue, Identity, OrgId, RecordDoc, VerifiedChange};
 use mesh_core::limits::MESSAGE_BYTES_MAX;
 use mesh_core::wire::{EnvelopeBytes, Message};
 use mesh_tests::Harness;
@@ -27,8 +27,16 @@ fn assert_refused(bytes: Vec<u8>, counter: fn(&mesh_core::Status) -> u64) {
     let status = mesh.status(1);
     assert_eq!(counter(&status), before + 1, "the refusal is counted");
     assert_eq!(mesh.digest(1), digest, "nothing changed");
-    let peer = status.peers.iter().find(|peer| peer.peer_id == mesh.id(0)).unwrap();
-    assert_eq!(peer.state, mesh_core::PeerState::Disconnected, "the sender is disconnected");
+    let peer = status
+        .peers
+        .iter()
+        .find(|peer| peer.peer_id == mesh.id(0))
+        .unwrap();
+    assert_eq!(
+        peer.state,
+        mesh_core::PeerState::Disconnected,
+        "the sender is disconnected"
+    );
 }
 
 fn messages_rejected(status: &mesh_core::Status) -> u64 {
@@ -45,16 +53,27 @@ fn signed_change(record: &str) -> VerifiedChange {
     let mut doc = RecordDoc::new(&identity.node_id());
     let edit = Edit::Put([("count".to_owned(), Some(FieldValue::Int(99)))].into());
     let change = doc.edit(&edit, 0).unwrap().unwrap();
-    VerifiedChange::sign(&identity, &OrgId::default(), record.parse().unwrap(), change)
+    VerifiedChange::sign(
+        &identity,
+        &OrgId::default(),
+        record.parse().unwrap(),
+        change,
+    )
 }
 
 fn push(envelope: Vec<u8>) -> Vec<u8> {
-    Message::Push { changes: vec![EnvelopeBytes(envelope)] }.encode()
+    Message::Push {
+        changes: vec![EnvelopeBytes(envelope)],
+    }
+    .encode()
 }
 
 #[test]
 fn garbage_bytes_are_refused() {
-    assert_refused(b"\x01this is not a message at all".to_vec(), messages_rejected);
+    assert_refused(
+        b"\x01this is not a message at all".to_vec(),
+        messages_rejected,
+    );
     assert_refused(vec![0xff; 64], messages_rejected);
     assert_refused(Vec::new(), messages_rejected);
 }
@@ -101,7 +120,11 @@ fn a_valid_change_replayed_into_another_record_is_refused() {
     replayed.extend_from_slice(&7u16.to_be_bytes());
     replayed.extend_from_slice(b"stock/c");
     replayed.extend_from_slice(rest);
-    assert!(Envelope::from_bytes(replayed.clone()).verify(&OrgId::default()).is_err());
+    assert!(
+        Envelope::from_bytes(replayed.clone())
+            .verify(&OrgId::default())
+            .is_err()
+    );
     assert_refused(push(replayed), changes_rejected);
 }
 
@@ -123,8 +146,15 @@ fn overlapping_reconciliation_ranges_are_refused() {
     let range = |lower: &str| Range {
         lower: lower.into(),
         upper: None,
-        summary: RangeSummary::Fingerprint { fingerprint: [0; 16], count: 5 },
+        summary: RangeSummary::Fingerprint {
+            fingerprint: [0; 16],
+            count: 5,
+        },
     };
-    let round = Round { session: 1, ranges: vec![range(""), range("a")], needs: vec![] };
+    let round = Round {
+        session: 1,
+        ranges: vec![range(""), range("a")],
+        needs: vec![],
+    };
     assert_refused(Message::SyncRequest(round).encode(), messages_rejected);
 }

@@ -281,6 +281,9 @@ enum PipelineEntry {
         from: NodeId,
         change: VerifiedChange,
         origin: Origin,
+        /// Whether the change's session counted it as pipelined (the session may have
+        /// been created only after the change arrived, or have ended since).
+        counted: bool,
     },
 }
 
@@ -313,6 +316,9 @@ pub(crate) struct Peer {
     pub(crate) counters: PeerCounters,
     pub(crate) last_error: Option<String>,
     pub(crate) behind_estimate: u64,
+    /// The highest session number this peer started on the current connection; older
+    /// requests are stale (duplicated or delayed) and ignored.
+    pub(crate) inbound_session_max: u64,
 }
 
 /// One mesh node: all it decides, none of its IO.
@@ -735,14 +741,18 @@ impl Node {
                     from,
                     change,
                     origin,
+                    counted,
                 } => {
                     self.pipeline
                         .remote
                         .remove(&(change.record.as_str().to_owned(), change.hash()));
                     if let Origin::Session { id, initiator } = origin
+                        && counted
                         && let Some(session) = self.session_mut(from, id, initiator)
                     {
-                        session.pipelined -= 1;
+                        // Saturating: a duplicated request can recreate a session under an
+                        // old number, and peer input must never panic the node.
+                        session.pipelined = session.pipelined.saturating_sub(1);
                     }
                     if origin == Origin::Push {
                         pushed.push((Some(from), change.clone()));
@@ -947,15 +957,18 @@ impl Node {
         self.pipeline
             .remote
             .insert((change.record.as_str().to_owned(), change.hash()));
+        let mut counted = false;
         if let Origin::Session { id, initiator } = origin
             && let Some(session) = self.session_mut(from, id, initiator)
         {
             session.pipelined += 1;
+            counted = true;
         }
         self.pipeline.queued.push(PipelineEntry::Remote {
             from,
             change,
             origin,
+            counted,
         });
     }
 

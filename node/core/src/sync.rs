@@ -141,6 +141,7 @@ impl Node {
         entry.state = PeerState::Connected;
         entry.connected_since = Some(now);
         entry.scope = None;
+        entry.inbound_session_max = 0;
         let scope = self
             .config
             .collections
@@ -422,8 +423,17 @@ impl Node {
     }
 
     fn sync_request(&mut self, from: NodeId, round: Round) {
-        let current = self.peers[&from].inbound.as_ref().map(|session| session.id);
+        let peer = &self.peers[&from];
+        let current = peer.inbound.as_ref().map(|session| session.id);
+        if current != Some(round.session) && round.session <= peer.inbound_session_max {
+            // A stale request of a session that already ended.
+            return;
+        }
         if current != Some(round.session) {
+            self.peers
+                .get_mut(&from)
+                .expect("checked")
+                .inbound_session_max = round.session;
             if current.is_some() {
                 self.finish_session(
                     from,
@@ -1020,6 +1030,7 @@ impl Peer {
             counters: PeerCounters::default(),
             last_error: None,
             behind_estimate: 0,
+            inbound_session_max: 0,
         }
     }
 }

@@ -1,0 +1,167 @@
+//! A write is durable before it is acknowledged, and acknowledged before it is announced.
+
+use crdt_schema::FieldValue;
+use mesh_core::storage::{Restore, StorageRequest};
+use mesh_core::{Command, CommandError, Config, Effect, Input, Node, Reply};
+use mesh_tests::{Harness, StorageMode, fields};
+
+fn put(record: &str, value: i64) -> Command {
+    Command::Put {
+        record: record.parse().unwrap(),
+        fields: fields(&[("count", FieldValue::Int(value))]),
+    }
+}
+
+#[test]
+fn a_write_is_acknowledged_only_after_its_append_is_durable_and_announced_only_after_that() {
+    let mut mesh = Harness::new(2);
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(20);
+    mesh.storage_mode = StorageMode::Manual;
+    mesh.nodes[0].effects.clear();
+
+    let id = mesh.command_async(0, put("stock/a", 1));
+    let effects = std::mem::take(&mut mesh.nodes[0].effects);
+    assert!(
+        matches!(&effects[..], [Effect::Storage { request: StorageRequest::Append { envelopes }, .. }] if envelopes.len() == 1),
+        "only the append is asked for: {effects:?}"
+    );
+    assert!(
+        mesh.completion(id).is_none(),
+        "not acknowledged before durable"
+    );
+    assert_eq!(mesh.in_flight(), 0, "not announced before durable");
+
+    mesh.complete_storage(0, Ok(()));
+    let effects = std::mem::take(&mut mesh.nodes[0].effects);
+    let complete = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Complete { .. }))
+        .expect("acknowledged");
+    let send = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Send { .. }))
+        .expect("announced");
+    assert!(
+        complete < send,
+        "acknowledged before announced: {effects:?}"
+    );
+    assert!(matches!(
+        mesh.completion(id),
+        Some(Ok(Reply::Written { changed: true, .. }))
+    ));
+}
+
+#[test]
+fn writes_that_arrive_during_an_append_share_the_next_one() {
+    let mut mesh = Harness::new(1);
+    mesh.storage_mode = StorageMode::Manual;
+    let first = mesh.command_async(0, put("stock/a", 1));
+    let rest: Vec<_> = (0..16)
+        .map(|n| mesh.command_async(0, put(&format!("stock/{n}"), n)))
+        .collect();
+    assert_eq!(
+        mesh.nodes[0].pending_storage.len(),
+        1,
+        "one append in flight"
+    );
+    mesh.complete_storage(0, Ok(()));
+    assert!(mesh.completion(first).is_some());
+    let pending = &mesh.nodes[0].pending_storage;
+    assert_eq!(pending.len(), 1);
+    assert!(
+        matches!(&pending[0].1, StorageRequest::Append { envelopes } if envelopes.len() == 16),
+        "group commit"
+    );
+    mesh.complete_storage(0, Ok(()));
+    assert!(
+        rest.iter()
+            .all(|id| matches!(mesh.completion(*id), Some(Ok(_))))
+    );
+}
+
+#[test]
+fn a_failed_append_fails_its_writes_and_leaves_no_trace() {
+    let mut mesh = Harness::new(2);
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(20);
+    mesh.put(0, "stock/a", &[("count", FieldValue::Int(1))]);
+    mesh.run_until_quiet(20);
+    let digest = mesh.digest(0);
+    mesh.storage_mode = StorageMode::Manual;
+
+    let update = mesh.command_async(0, put("stock/a", 2));
+    let create = mesh.command_async(0, put("stock/new", 1));
+    mesh.complete_storage(0, Err("no space left on device".into()));
+    mesh.complete_all_storage();
+    for id in [update, create] {
+        assert!(
+            matches!(mesh.completion(id), Some(Err(CommandError::Storage(message))) if message.contains("no space"))
+        );
+    }
+    assert_eq!(mesh.in_flight(), 0, "nothing announced");
+    mesh.storage_mode = StorageMode::Immediate;
+    assert_eq!(mesh.digest(0), digest);
+    assert_eq!(
+        mesh.get(0, "stock/a").unwrap().fields["count"],
+        FieldValue::Int(1)
+    );
+    assert!(
+        mesh.get(0, "stock/new").is_none(),
+        "a failed create leaves no record"
+    );
+    assert_eq!(mesh.status(0).counters.storage_errors, 1);
+
+    // Space returns: the node writes again, and the change reaches the peer.
+    mesh.put(0, "stock/a", &[("count", FieldValue::Int(3))]);
+    mesh.run_until_quiet(20);
+    assert!(mesh.converged());
+    assert_eq!(
+        mesh.get(1, "stock/a").unwrap().fields["count"],
+        FieldValue::Int(3)
+    );
+}
+
+#[test]
+fn a_restarted_node_recovers_every_acknowledged_write_from_checkpoint_and_log() {
+    let mut mesh = Harness::new(1);
+    for n in 0..20 {
+        mesh.put(0, &format!("stock/{n}"), &[("count", FieldValue::Int(n))]);
+    }
+    // Checkpoint half-way, then write more that only reach the log.
+    mesh.advance(std::time::Duration::from_secs(2));
+    assert!(!mesh.nodes[0].saved.is_empty(), "a checkpoint was taken");
+    for n in 0..20 {
+        mesh.put(
+            0,
+            &format!("stock/{n}"),
+            &[("count", FieldValue::Int(n + 100))],
+        );
+    }
+    let digest = mesh.digest(0);
+
+    let restore = Restore {
+        records: mesh.nodes[0].saved.values().cloned().collect(),
+        log: mesh.nodes[0].log.clone(),
+    };
+    let mut restarted = Node::new(Config::default(), crdt_schema::Identity::from_seed(1), 0);
+    restarted.handle(mesh.now, Input::Restore(restore));
+    assert_eq!(restarted.digest(), digest);
+    let effects = restarted.handle(
+        mesh.now,
+        Input::Command {
+            id: mesh_core::CommandId(1),
+            command: Command::Get {
+                record: "stock/7".parse().unwrap(),
+            },
+        },
+    );
+    let Some(Effect::Complete {
+        result: Ok(Reply::Record(Some(view))),
+        ..
+    }) = effects.first()
+    else {
+        panic!("{effects:?}")
+    };
+    assert_eq!(view.fields["count"], FieldValue::Int(107));
+}
