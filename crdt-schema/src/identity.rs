@@ -60,6 +60,11 @@ impl NodeId {
         NodeId::from_bytes(bytes)
     }
 
+    /// The node id of a key already decompressed (so already known valid).
+    pub(crate) fn from_verifying_key(key: &VerifyingKey) -> NodeId {
+        NodeId(key.to_bytes())
+    }
+
     /// The raw public key.
     pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
         &self.0

@@ -341,6 +341,7 @@ pub struct Node {
     last_remote_change: Option<Instant>,
     pub(crate) last_sync: Option<Instant>,
     pub(crate) effects: Vec<Effect>,
+    keys: crdt_schema::change::KeyCache,
 }
 
 impl Node {
@@ -366,6 +367,7 @@ impl Node {
             last_remote_change: None,
             last_sync: None,
             effects: Vec::new(),
+            keys: Default::default(),
         }
     }
 
@@ -918,7 +920,8 @@ impl Node {
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.counters.changes_received += 1;
         }
-        let change = match Envelope::from_bytes(bytes).verify(&self.config.org) {
+        let change = match Envelope::from_bytes(bytes).verify_with(&self.config.org, &mut self.keys)
+        {
             Ok(change) => change,
             Err(error) => {
                 self.counters.changes_rejected += 1;

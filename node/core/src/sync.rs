@@ -521,24 +521,21 @@ impl Node {
             })
             .collect();
         for (peer, initiator) in ready {
-            loop {
-                let Some(entry) = self.peers.get_mut(&peer) else {
-                    break;
-                };
-                let session = if initiator {
-                    entry.outbound.as_mut()
-                } else {
-                    entry.inbound.as_mut()
-                };
-                let Some(session) = session.filter(|session| session.pipelined == 0) else {
-                    break;
-                };
-                let Some(round) = session.deferred.pop_front() else {
-                    break;
-                };
+            while let Some(round) = self.next_deferred(peer, initiator) {
                 self.process_round(peer, initiator, round);
             }
         }
+    }
+
+    /// The next deferred round of a session whose changes are all applied.
+    fn next_deferred(&mut self, peer: NodeId, initiator: bool) -> Option<Round> {
+        let entry = self.peers.get_mut(&peer)?;
+        let session = match initiator {
+            true => entry.outbound.as_mut(),
+            false => entry.inbound.as_mut(),
+        };
+        let session = session.filter(|session| session.pipelined == 0)?;
+        session.deferred.pop_front()
     }
 
     fn process_round(&mut self, peer: NodeId, initiator: bool, round: Round) {

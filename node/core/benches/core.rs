@@ -1,0 +1,291 @@
+//! Write and apply throughput of the node core against plain Automerge doing the same
+//! put and commit in the same run, so the figures are ratios on whatever machine runs them.
+//!
+//! `cargo bench -p mesh-core`; BENCHMARKS.md records the figures.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::Duration;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{Automerge, ROOT};
+use crdt_schema::{FieldValue, Identity};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use mesh_core::wire::{EnvelopeBytes, Message};
+use mesh_core::{Command, CommandId, Config, Effect, Input, Instant, Node};
+
+const FIELDS: usize = 5;
+
+fn record_fields(value: i64) -> BTreeMap<String, Option<FieldValue>> {
+    (0..FIELDS)
+        .map(|field| {
+            (
+                format!("field{field}"),
+                Some(FieldValue::Int(value + field as i64)),
+            )
+        })
+        .collect()
+}
+
+/// Runs one command through the node and completes its log append, as a driver would.
+fn write(node: &mut Node, now: Instant, id: u64, command: Command) {
+    let effects = node.handle(
+        now,
+        Input::Command {
+            id: CommandId(id),
+            command,
+        },
+    );
+    for effect in effects {
+        if let Effect::Storage { op, .. } = effect {
+            let done = node.handle(now, Input::StorageDone { op, result: Ok(()) });
+            black_box(done);
+        }
+    }
+}
+
+fn automerge_put(doc: &mut Automerge, value: i64) {
+    let mut tx = doc.transaction();
+    for field in 0..FIELDS {
+        tx.put(ROOT, format!("field{field}"), value + field as i64)
+            .unwrap();
+    }
+    tx.commit_with(CommitOptions::default().with_time(0));
+}
+
+fn create(c: &mut Criterion) {
+    let mut group = c.benchmark_group("create_record");
+    group.throughput(Throughput::Elements(1));
+    let identity = Identity::from_seed(1);
+    let now = Instant::from_millis(1_790_000_000_000);
+    group.bench_function("mesh", |b| {
+        let mut node = Node::new(Config::default(), identity.clone(), 1);
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let record = format!("stock/item-{n}").parse().unwrap();
+            write(
+                &mut node,
+                now,
+                n,
+                Command::Put {
+                    record,
+                    fields: record_fields(n as i64),
+                },
+            );
+        });
+    });
+    let actor = identity.node_id().actor_id();
+    group.bench_function("automerge", |b| {
+        let mut docs = Vec::new();
+        let mut n = 0i64;
+        b.iter(|| {
+            n += 1;
+            let mut doc = Automerge::new().with_actor(actor.clone());
+            automerge_put(&mut doc, n);
+            docs.push(doc);
+        });
+    });
+    group.finish();
+}
+
+fn edit(c: &mut Criterion) {
+    let mut group = c.benchmark_group("edit_one_field");
+    group.throughput(Throughput::Elements(1));
+    let identity = Identity::from_seed(1);
+    let now = Instant::from_millis(1_790_000_000_000);
+    group.bench_function("mesh", |b| {
+        let mut node = Node::new(Config::default(), identity.clone(), 1);
+        let record: crdt_schema::RecordId = "stock/item".parse().unwrap();
+        write(
+            &mut node,
+            now,
+            0,
+            Command::Put {
+                record: record.clone(),
+                fields: record_fields(0),
+            },
+        );
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let fields = [("field0".to_owned(), Some(FieldValue::Int(n as i64)))].into();
+            write(
+                &mut node,
+                now,
+                n,
+                Command::Put {
+                    record: record.clone(),
+                    fields,
+                },
+            );
+        });
+    });
+    group.bench_function("automerge", |b| {
+        let mut doc = Automerge::new().with_actor(identity.node_id().actor_id());
+        automerge_put(&mut doc, 0);
+        let mut n = 0i64;
+        b.iter(|| {
+            n += 1;
+            let mut tx = doc.transaction();
+            tx.put(ROOT, "field0", n).unwrap();
+            tx.commit_with(CommitOptions::default().with_time(0));
+        });
+    });
+    group.finish();
+}
+
+/// 10,000 changes: 1,000 records edited 10 times each by another node.
+fn remote_changes() -> (Vec<Vec<u8>>, Vec<Vec<automerge::Change>>) {
+    let author = Identity::from_seed(2);
+    let mut node = Node::new(Config::default(), author, 2);
+    let now = Instant::from_millis(1_790_000_000_000);
+    let mut envelopes = Vec::new();
+    let mut id = 0;
+    for edit in 0..10 {
+        for record in 0..1000 {
+            id += 1;
+            let record = format!("stock/item-{record:04}").parse().unwrap();
+            let fields = [("count".to_owned(), Some(FieldValue::Int(edit)))].into();
+            let effects = node.handle(
+                now,
+                Input::Command {
+                    id: CommandId(id),
+                    command: Command::Put { record, fields },
+                },
+            );
+            for effect in effects {
+                if let Effect::Storage {
+                    op,
+                    request:
+                        mesh_core::StorageRequest::Append {
+                            envelopes: appended,
+                        },
+                } = effect
+                {
+                    envelopes.extend(appended);
+                    node.handle(now, Input::StorageDone { op, result: Ok(()) });
+                }
+            }
+        }
+    }
+    let org = crdt_schema::OrgId::default();
+    let mut per_record: BTreeMap<String, Vec<automerge::Change>> = BTreeMap::new();
+    for envelope in &envelopes {
+        let verified = crdt_schema::Envelope::from_bytes(envelope.clone())
+            .verify(&org)
+            .unwrap();
+        per_record
+            .entry(verified.record.to_string())
+            .or_default()
+            .push(verified.change);
+    }
+    (envelopes, per_record.into_values().collect())
+}
+
+fn apply_remote(c: &mut Criterion) {
+    let mut group = c.benchmark_group("apply_10k_remote_changes");
+    group.throughput(Throughput::Elements(10_000));
+    group.sample_size(10);
+    let (envelopes, changes) = remote_changes();
+    let sender = Identity::from_seed(2).node_id();
+    let now = Instant::from_millis(1_790_000_000_000);
+    // Pushes of up to 1,000 changes, as a sync session would batch them.
+    let messages: Vec<Vec<u8>> = envelopes
+        .chunks(1000)
+        .map(|chunk| {
+            Message::Push {
+                changes: chunk.iter().cloned().map(EnvelopeBytes).collect(),
+            }
+            .encode()
+        })
+        .collect();
+    group.bench_function("mesh_verified", |b| {
+        b.iter_batched(
+            || {
+                let mut node = Node::new(Config::default(), Identity::from_seed(1), 1);
+                node.handle(now, Input::PeerConnected { peer: sender });
+                let hello = Message::Hello { scope: None }.encode();
+                node.handle(
+                    now,
+                    Input::MessageReceived {
+                        from: sender,
+                        bytes: hello,
+                    },
+                );
+                node
+            },
+            |mut node| {
+                for message in &messages {
+                    let effects = node.handle(
+                        now,
+                        Input::MessageReceived {
+                            from: sender,
+                            bytes: message.clone(),
+                        },
+                    );
+                    for effect in effects {
+                        if let Effect::Storage { op, .. } = effect {
+                            node.handle(now, Input::StorageDone { op, result: Ok(()) });
+                        }
+                    }
+                }
+                assert_eq!(node.status().counters.changes_applied, 10_000);
+                node
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    group.bench_function("automerge", |b| {
+        b.iter_batched(
+            || changes.clone(),
+            |changes| {
+                let docs: Vec<Automerge> = changes
+                    .into_iter()
+                    .map(|record| {
+                        let mut doc = Automerge::new();
+                        doc.apply_changes(record).unwrap();
+                        doc
+                    })
+                    .collect();
+                docs
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    group.finish();
+}
+
+/// The floor under every figure above: one ed25519 signature per change made, one
+/// verification per change received.
+fn signature(c: &mut Criterion) {
+    let mut group = c.benchmark_group("signature");
+    group.throughput(Throughput::Elements(1));
+    let identity = Identity::from_seed(1);
+    let org = crdt_schema::OrgId::default();
+    let mut doc = crdt_schema::RecordDoc::new(&identity.node_id());
+    let edit = crdt_schema::Edit::Put(record_fields(1));
+    let change = doc.edit(&edit, 0).unwrap().unwrap();
+    let record: crdt_schema::RecordId = "stock/item".parse().unwrap();
+    group.bench_function("sign_change", |b| {
+        b.iter(|| {
+            crdt_schema::VerifiedChange::sign(&identity, &org, record.clone(), change.clone())
+        });
+    });
+    let envelope =
+        crdt_schema::VerifiedChange::sign(&identity, &org, record.clone(), change.clone()).envelope;
+    let mut keys = crdt_schema::KeyCache::default();
+    group.bench_function("verify_change", |b| {
+        b.iter(|| envelope.verify_with(&org, &mut keys).unwrap());
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+}
+
+criterion_group! { name = benches; config = config(); targets = create, edit, apply_remote, signature }
+criterion_main!(benches);
