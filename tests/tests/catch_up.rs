@@ -28,6 +28,7 @@ fn a_node_that_missed_10k_changes_on_1k_records_catches_up_in_at_most_8_round_tr
     mesh.connect(0, 1);
     let flights = mesh.run_until_quiet(100);
     let round_trips = flights.div_ceil(2);
+    eprintln!("catch-up: {flights} flights, {round_trips} round trips");
 
     assert!(mesh.converged());
     assert_eq!(
@@ -59,6 +60,7 @@ fn a_node_with_old_versions_of_every_record_catches_up_in_at_most_8_round_trips(
     mesh.connect(0, 1);
     let flights = mesh.run_until_quiet(100);
     let round_trips = flights.div_ceil(2);
+    eprintln!("catch-up: {flights} flights, {round_trips} round trips");
 
     assert!(mesh.converged());
     assert!(

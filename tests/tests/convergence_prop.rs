@@ -48,7 +48,11 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn record(index: u8) -> crdt_schema::RecordId {
-    let collection = if index.is_multiple_of(2) { "stock" } else { "visits" };
+    let collection = if index.is_multiple_of(2) {
+        "stock"
+    } else {
+        "visits"
+    };
     format!("{collection}/r{index}").parse().unwrap()
 }
 

@@ -68,6 +68,7 @@ fn only_the_changed_field_travels() {
     mesh.put(0, "customers/acme", &[("phone", FieldValue::Int(2))]);
     mesh.run_until_quiet(20);
     let edit_bytes = mesh.bytes_delivered - before;
+    eprintln!("one-field edit: {edit_bytes} bytes on the wire");
     assert!(mesh.converged());
     assert!(
         edit_bytes < 400,
