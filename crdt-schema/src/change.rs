@@ -180,6 +180,13 @@ impl Envelope {
         org: &OrgId,
         keys: &mut KeyCache,
     ) -> Result<VerifiedChange, VerifyError> {
+        self.parse()?.verify(org, keys)
+    }
+
+    /// Parses the envelope and its change without checking the signature, so a receiver can
+    /// recognise a change it already holds before paying for a verification. Nothing in a
+    /// [`ParsedEnvelope`] may be trusted until [`ParsedEnvelope::verify`] succeeds.
+    pub fn parse(&self) -> Result<ParsedEnvelope, VerifyError> {
         let (record_key, change_bytes, signature) = self.parts()?;
         let record: RecordId = record_key
             .parse()
@@ -193,10 +200,42 @@ impl Envelope {
                 "checksum does not match contents".into(),
             ));
         }
+        Ok(ParsedEnvelope {
+            record,
+            change,
+            signature: *signature,
+            envelope: self.clone(),
+        })
+    }
+}
+
+/// An envelope whose framing and change parsed, but whose signature is not yet checked.
+pub struct ParsedEnvelope {
+    /// The record the envelope names (unverified).
+    pub record: RecordId,
+    /// The parsed change (unverified authorship).
+    pub change: Change,
+    signature: [u8; SIGNATURE_LEN],
+    envelope: Envelope,
+}
+
+impl ParsedEnvelope {
+    /// The change's hash, computed from the bytes received.
+    pub fn hash(&self) -> ChangeHash {
+        self.change.hash()
+    }
+
+    /// Checks the signature against the change's own actor id.
+    pub fn verify(self, org: &OrgId, keys: &mut KeyCache) -> Result<VerifiedChange, VerifyError> {
+        let ParsedEnvelope {
+            record,
+            change,
+            signature,
+            envelope,
+        } = self;
         let (author, key) = keys.key(change.actor_id().to_bytes())?;
         let message = signed_message(org, &record, &change.hash());
-        let signature = Signature::from_bytes(signature);
-        key.verify_strict(&message, &signature)
+        key.verify_strict(&message, &Signature::from_bytes(&signature))
             .map_err(|_| VerifyError::Signature {
                 record: record.to_string(),
                 author: author.to_string(),
@@ -206,7 +245,7 @@ impl Envelope {
             record,
             author,
             change,
-            envelope: self.clone(),
+            envelope,
         })
     }
 }

@@ -20,7 +20,7 @@ pub mod record;
 pub mod schema;
 
 pub use automerge::{Change, ChangeHash};
-pub use change::{Envelope, KeyCache, VerifiedChange, VerifyError};
+pub use change::{Envelope, KeyCache, ParsedEnvelope, VerifiedChange, VerifyError};
 pub use identity::{Identity, NodeId, OrgId};
 pub use record::{Edit, FieldValue, RecordDoc, RecordId, RecordView};
 pub use schema::{CollectionSchema, FieldSchema, FieldType, SchemaError};

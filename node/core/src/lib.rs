@@ -49,7 +49,7 @@ pub mod wire;
 
 pub use config::Config;
 pub use digest::Digest;
-pub use node::{Command, CommandError, CommandId, Effect, Event, Input, Node, Reply};
+pub use node::{Command, CommandError, CommandId, Effect, Event, Input, Node, Queues, Reply};
 pub use status::{PeerState, Status, SyncOutcome, SyncRecord};
 pub use storage::{Restore, SavedRecord, StorageError, StorageOpId, StorageRequest};
 pub use time::Instant;

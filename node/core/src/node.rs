@@ -163,6 +163,8 @@ pub enum Reply {
     Written {
         /// The record.
         record: RecordId,
+        /// The change the write made, or `None` if it changed nothing.
+        change: Option<ChangeHash>,
         /// Its heads after the write.
         heads: Vec<ChangeHash>,
         /// Whether the write changed anything.
@@ -257,6 +259,25 @@ pub enum Event {
         /// The driver's error.
         error: String,
     },
+}
+
+/// Queue lengths, from [`Node::queues`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queues {
+    /// Changes waiting for their dependencies.
+    pub pending_changes: usize,
+    /// Remote changes waiting for their log append.
+    pub pipeline_remote_changes: usize,
+    /// Peers tracked.
+    pub peers: usize,
+    /// Sync history rows.
+    pub history: usize,
+    /// Loaded Automerge documents.
+    pub loaded_documents: usize,
+    /// The most rounds any session holds deferred.
+    pub deferred_rounds_max: usize,
+    /// The last progress of the session that has waited longest, if any runs.
+    pub oldest_session_progress: Option<Instant>,
 }
 
 /// Where a remote change came from.
@@ -430,6 +451,36 @@ impl Node {
                 .min(),
         );
         deadline
+    }
+
+    /// Whether this node holds `hash` as a durable change of `record`. For checkers: reads
+    /// only the index.
+    pub fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
+        self.records
+            .entry(record.as_str())
+            .is_some_and(|entry| entry.signatures.contains_key(hash))
+    }
+
+    /// The current length of every queue that grows with peer input, for checkers and
+    /// metrics. Cheap: no document is loaded.
+    pub fn queues(&self) -> Queues {
+        let sessions = self
+            .peers
+            .values()
+            .flat_map(|peer| peer.outbound.iter().chain(&peer.inbound));
+        Queues {
+            pending_changes: self.pending.len(),
+            pipeline_remote_changes: self.pipeline.remote.len(),
+            peers: self.peers.len(),
+            history: self.history.len(),
+            loaded_documents: self.records.loaded_count(),
+            deferred_rounds_max: sessions
+                .clone()
+                .map(|session| session.deferred_len())
+                .max()
+                .unwrap_or(0),
+            oldest_session_progress: sessions.map(|session| session.last_progress_at).min(),
+        }
     }
 
     pub(crate) fn last_local_change_at(&self) -> Option<Instant> {
@@ -711,6 +762,7 @@ impl Node {
                     change,
                 } => {
                     let changed = change.is_some();
+                    let change_hash = change.as_ref().map(VerifiedChange::hash);
                     if let Some(change) = change {
                         let key = record.as_str();
                         let deps = change.change.deps().to_vec();
@@ -734,6 +786,7 @@ impl Node {
                         command,
                         Ok(Reply::Written {
                             record,
+                            change: change_hash,
                             heads: heads.unwrap_or_default(),
                             changed,
                         }),
@@ -920,30 +973,37 @@ impl Node {
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.counters.changes_received += 1;
         }
-        let change = match Envelope::from_bytes(bytes).verify_with(&self.config.org, &mut self.keys)
-        {
-            Ok(change) => change,
-            Err(error) => {
-                self.counters.changes_rejected += 1;
-                if let Some(peer) = self.peers.get_mut(&from) {
-                    peer.counters.rejected += 1;
-                }
-                self.emit(Event::ChangeRejected {
-                    from,
-                    reason: error.to_string(),
-                });
-                return false;
+        let rejected = |node: &mut Node, error: crdt_schema::VerifyError| {
+            node.counters.changes_rejected += 1;
+            if let Some(peer) = node.peers.get_mut(&from) {
+                peer.counters.rejected += 1;
             }
+            node.emit(Event::ChangeRejected {
+                from,
+                reason: error.to_string(),
+            });
+            false
         };
-        if !self.config.replicates(change.record.collection()) {
+        let parsed = match Envelope::from_bytes(bytes).parse() {
+            Ok(parsed) => parsed,
+            Err(error) => return rejected(self, error),
+        };
+        if !self.config.replicates(parsed.record.collection()) {
             return true;
         }
-        let key = change.record.as_str().to_owned();
-        let hash = change.hash();
+        // A change already held is recognised by its hash before its signature is checked:
+        // in a mesh every change arrives from several peers, and verifying costs more than
+        // anything else a node does with it.
+        let key = parsed.record.as_str().to_owned();
+        let hash = parsed.hash();
         if self.is_known(&key, &hash) || self.pending.contains_key(&(key.clone(), hash)) {
             self.counters.changes_duplicate += 1;
             return true;
         }
+        let change = match parsed.verify(&self.config.org, &mut self.keys) {
+            Ok(change) => change,
+            Err(error) => return rejected(self, error),
+        };
         if self.deps_known(&key, &change) {
             self.enqueue_remote(from, change, origin);
         } else {

@@ -81,6 +81,10 @@ impl RoundOutput {
 }
 
 impl Session {
+    pub(crate) fn deferred_len(&self) -> usize {
+        self.deferred.len()
+    }
+
     fn new(id: u64, initiator: bool, scope: Scope, now: Instant) -> Session {
         Session {
             id,
