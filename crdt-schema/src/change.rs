@@ -14,6 +14,7 @@
 
 use automerge::{Change, ChangeHash};
 use ed25519_dalek::Signature;
+use sha2::Digest as _;
 
 use crate::identity::{Identity, NodeId, OrgId};
 use crate::record::RecordId;
@@ -183,6 +184,17 @@ impl Envelope {
         self.parse()?.verify(org, keys)
     }
 
+    /// The record key and change hash the bytes claim, computed without parsing the change:
+    /// Automerge's change hash is SHA-256 over the chunk after its magic and checksum. Lets
+    /// a receiver drop a copy of a change it holds for the price of one hash; anything
+    /// else must go through [`Envelope::parse`].
+    pub fn claimed_identity(&self) -> Option<(&str, ChangeHash)> {
+        let (record, change, _) = self.parts().ok()?;
+        let chunk = change.get(8..)?;
+        let hash: [u8; 32] = sha2::Sha256::digest(chunk).into();
+        Some((record, ChangeHash(hash)))
+    }
+
     /// Parses the envelope and its change without checking the signature, so a receiver can
     /// recognise a change it already holds before paying for a verification. Nothing in a
     /// [`ParsedEnvelope`] may be trusted until [`ParsedEnvelope::verify`] succeeds.
@@ -350,6 +362,15 @@ mod tests {
         assert_eq!(verified.author, Identity::from_seed(3).node_id());
         assert_eq!(verified.hash(), change.hash());
         assert_eq!(verified.record.as_str(), "stock/1");
+    }
+
+    #[test]
+    fn the_claimed_hash_is_the_hash_automerge_computes() {
+        let org = OrgId::from_bytes([9; 32]);
+        let change = signed(&org, "stock/1");
+        let (record, claimed) = change.envelope.claimed_identity().unwrap();
+        assert_eq!(record, "stock/1");
+        assert_eq!(claimed, change.hash());
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl Harness {
             let node = &mut self.nodes[index];
             match request {
                 StorageRequest::Append { envelopes } => node.log.extend(envelopes),
-                StorageRequest::Checkpoint { records } => {
+                StorageRequest::Checkpoint { records, .. } => {
                     for record in records {
                         node.saved.insert(record.record.clone(), record);
                     }

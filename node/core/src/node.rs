@@ -432,7 +432,8 @@ impl Node {
             consider(self.checkpoint_due);
         }
         for peer in self.peers.values() {
-            if peer.state != PeerState::Connected {
+            // Mirrors `sync_timers`: only peers whose hello arrived are synced.
+            if peer.state != PeerState::Connected || peer.scope.is_none() {
                 continue;
             }
             if peer.outbound.is_none() && peer.inbound.is_none() {
@@ -984,7 +985,15 @@ impl Node {
             });
             false
         };
-        let parsed = match Envelope::from_bytes(bytes).parse() {
+        let envelope = Envelope::from_bytes(bytes);
+        if let Some((key, hash)) = envelope.claimed_identity() {
+            let key = key.to_owned();
+            if self.is_known(&key, &hash) || self.pending.contains_key(&(key, hash)) {
+                self.counters.changes_duplicate += 1;
+                return true;
+            }
+        }
+        let parsed = match envelope.parse() {
             Ok(parsed) => parsed,
             Err(error) => return rejected(self, error),
         };
@@ -1206,6 +1215,10 @@ impl Node {
             .filter(|entry| entry.dirty && !entry.has_unacked())
             .map(|entry| entry.record.as_str().to_owned())
             .collect();
+        let compact_log = !self
+            .records
+            .iter()
+            .any(|entry| entry.dirty && entry.has_unacked());
         self.checkpoint_due = None;
         if keys.is_empty() {
             self.schedule_checkpoint();
@@ -1230,7 +1243,10 @@ impl Node {
         let op = self.next_op();
         self.effects.push(Effect::Storage {
             op,
-            request: StorageRequest::Checkpoint { records },
+            request: StorageRequest::Checkpoint {
+                records,
+                compact_log,
+            },
         });
         self.checkpoint_in_flight = Some((op, keys));
     }

@@ -9,7 +9,8 @@
 //!   The core has at most one append in flight; everything that arrives meanwhile goes into
 //!   the next one, which is group commit.
 //! - [`StorageRequest::Checkpoint`]: save these records as documents. Once the driver has
-//!   made the checkpoint durable it may drop every log entry appended before it.
+//!   made the checkpoint durable, and if it says `compact_log`, the driver may drop every
+//!   log entry of the appends it had completed before the request.
 //!
 //! On start the driver feeds [`Restore`]: the last saved documents and the log entries
 //! since. Replaying an entry a document already holds is harmless.
@@ -30,11 +31,15 @@ pub enum StorageRequest {
         /// Encoded signed envelopes, in the order they must be replayed.
         envelopes: Vec<Vec<u8>>,
     },
-    /// Save these records. Every append that completed before this request is reflected
-    /// in them, so once this checkpoint is durable those log entries may be compacted.
+    /// Save these records (replacing earlier saves of the same records).
     Checkpoint {
         /// The records changed since the last checkpoint.
         records: Vec<SavedRecord>,
+        /// Whether every change of every append that completed before this request is now
+        /// in a saved record, so that once this checkpoint is durable the driver may drop
+        /// those log entries. False while a record with changed state is left out because
+        /// local changes to it await their append.
+        compact_log: bool,
     },
 }
 

@@ -145,6 +145,8 @@ impl Node {
         entry.state = PeerState::Connected;
         entry.connected_since = Some(now);
         entry.scope = None;
+        // The sync timer starts when the peer's hello arrives.
+        entry.next_sync_at = None;
         entry.inbound_session_max = 0;
         let scope = self
             .config
@@ -160,6 +162,7 @@ impl Node {
             entry.state = PeerState::Disconnected;
             entry.connected_since = None;
             entry.scope = None;
+            entry.next_sync_at = None;
         }
     }
 

@@ -1,0 +1,1321 @@
+//! The simulated world: nodes, links, disks, a workload and faults, on virtual time.
+//!
+//! One event queue ordered by (time, sequence number) drives everything, in one thread.
+//! All randomness comes from one [`SimRng`] seeded by the run's seed, so a seed replays
+//! bit for bit; a running hash of every effect (the trace hash) proves it.
+//!
+//! - **Links** are ordered and reliable per connection, as TCP is: a message is either
+//!   delivered in order or its connection drops (and the dialler reconnects after a
+//!   backoff). Latency, jitter and bandwidth delay delivery; a corrupted message arrives
+//!   with one byte flipped. An asymmetric partition loses one direction silently, like a
+//!   half-open connection, which only the core's stall timeout can notice.
+//! - **Disks** complete requests in order after an fsync delay. A crash loses every request
+//!   not yet complete; the oldest lost append may be torn (a prefix of its entries
+//!   survives). A restarted node is a new core fed what survived.
+//! - **Phases**: faults and writes run for `duration`; then everything heals (partitions end,
+//!   crashed nodes restart, paused nodes resume, links reconnect, no more faults or writes)
+//!   and every node must converge within `heal_bound`.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::time::Duration;
+
+use crdt_schema::{ChangeHash, Envelope, FieldValue, Identity, NodeId, RecordId};
+use mesh_core::storage::{Restore, SavedRecord, StorageRequest};
+use mesh_core::{
+    Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply, StorageOpId,
+};
+
+use crate::checkers::{Checkers, Failure};
+use crate::plan::{FaultPlan, Options};
+use crate::rng::SimRng;
+
+/// Virtual time in milliseconds since the start of the run.
+pub type Ms = u64;
+
+/// Wall-clock meaning of virtual time zero, as nodes see it (before skew).
+const EPOCH_MS: u64 = 1_790_000_000_000;
+
+/// Most events one run may process: a livelock fails the run instead of hanging it.
+const EVENTS_MAX: u64 = 20_000_000;
+
+/// What the simulator needs of a node. The real core implements it; tests wrap the core
+/// in deliberately broken variants to show that the checkers catch them.
+pub trait SimNode {
+    /// Feeds one input.
+    fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect>;
+    /// When the node must next be ticked.
+    fn next_deadline(&self) -> Option<Instant>;
+    /// The digest of the node's durable records.
+    fn digest(&self) -> Digest;
+    /// Whether the node durably holds a change.
+    fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool;
+    /// Queue lengths, for the bound checkers.
+    fn queues(&self) -> Queues;
+}
+
+impl SimNode for Node {
+    fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        Node::handle(self, now, input)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        Node::next_deadline(self)
+    }
+
+    fn digest(&self) -> Digest {
+        Node::digest(self)
+    }
+
+    fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
+        Node::holds_change(self, record, hash)
+    }
+
+    fn queues(&self) -> Queues {
+        Node::queues(self)
+    }
+}
+
+/// Builds a node from its configuration, identity and seed.
+pub type NodeFactory = dyn Fn(Config, Identity, u64) -> Box<dyn SimNode>;
+
+/// The real node core.
+pub fn real_node(config: Config, identity: Identity, seed: u64) -> Box<dyn SimNode> {
+    Box::new(Node::new(config, identity, seed))
+}
+
+/// How a run ended and what it did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Simulated time at the end.
+    pub simulated: Duration,
+    /// Events processed.
+    pub events: u64,
+    /// Messages delivered.
+    pub messages: u64,
+    /// Bytes delivered.
+    pub bytes: u64,
+    /// Writes acknowledged.
+    pub writes_acked: u64,
+    /// Simulated time from the start of healing to convergence.
+    pub converge: Option<Duration>,
+    /// The common digest at convergence.
+    pub digest: Option<Digest>,
+    /// Hash of every effect of the run.
+    pub trace_hash: u64,
+    /// The fault classes the seed enabled.
+    pub faults: Vec<&'static str>,
+    /// The first checker failure, if any.
+    pub failure: Option<Failure>,
+    /// The readable trace, when asked for.
+    pub trace: Vec<String>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver {
+        from: usize,
+        to: usize,
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    Disconnect {
+        a: usize,
+        b: usize,
+        conn: u64,
+    },
+    Connect {
+        a: usize,
+        b: usize,
+    },
+    StorageDone {
+        node: usize,
+        incarnation: u64,
+    },
+    Timer {
+        node: usize,
+        incarnation: u64,
+        generation: u64,
+    },
+    Write {
+        node: usize,
+    },
+    Crash,
+    Restart {
+        node: usize,
+    },
+    Pause,
+    Unpause {
+        node: usize,
+    },
+    PartitionStart,
+    PartitionEnd,
+    Heal,
+}
+
+/// Something a paused node receives when it resumes.
+enum Held {
+    Event(Event),
+    Input(Input),
+}
+
+struct Scheduled {
+    at: Ms,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// A node's disk: what is durable, and the requests not yet complete.
+#[derive(Default)]
+struct Disk {
+    log: VecDeque<Vec<u8>>,
+    /// Entries ever appended; `log` holds the last `log.len()` of them.
+    log_appended: u64,
+    saved: BTreeMap<RecordId, SavedRecord>,
+    in_flight: VecDeque<(StorageOpId, StorageRequest, u64)>,
+    busy_until: Ms,
+}
+
+struct Slot {
+    identity: Identity,
+    id: NodeId,
+    config: Config,
+    node: Option<Box<dyn SimNode>>,
+    incarnation: u64,
+    paused: bool,
+    /// What reached the node while it was paused, in order.
+    deferred: Vec<Held>,
+    skew_ms: i64,
+    disk: Disk,
+    timer_at: Option<Ms>,
+    timer_generation: u64,
+    next_command: u64,
+    writes: BTreeMap<CommandId, RecordId>,
+    /// Commands whose replies a scenario waits for, and the replies that came.
+    wanted: BTreeSet<CommandId>,
+    replies: BTreeMap<CommandId, Result<Reply, mesh_core::CommandError>>,
+}
+
+#[derive(Default)]
+struct Link {
+    conn: Option<u64>,
+    /// Per direction (lower index first): last delivery time and when the link is free.
+    last_delivery: [Ms; 2],
+    busy_until: [Ms; 2],
+}
+
+/// One simulated run.
+pub struct World<'a> {
+    options: Options,
+    plan: FaultPlan,
+    factory: &'a NodeFactory,
+    rng: SimRng,
+    now: Ms,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    seq: u64,
+    slots: Vec<Slot>,
+    index_of: BTreeMap<NodeId, usize>,
+    links: BTreeMap<(usize, usize), Link>,
+    next_conn: u64,
+    /// Directed pairs whose messages are lost and which cannot connect.
+    blocked: BTreeSet<(usize, usize)>,
+    healing: bool,
+    heal_started: Ms,
+    /// The fault classes the plan enabled, noted before healing turns them off.
+    fault_classes: Vec<&'static str>,
+    checkers: Checkers,
+    events: u64,
+    messages: u64,
+    bytes: u64,
+    trace_hash: u64,
+    trace: Vec<String>,
+}
+
+const COLLECTIONS: [&str; 3] = ["stock", "visits", "catalogue"];
+
+impl<'a> World<'a> {
+    /// A world for `options` whose fault mix is drawn from the seed.
+    pub fn new(options: Options, factory: &'a NodeFactory) -> World<'a> {
+        let mut rng = SimRng::new(options.seed);
+        let plan = FaultPlan::draw(&mut rng, &options.knobs);
+        World::with_plan(options, plan, rng, factory)
+    }
+
+    /// A world with an explicit fault plan (scenarios use a calm one).
+    pub fn with_plan(
+        options: Options,
+        plan: FaultPlan,
+        mut rng: SimRng,
+        factory: &'a NodeFactory,
+    ) -> World<'a> {
+        assert!(options.nodes >= 1, "a world needs a node");
+        let mut slots = Vec::with_capacity(options.nodes);
+        let mut index_of = BTreeMap::new();
+        for index in 0..options.nodes {
+            let identity =
+                Identity::from_seed(options.seed.wrapping_mul(1000).wrapping_add(index as u64));
+            let id = identity.node_id();
+            index_of.insert(id, index);
+            let skew_ms = match plan.clock_skew_max_ms {
+                0 => 0,
+                max => rng.range(0, 2 * max + 1) as i64 - max as i64,
+            };
+            let config = Config {
+                sync_interval: plan.sync_interval,
+                sync_stall_timeout: plan.sync_stall_timeout,
+                ..Config::default()
+            };
+            let node = factory(config.clone(), identity.clone(), rng.next_u64());
+            slots.push(Slot {
+                identity,
+                id,
+                config,
+                node: Some(node),
+                incarnation: 0,
+                paused: false,
+                deferred: Vec::new(),
+                skew_ms,
+                disk: Disk::default(),
+                timer_at: None,
+                timer_generation: 0,
+                next_command: 0,
+                writes: BTreeMap::new(),
+                wanted: BTreeSet::new(),
+                replies: BTreeMap::new(),
+            });
+        }
+        let mut links = BTreeMap::new();
+        for a in 0..options.nodes {
+            for b in a + 1..options.nodes {
+                links.insert((a, b), Link::default());
+            }
+        }
+        let fault_classes = plan.classes();
+        World {
+            options,
+            plan,
+            factory,
+            rng,
+            now: 0,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            slots,
+            index_of,
+            links,
+            next_conn: 0,
+            blocked: BTreeSet::new(),
+            healing: false,
+            heal_started: 0,
+            fault_classes,
+            checkers: Checkers::default(),
+            events: 0,
+            messages: 0,
+            bytes: 0,
+            trace_hash: 0xcbf2_9ce4_8422_2325,
+            trace: Vec::new(),
+        }
+    }
+
+    /// Runs the fault phase and the healing phase; returns the outcome.
+    pub fn run(mut self) -> Outcome {
+        self.start();
+        let end = self.options.duration.as_millis() as Ms;
+        self.schedule(end, Event::Heal);
+        let bound = end + self.options.heal_bound.as_millis() as Ms;
+        while self.checkers.failure.is_none() {
+            let Some(Reverse(next)) = self.queue.pop() else {
+                self.fail(
+                    "convergence",
+                    "the event queue ran dry before the nodes converged".into(),
+                );
+                break;
+            };
+            if self.healing && next.at > bound {
+                self.now = bound;
+                let digests = self.digest_list();
+                self.fail(
+                    "convergence",
+                    format!(
+                        "not converged {} s after healing began: {digests}",
+                        self.options.heal_bound.as_secs()
+                    ),
+                );
+                break;
+            }
+            self.now = next.at;
+            self.checkers.set_now(self.now);
+            self.events += 1;
+            if self.events > EVENTS_MAX {
+                self.fail("livelock", format!("more than {EVENTS_MAX} events"));
+                break;
+            }
+            self.process(next.event);
+            if self.healing && self.converged() {
+                break;
+            }
+        }
+        self.outcome()
+    }
+
+    fn outcome(&self) -> Outcome {
+        let converged = self.checkers.failure.is_none() && self.healing;
+        Outcome {
+            seed: self.options.seed,
+            nodes: self.options.nodes,
+            simulated: Duration::from_millis(self.now),
+            events: self.events,
+            messages: self.messages,
+            bytes: self.bytes,
+            writes_acked: self.checkers.acked.len() as u64,
+            converge: converged.then(|| Duration::from_millis(self.now - self.heal_started)),
+            digest: converged.then(|| {
+                self.slots[0]
+                    .node
+                    .as_ref()
+                    .expect("alive after healing")
+                    .digest()
+            }),
+            trace_hash: self.trace_hash,
+            faults: self.fault_classes.clone(),
+            failure: self.checkers.failure.clone(),
+            trace: self.trace.clone(),
+        }
+    }
+
+    // ----- stepping, for scripted scenarios -----
+
+    /// Connects every pair at the current time.
+    pub fn connect_all(&mut self) {
+        self.reconnect_all();
+    }
+
+    /// Processes every event due up to `until_ms` (simulated), then sets the clock there.
+    pub fn run_until(&mut self, until_ms: Ms) {
+        while let Some(Reverse(next)) = self.queue.peek() {
+            if next.at > until_ms || self.checkers.failure.is_some() {
+                break;
+            }
+            let Reverse(next) = self.queue.pop().expect("peeked");
+            self.now = next.at;
+            self.checkers.set_now(self.now);
+            self.events += 1;
+            self.process(next.event);
+        }
+        self.now = self.now.max(until_ms);
+    }
+
+    /// The current simulated time.
+    pub fn now_ms(&self) -> Ms {
+        self.now
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the world has no nodes (never: a world needs one).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// A live node's digest.
+    pub fn digest(&self, node: usize) -> Option<Digest> {
+        self.slots[node].node.as_ref().map(|core| core.digest())
+    }
+
+    /// Runs a command now and returns its reply, if it completes without waiting on time
+    /// (reads do; writes need their append, see [`World::run_until`]).
+    pub fn command_now(
+        &mut self,
+        node: usize,
+        command: Command,
+    ) -> Option<Result<Reply, mesh_core::CommandError>> {
+        let id = self.command_later(node, command);
+        self.slots[node].replies.remove(&id)
+    }
+
+    /// Issues a command; its reply is kept for [`World::reply`].
+    pub fn command_later(&mut self, node: usize, command: Command) -> CommandId {
+        let slot = &mut self.slots[node];
+        let id = CommandId(slot.next_command + 1);
+        slot.wanted.insert(id);
+        let issued = self.command(node, command);
+        debug_assert_eq!(issued, id);
+        id
+    }
+
+    /// The reply to a command, once it completed.
+    pub fn reply(
+        &mut self,
+        node: usize,
+        id: CommandId,
+    ) -> Option<Result<Reply, mesh_core::CommandError>> {
+        self.slots[node].replies.remove(&id)
+    }
+
+    /// Cuts the network between two groups; connections across break.
+    pub fn partition(&mut self, left: &[usize], right: &[usize]) {
+        for &a in left {
+            for &b in right {
+                self.blocked.insert((a, b));
+                self.blocked.insert((b, a));
+                self.drop_link(a, b);
+            }
+        }
+    }
+
+    /// Ends every partition and reconnects every pair.
+    pub fn heal_network(&mut self) {
+        self.partition_end();
+    }
+
+    /// Crashes a node now.
+    pub fn crash_now(&mut self, node: usize) {
+        if self.slots[node].node.is_some() {
+            self.crash_node(node);
+        }
+    }
+
+    /// Restarts a crashed node now.
+    pub fn restart_now(&mut self, node: usize) {
+        self.restart(node);
+    }
+
+    /// Whether every live node has the same digest and all nodes are live.
+    pub fn all_equal(&self) -> bool {
+        let digests: Vec<Option<Digest>> = (0..self.slots.len())
+            .map(|node| self.digest(node))
+            .collect();
+        digests
+            .iter()
+            .all(|digest| digest.is_some() && *digest == digests[0])
+    }
+
+    /// Every acknowledged write that some live node lacks.
+    pub fn missing_acked(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (record, hash, writer) in &self.checkers.acked {
+            for (index, slot) in self.slots.iter().enumerate() {
+                if slot
+                    .node
+                    .as_ref()
+                    .is_some_and(|node| !node.holds_change(record, hash))
+                {
+                    missing.push(format!(
+                        "node {index} lacks {hash} to {record} (written on node {writer})"
+                    ));
+                }
+            }
+        }
+        missing
+    }
+
+    /// The first checker failure so far.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.checkers.failure.as_ref()
+    }
+
+    // ----- scheduling -----
+
+    fn schedule(&mut self, at: Ms, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        }));
+    }
+
+    fn start(&mut self) {
+        for a in 0..self.slots.len() {
+            for b in a + 1..self.slots.len() {
+                self.schedule(0, Event::Connect { a, b });
+            }
+        }
+        if self.plan.write_rate > 0.0 {
+            for node in 0..self.slots.len() {
+                let delay = self.write_delay();
+                self.schedule(delay, Event::Write { node });
+            }
+        }
+        if let Some(every) = self.plan.partition_every {
+            let at = self.rng.exponential_ms(every.as_millis() as f64);
+            self.schedule(at, Event::PartitionStart);
+        }
+        if let Some(every) = self.plan.crash_every {
+            let at = self.rng.exponential_ms(every.as_millis() as f64);
+            self.schedule(at, Event::Crash);
+        }
+        if let Some(every) = self.plan.pause_every {
+            let at = self.rng.exponential_ms(every.as_millis() as f64);
+            self.schedule(at, Event::Pause);
+        }
+        if self.plan.offline_node && self.slots.len() > 1 {
+            // Node 0 is the laptop that goes away for most of the fault phase.
+            let end = self.options.duration.as_millis() as Ms;
+            for other in 1..self.slots.len() {
+                self.blocked.insert((0, other));
+                self.blocked.insert((other, 0));
+                self.drop_link(0, other);
+            }
+            self.schedule(end * 4 / 5, Event::PartitionEnd);
+        }
+    }
+
+    fn write_delay(&mut self) -> Ms {
+        self.rng.exponential_ms(1000.0 / self.plan.write_rate)
+    }
+
+    // ----- events -----
+
+    fn process(&mut self, event: Event) {
+        if self.options.verbose {
+            self.trace
+                .push(format!("{:>8} {}", self.now, describe(&event)));
+        }
+        match event {
+            Event::Deliver {
+                from,
+                to,
+                conn,
+                bytes,
+            } => {
+                if self.link(from, to).conn != Some(conn) {
+                    return;
+                }
+                if self.defer_if_paused(
+                    to,
+                    Event::Deliver {
+                        from,
+                        to,
+                        conn,
+                        bytes: bytes.clone(),
+                    },
+                ) {
+                    return;
+                }
+                self.messages += 1;
+                self.bytes += bytes.len() as u64;
+                let from_id = self.slots[from].id;
+                self.input(
+                    to,
+                    Input::MessageReceived {
+                        from: from_id,
+                        bytes,
+                    },
+                );
+            }
+            Event::Disconnect { a, b, conn } => {
+                if self.link(a, b).conn == Some(conn) {
+                    self.drop_link(a, b);
+                    let backoff = self.rng.range(200, 3000);
+                    self.schedule(self.now + backoff, Event::Connect { a, b });
+                }
+            }
+            Event::Connect { a, b } => self.connect(a, b),
+            Event::StorageDone { node, incarnation } => {
+                if self.slots[node].incarnation != incarnation || self.slots[node].node.is_none() {
+                    return;
+                }
+                if self.defer_if_paused(node, Event::StorageDone { node, incarnation }) {
+                    return;
+                }
+                self.storage_done(node);
+            }
+            Event::Timer {
+                node,
+                incarnation,
+                generation,
+            } => {
+                let slot = &self.slots[node];
+                if slot.incarnation != incarnation
+                    || slot.timer_generation != generation
+                    || slot.node.is_none()
+                {
+                    return;
+                }
+                if self.defer_if_paused(
+                    node,
+                    Event::Timer {
+                        node,
+                        incarnation,
+                        generation,
+                    },
+                ) {
+                    return;
+                }
+                self.slots[node].timer_at = None;
+                self.input(node, Input::Tick);
+            }
+            Event::Write { node } => self.write(node),
+            Event::Crash => self.crash(),
+            Event::Restart { node } => self.restart(node),
+            Event::Pause => self.pause(),
+            Event::Unpause { node } => self.unpause(node),
+            Event::PartitionStart => self.partition_start(),
+            Event::PartitionEnd => self.partition_end(),
+            Event::Heal => self.heal(),
+        }
+    }
+
+    fn defer_if_paused(&mut self, node: usize, event: Event) -> bool {
+        if self.slots[node].paused {
+            self.slots[node].deferred.push(Held::Event(event));
+            true
+        } else {
+            false
+        }
+    }
+
+    fn link(&mut self, a: usize, b: usize) -> &mut Link {
+        self.links
+            .get_mut(&(a.min(b), a.max(b)))
+            .expect("every pair has a link")
+    }
+
+    fn node_now(&self, node: usize) -> Instant {
+        let ms = (EPOCH_MS + self.now) as i64 + self.slots[node].skew_ms;
+        Instant::from_millis(ms as u64)
+    }
+
+    /// Feeds one input to a live node, carries out its effects, re-arms its timer and runs
+    /// the continuous checkers.
+    pub(crate) fn input(&mut self, node: usize, input: Input) {
+        let now = self.node_now(node);
+        let tick = matches!(input, Input::Tick);
+        let Some(core) = self.slots[node].node.as_mut() else {
+            return;
+        };
+        let effects = core.handle(now, input);
+        for effect in effects {
+            self.effect(node, effect);
+        }
+        let Some(core) = self.slots[node].node.as_ref() else {
+            return;
+        };
+        if tick && core.next_deadline().is_some_and(|deadline| deadline <= now) {
+            // A tick must handle everything due; a deadline left in the past would spin.
+            let message = format!("node {node} still has a deadline due after a tick");
+            return self.fail("timer-not-advanced", message);
+        }
+        self.arm_timer(node);
+        let Some(core) = self.slots[node].node.as_ref() else {
+            return;
+        };
+        let queues = core.queues();
+        let stall = self.slots[node].config.sync_stall_timeout;
+        if let Some(failure) =
+            self.checkers
+                .queues(node, &queues, now, stall, &self.slots[node].config)
+        {
+            self.checkers.fail(failure);
+        }
+    }
+
+    fn arm_timer(&mut self, node: usize) {
+        let skew = self.slots[node].skew_ms;
+        let Some(core) = self.slots[node].node.as_ref() else {
+            return;
+        };
+        let Some(deadline) = core.next_deadline() else {
+            return;
+        };
+        let at = (deadline.as_millis() as i64 - skew - EPOCH_MS as i64).max(self.now as i64) as Ms;
+        let slot = &mut self.slots[node];
+        if slot.timer_at.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        slot.timer_at = Some(at);
+        slot.timer_generation += 1;
+        let (incarnation, generation) = (slot.incarnation, slot.timer_generation);
+        self.schedule(
+            at,
+            Event::Timer {
+                node,
+                incarnation,
+                generation,
+            },
+        );
+    }
+
+    fn effect(&mut self, node: usize, effect: Effect) {
+        self.hash_effect(node, &effect);
+        match effect {
+            Effect::Send { to, bytes } => {
+                if let Some(&to) = self.index_of.get(&to) {
+                    self.send(node, to, bytes);
+                }
+            }
+            Effect::Storage { op, request } => {
+                if let StorageRequest::Append { envelopes } = &request {
+                    let author = self.slots[node].id;
+                    if let Some(failure) = self.checkers.appended(node, author, envelopes) {
+                        self.checkers.fail(failure);
+                    }
+                }
+                let disk = &mut self.slots[node].disk;
+                let fsync = self.rng.range(
+                    self.plan.disk_latency_min_ms,
+                    self.plan.disk_latency_max_ms + 1,
+                );
+                let done = disk.busy_until.max(self.now) + fsync;
+                disk.busy_until = done;
+                let appended = disk.log_appended;
+                disk.in_flight.push_back((op, request, appended));
+                let incarnation = self.slots[node].incarnation;
+                self.schedule(done, Event::StorageDone { node, incarnation });
+            }
+            Effect::Complete { id, result } => {
+                if let Some(record) = self.slots[node].writes.remove(&id)
+                    && let Ok(Reply::Written {
+                        change: Some(hash), ..
+                    }) = &result
+                {
+                    self.checkers.acked.push((record, *hash, node));
+                }
+                if self.slots[node].wanted.remove(&id) {
+                    self.slots[node].replies.insert(id, result);
+                }
+            }
+            Effect::Disconnect { peer, .. } => {
+                if let Some(&peer) = self.index_of.get(&peer)
+                    && let Some(conn) = self.link(node, peer).conn
+                {
+                    self.schedule(
+                        self.now,
+                        Event::Disconnect {
+                            a: node,
+                            b: peer,
+                            conn,
+                        },
+                    );
+                }
+            }
+            Effect::Emit(event) => {
+                if self.options.verbose {
+                    self.trace
+                        .push(format!("{:>8}   node {node}: {event:?}", self.now));
+                }
+            }
+        }
+    }
+
+    fn hash_effect(&mut self, node: usize, effect: &Effect) {
+        let mut hash = self.trace_hash;
+        let mut mix = |bytes: &[u8]| {
+            for byte in bytes {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        mix(&self.now.to_le_bytes());
+        mix(&(node as u64).to_le_bytes());
+        match effect {
+            Effect::Send { to, bytes } => {
+                mix(b"send");
+                mix(to.as_bytes());
+                mix(bytes);
+            }
+            Effect::Storage { op, request } => {
+                mix(b"storage");
+                mix(&op.0.to_le_bytes());
+                if let StorageRequest::Append { envelopes } = request {
+                    envelopes.iter().for_each(|envelope| mix(envelope));
+                }
+            }
+            Effect::Complete { id, result } => {
+                mix(b"complete");
+                mix(&id.0.to_le_bytes());
+                mix(&[u8::from(result.is_ok())]);
+            }
+            Effect::Disconnect { peer, .. } => {
+                mix(b"disconnect");
+                mix(peer.as_bytes());
+            }
+            Effect::Emit(_) => mix(b"emit"),
+        }
+        self.trace_hash = hash;
+    }
+
+    // ----- network -----
+
+    fn send(&mut self, from: usize, to: usize, mut bytes: Vec<u8>) {
+        let Some(conn) = self.link(from, to).conn else {
+            return;
+        };
+        if self.blocked.contains(&(from, to)) {
+            // Lost in a half-open connection; only the stall timeout notices.
+            return;
+        }
+        let latency = self
+            .rng
+            .range(self.plan.latency_min_ms, self.plan.latency_max_ms + 1);
+        if self.rng.chance(self.plan.drop_rate) {
+            self.schedule(
+                self.now + latency,
+                Event::Disconnect {
+                    a: from,
+                    b: to,
+                    conn,
+                },
+            );
+            return;
+        }
+        if !bytes.is_empty() && self.rng.chance(self.plan.corrupt_rate) {
+            let index = self.rng.index(bytes.len());
+            bytes[index] ^= 1 << self.rng.range(0, 8);
+        }
+        let direction = usize::from(from > to);
+        let transmit = match self.plan.bandwidth {
+            0 => 0,
+            bandwidth => (bytes.len() as u64 * 1000).div_ceil(bandwidth),
+        };
+        let now = self.now;
+        let link = self.link(from, to);
+        let start = link.busy_until[direction].max(now);
+        link.busy_until[direction] = start + transmit;
+        let arrival = (start + transmit + latency).max(link.last_delivery[direction]);
+        link.last_delivery[direction] = arrival;
+        self.schedule(
+            arrival,
+            Event::Deliver {
+                from,
+                to,
+                conn,
+                bytes,
+            },
+        );
+    }
+
+    fn connect(&mut self, a: usize, b: usize) {
+        let up = self.slots[a].node.is_some() && self.slots[b].node.is_some();
+        let blocked = self.blocked.contains(&(a, b)) || self.blocked.contains(&(b, a));
+        if !up || blocked || self.link(a, b).conn.is_some() {
+            return;
+        }
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        let now = self.now;
+        let link = self.link(a, b);
+        link.conn = Some(conn);
+        link.last_delivery = [now; 2];
+        link.busy_until = [now; 2];
+        let (id_a, id_b) = (self.slots[a].id, self.slots[b].id);
+        self.input_or_defer(a, Input::PeerConnected { peer: id_b });
+        self.input_or_defer(b, Input::PeerConnected { peer: id_a });
+    }
+
+    fn drop_link(&mut self, a: usize, b: usize) {
+        if self.link(a, b).conn.take().is_none() {
+            return;
+        }
+        let (id_a, id_b) = (self.slots[a].id, self.slots[b].id);
+        self.input_or_defer(a, Input::PeerDisconnected { peer: id_b });
+        self.input_or_defer(b, Input::PeerDisconnected { peer: id_a });
+    }
+
+    /// Connection changes reach a paused node when it resumes, in order with the rest.
+    fn input_or_defer(&mut self, node: usize, input: Input) {
+        if self.slots[node].node.is_none() {
+            return;
+        }
+        if self.slots[node].paused {
+            self.slots[node].deferred.push(Held::Input(input));
+            return;
+        }
+        self.input(node, input);
+    }
+
+    // ----- storage -----
+
+    fn storage_done(&mut self, node: usize) {
+        let (op, request, appended_before) = self.slots[node]
+            .disk
+            .in_flight
+            .pop_front()
+            .expect("a completion follows a request");
+        let disk = &mut self.slots[node].disk;
+        match request {
+            StorageRequest::Append { envelopes } => {
+                disk.log_appended += envelopes.len() as u64;
+                disk.log.extend(envelopes);
+            }
+            StorageRequest::Checkpoint {
+                records,
+                compact_log,
+            } => {
+                for record in records {
+                    disk.saved.insert(record.record.clone(), record);
+                }
+                if compact_log {
+                    // Drop the entries of appends completed before the request.
+                    let dropped_before = disk.log_appended - disk.log.len() as u64;
+                    let drop = appended_before.saturating_sub(dropped_before) as usize;
+                    disk.log.drain(..drop.min(disk.log.len()));
+                }
+            }
+        }
+        self.input(node, Input::StorageDone { op, result: Ok(()) });
+    }
+
+    // ----- workload -----
+
+    fn write(&mut self, node: usize) {
+        if self.healing {
+            return;
+        }
+        let delay = self.write_delay();
+        self.schedule(self.now + delay, Event::Write { node });
+        if self.slots[node].node.is_none() || self.slots[node].paused {
+            return;
+        }
+        let roll = self.rng.unit();
+        if roll < 0.05 {
+            let record = self.random_record();
+            self.command(node, Command::Delete { record });
+        } else if roll < 0.15 && self.slots.len() > 1 {
+            // Two nodes edit the same field of the same record at the same moment.
+            let record = self.random_record();
+            let other = (node + 1 + self.rng.index(self.slots.len() - 1)) % self.slots.len();
+            for writer in [node, other] {
+                if self.slots[writer].node.is_some() && !self.slots[writer].paused {
+                    let fields = self.random_fields(1);
+                    self.command(
+                        writer,
+                        Command::Put {
+                            record: record.clone(),
+                            fields,
+                        },
+                    );
+                }
+            }
+        } else if roll < 0.18 {
+            for _ in 0..20 {
+                let record = self.random_record();
+                let fields = self.random_fields(3);
+                self.command(node, Command::Put { record, fields });
+            }
+        } else {
+            let record = self.random_record();
+            let count = 1 + self.rng.index(3);
+            let fields = self.random_fields(count);
+            self.command(node, Command::Put { record, fields });
+        }
+    }
+
+    fn random_record(&mut self) -> RecordId {
+        let collection = COLLECTIONS[self.rng.index(COLLECTIONS.len())];
+        let id = self
+            .rng
+            .range(0, u64::from(self.plan.records_per_collection));
+        RecordId::new(collection, &format!("r{id}")).expect("valid names")
+    }
+
+    fn random_fields(&mut self, count: usize) -> BTreeMap<String, Option<FieldValue>> {
+        (0..count)
+            .map(|_| {
+                let name = format!("f{}", self.rng.range(0, 5));
+                let value = match self.rng.range(0, 3) {
+                    0 => FieldValue::Int(self.rng.range(0, 1000) as i64),
+                    1 => FieldValue::Str(format!("v{}", self.rng.range(0, 1000))),
+                    _ => FieldValue::Bool(self.rng.chance(0.5)),
+                };
+                (name, Some(value))
+            })
+            .collect()
+    }
+
+    /// Runs a command on a node, remembering writes so their acknowledgement is checked.
+    pub(crate) fn command(&mut self, node: usize, command: Command) -> CommandId {
+        let slot = &mut self.slots[node];
+        slot.next_command += 1;
+        let id = CommandId(slot.next_command);
+        if let Command::Put { record, .. } | Command::Delete { record } = &command {
+            slot.writes.insert(id, record.clone());
+        }
+        self.input(node, Input::Command { id, command });
+        id
+    }
+
+    // ----- faults -----
+
+    fn crash(&mut self) {
+        let Some(every) = self.plan.crash_every else {
+            return;
+        };
+        if self.healing {
+            return;
+        }
+        let next = self.rng.exponential_ms(every.as_millis() as f64);
+        self.schedule(self.now + next, Event::Crash);
+        let node = self.rng.index(self.slots.len());
+        if self.slots[node].node.is_none() {
+            return;
+        }
+        self.crash_node(node);
+        let down = self.rng.range(500, 8000);
+        self.schedule(self.now + down, Event::Restart { node });
+    }
+
+    pub(crate) fn crash_node(&mut self, node: usize) {
+        for other in 0..self.slots.len() {
+            if other != node {
+                self.drop_link(node, other);
+            }
+        }
+        let torn = self.rng.chance(0.5);
+        let keep = self.rng.next_u64();
+        let slot = &mut self.slots[node];
+        slot.node = None;
+        slot.paused = false;
+        slot.deferred.clear();
+        slot.incarnation += 1;
+        slot.timer_at = None;
+        slot.writes.clear();
+        // Requests not complete are lost; the oldest append may be torn, leaving a prefix.
+        let lost = std::mem::take(&mut slot.disk.in_flight);
+        if torn && let Some((_, StorageRequest::Append { envelopes }, _)) = lost.into_iter().next()
+        {
+            let survivors = (keep % envelopes.len() as u64) as usize;
+            slot.disk.log_appended += survivors as u64;
+            slot.disk.log.extend(envelopes.into_iter().take(survivors));
+        }
+        slot.disk.busy_until = self.now;
+    }
+
+    pub(crate) fn restart(&mut self, node: usize) {
+        if self.slots[node].node.is_some() {
+            return;
+        }
+        let seed = self.rng.next_u64();
+        let slot = &mut self.slots[node];
+        let mut core = (self.factory)(slot.config.clone(), slot.identity.clone(), seed);
+        let restore = Restore {
+            records: slot.disk.saved.values().cloned().collect(),
+            log: slot.disk.log.iter().cloned().collect(),
+        };
+        let now = Instant::from_millis(((EPOCH_MS + self.now) as i64 + slot.skew_ms) as u64);
+        let effects = core.handle(now, Input::Restore(restore));
+        slot.node = Some(core);
+        for effect in effects {
+            self.effect(node, effect);
+        }
+        self.arm_timer(node);
+        for other in 0..self.slots.len() {
+            if other != node {
+                let delay = self.rng.range(0, 500);
+                let (a, b) = (node.min(other), node.max(other));
+                self.schedule(self.now + delay, Event::Connect { a, b });
+            }
+        }
+    }
+
+    fn pause(&mut self) {
+        let Some(every) = self.plan.pause_every else {
+            return;
+        };
+        if self.healing {
+            return;
+        }
+        let next = self.rng.exponential_ms(every.as_millis() as f64);
+        self.schedule(self.now + next, Event::Pause);
+        let node = self.rng.index(self.slots.len());
+        if self.slots[node].node.is_none() || self.slots[node].paused {
+            return;
+        }
+        self.slots[node].paused = true;
+        let length = self.rng.range(500, 5000);
+        self.schedule(self.now + length, Event::Unpause { node });
+    }
+
+    fn unpause(&mut self, node: usize) {
+        if !self.slots[node].paused {
+            return;
+        }
+        self.slots[node].paused = false;
+        if self.slots[node].node.is_none() {
+            return;
+        }
+        // A resumed node first notices the time, then everything that waited for it.
+        self.input(node, Input::Tick);
+        for held in std::mem::take(&mut self.slots[node].deferred) {
+            match held {
+                Held::Event(event) => self.process(event),
+                Held::Input(input) => self.input(node, input),
+            }
+        }
+    }
+
+    fn partition_start(&mut self) {
+        let Some(every) = self.plan.partition_every else {
+            return;
+        };
+        if self.healing || self.slots.len() < 2 || !self.blocked.is_empty() {
+            if !self.healing {
+                let next = self.rng.exponential_ms(every.as_millis() as f64);
+                self.schedule(self.now + next, Event::PartitionStart);
+            }
+            return;
+        }
+        let count = self.slots.len();
+        match self.rng.range(0, 3) {
+            0 => {
+                let alone = self.rng.index(count);
+                for other in (0..count).filter(|other| *other != alone) {
+                    self.blocked.insert((alone, other));
+                    self.blocked.insert((other, alone));
+                }
+            }
+            1 => {
+                let side: Vec<bool> = (0..count).map(|_| self.rng.chance(0.5)).collect();
+                for a in 0..count {
+                    for b in 0..count {
+                        if side[a] != side[b] {
+                            self.blocked.insert((a, b));
+                        }
+                    }
+                }
+            }
+            _ => {
+                // Asymmetric: one node's messages to everyone vanish; theirs still arrive.
+                let mute = self.rng.index(count);
+                for other in (0..count).filter(|other| *other != mute) {
+                    self.blocked.insert((mute, other));
+                }
+            }
+        }
+        // Symmetric cuts break connections at once; a one-way cut leaves them half open.
+        let pairs: Vec<(usize, usize)> = self.links.keys().copied().collect();
+        for (a, b) in pairs {
+            if self.blocked.contains(&(a, b)) && self.blocked.contains(&(b, a)) {
+                self.drop_link(a, b);
+            }
+        }
+        let length = self.rng.range(2000, 10_000);
+        self.schedule(self.now + length, Event::PartitionEnd);
+        let next = length + self.rng.exponential_ms(every.as_millis() as f64);
+        self.schedule(self.now + next, Event::PartitionStart);
+    }
+
+    fn partition_end(&mut self) {
+        self.blocked.clear();
+        self.reconnect_all();
+    }
+
+    fn reconnect_all(&mut self) {
+        let pairs: Vec<(usize, usize)> = self.links.keys().copied().collect();
+        for (a, b) in pairs {
+            let delay = self.rng.range(0, 300);
+            self.schedule(self.now + delay, Event::Connect { a, b });
+        }
+    }
+
+    fn heal(&mut self) {
+        self.healing = true;
+        self.heal_started = self.now;
+        self.blocked.clear();
+        self.plan.drop_rate = 0.0;
+        self.plan.corrupt_rate = 0.0;
+        for node in 0..self.slots.len() {
+            if self.slots[node].paused {
+                self.unpause(node);
+            }
+            if self.slots[node].node.is_none() {
+                self.restart(node);
+            }
+        }
+        self.reconnect_all();
+    }
+
+    // ----- checks -----
+
+    fn converged(&mut self) -> bool {
+        let Some(first) = self.slots[0].node.as_ref().map(|node| node.digest()) else {
+            return false;
+        };
+        let all_equal = self.slots.iter().all(|slot| {
+            slot.node
+                .as_ref()
+                .is_some_and(|node| node.digest() == first)
+        });
+        if !all_equal {
+            return false;
+        }
+        // Equal digests: every acknowledged write must be on every node.
+        for (record, hash, writer) in &self.checkers.acked {
+            for (index, slot) in self.slots.iter().enumerate() {
+                let node = slot.node.as_ref().expect("all alive when equal");
+                if !node.holds_change(record, hash) {
+                    let message = format!(
+                        "node {index} lacks change {hash} to {record}, acknowledged by node {writer}, though all digests are equal"
+                    );
+                    self.checkers.fail(Failure {
+                        checker: "acked-write-lost",
+                        message,
+                        at_ms: self.now,
+                    });
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn digest_list(&self) -> String {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| match &slot.node {
+                Some(node) => format!("node {index}: {}", node.digest()),
+                None => format!("node {index}: down"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn fail(&mut self, checker: &'static str, message: String) {
+        self.checkers.fail(Failure {
+            checker,
+            message,
+            at_ms: self.now,
+        });
+    }
+}
+
+fn describe(event: &Event) -> String {
+    match event {
+        Event::Deliver {
+            from, to, bytes, ..
+        } => format!("deliver {from} -> {to} ({} bytes)", bytes.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Parses the envelope for the checkers without verifying it.
+pub(crate) fn envelope_identity(bytes: &[u8]) -> Option<(RecordId, ChangeHash, Vec<u8>)> {
+    let parsed = Envelope::from_bytes(bytes.to_vec()).parse().ok()?;
+    let author = parsed.change.actor_id().to_bytes().to_vec();
+    Some((parsed.record.clone(), parsed.hash(), author))
+}
