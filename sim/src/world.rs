@@ -20,7 +20,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
 
-use crdt_schema::{ChangeHash, Envelope, FieldValue, Identity, NodeId, RecordId};
+use crdt_schema::{ChangeHash, FieldValue, Identity, NodeId, RecordId};
 use mesh_core::storage::{Restore, SavedRecord, StorageRequest};
 use mesh_core::{
     Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply, StorageOpId,
@@ -770,8 +770,8 @@ impl<'a> World<'a> {
             }
             Effect::Storage { op, request } => {
                 if let StorageRequest::Append { envelopes } = &request {
-                    let author = self.slots[node].id;
-                    if let Some(failure) = self.checkers.appended(node, author, envelopes) {
+                    let org = self.slots[node].config.org;
+                    if let Some(failure) = self.checkers.appended(node, &org, envelopes) {
                         self.checkers.fail(failure);
                     }
                 }
@@ -1311,11 +1311,4 @@ fn describe(event: &Event) -> String {
         } => format!("deliver {from} -> {to} ({} bytes)", bytes.len()),
         other => format!("{other:?}"),
     }
-}
-
-/// Parses the envelope for the checkers without verifying it.
-pub(crate) fn envelope_identity(bytes: &[u8]) -> Option<(RecordId, ChangeHash, Vec<u8>)> {
-    let parsed = Envelope::from_bytes(bytes.to_vec()).parse().ok()?;
-    let author = parsed.change.actor_id().to_bytes().to_vec();
-    Some((parsed.record.clone(), parsed.hash(), author))
 }

@@ -199,6 +199,55 @@ fn a_node_that_never_restarts_a_stalled_sync_is_caught() {
     );
 }
 
+/// Stores changes whose signature was damaged on the way to its log.
+struct StoresBadSignatures(Node);
+
+impl SimNode for StoresBadSignatures {
+    fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        let mut effects = self.0.handle(now, input);
+        for effect in &mut effects {
+            if let Effect::Storage {
+                request: StorageRequest::Append { envelopes },
+                ..
+            } = effect
+                && let Some(envelope) = envelopes.last_mut()
+            {
+                let last = envelope.len() - 1;
+                envelope[last] ^= 0x01;
+            }
+        }
+        effects
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.0.next_deadline()
+    }
+    fn digest(&self) -> Digest {
+        self.0.digest()
+    }
+    fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
+        self.0.holds_change(record, hash)
+    }
+    fn queues(&self) -> Queues {
+        self.0.queues()
+    }
+}
+
+#[test]
+fn a_node_that_stores_a_change_with_a_bad_signature_is_caught() {
+    let stores_bad = |config: Config, identity: Identity, seed: u64| -> Box<dyn SimNode> {
+        Box::new(StoresBadSignatures(Node::new(config, identity, seed)))
+    };
+    let broken = sweep(0..3, 5, &Knobs::default(), &stores_bad);
+    assert!(
+        broken.iter().all(|outcome| outcome
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.checker == "bad-signature-persisted")),
+        "{:?}",
+        broken.iter().map(|o| &o.failure).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn the_same_seed_replays_bit_for_bit() {
     let options = Options::new(11, 5);
