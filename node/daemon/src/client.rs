@@ -1,0 +1,164 @@
+//! The CLI's client for the local API.
+
+use anyhow::{Context, anyhow};
+use serde_json::Value;
+
+use crate::store::DataDir;
+
+/// Why a CLI command failed, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The thing asked for does not exist (exit 1).
+    #[error("{0}")]
+    NotFound(String),
+    /// Anything else (exit 2).
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// A connection to the daemon of one data directory.
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+    dir: DataDir,
+}
+
+impl Client {
+    /// Finds the running daemon of `dir`.
+    pub fn connect(dir: &DataDir) -> Result<Client, ClientError> {
+        if !dir.is_initialised() {
+            return Err(anyhow!(
+                "no node in {}: create one with `mesh init --data-dir {}`",
+                dir.root().display(),
+                dir.root().display()
+            )
+            .into());
+        }
+        let addr = std::fs::read_to_string(dir.api_addr()).map_err(|_| not_running(dir))?;
+        let token = std::fs::read_to_string(dir.token())
+            .with_context(|| format!("cannot read {}", dir.token().display()))?;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        Ok(Client {
+            base: format!("http://{}", addr.trim()),
+            token: token.trim().to_owned(),
+            agent,
+            dir: dir.clone(),
+        })
+    }
+
+    /// GET a JSON resource.
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        let response = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|error| self.transport(error))?;
+        self.json(response)
+    }
+
+    /// GET raw bytes.
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let response = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|error| self.transport(error))?;
+        if response.status() != 200 {
+            return Err(self
+                .json(response)
+                .err()
+                .unwrap_or_else(|| anyhow!("unexpected answer").into()));
+        }
+        let mut body = response.into_body();
+        Ok(body.read_to_vec().context("reading the answer")?)
+    }
+
+    /// Follows a stream of JSON lines, calling `line` for each until the stream ends.
+    pub fn follow(&self, path: &str, mut line: impl FnMut(&str)) -> Result<(), ClientError> {
+        use std::io::BufRead;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let response = agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|error| self.transport(error))?;
+        if response.status() != 200 {
+            return Err(self
+                .json(response)
+                .err()
+                .unwrap_or_else(|| anyhow!("unexpected answer").into()));
+        }
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        for text in reader.lines() {
+            line(&text.context("the daemon closed the feed")?);
+        }
+        Ok(())
+    }
+
+    /// Sends a JSON body with `method`.
+    pub fn send(&self, method: &str, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let result = match method {
+            "PUT" => self
+                .agent
+                .put(url)
+                .header("Authorization", auth)
+                .send_json(body),
+            "POST" => self
+                .agent
+                .post(url)
+                .header("Authorization", auth)
+                .send_json(body),
+            "DELETE" => self.agent.delete(url).header("Authorization", auth).call(),
+            other => return Err(anyhow!("unsupported method {other}").into()),
+        };
+        let response = result.map_err(|error| self.transport(error))?;
+        self.json(response)
+    }
+
+    fn json(&self, response: ureq::http::Response<ureq::Body>) -> Result<Value, ClientError> {
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let value: Value = body.read_json().unwrap_or(Value::Null);
+        if status == 200 {
+            return Ok(value);
+        }
+        let message = value["error"]
+            .as_str()
+            .unwrap_or("the daemon gave no reason")
+            .to_owned();
+        match status {
+            404 => Err(ClientError::NotFound(message)),
+            _ => Err(anyhow!("{message} (HTTP {status})").into()),
+        }
+    }
+
+    fn transport(&self, error: ureq::Error) -> ClientError {
+        match error {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+                not_running(&self.dir)
+            }
+            other => anyhow!("talking to the daemon: {other}").into(),
+        }
+    }
+}
+
+fn not_running(dir: &DataDir) -> ClientError {
+    anyhow!(
+        "no mesh daemon is running for {}; start one with `mesh node run --data-dir {}`",
+        dir.root().display(),
+        dir.root().display()
+    )
+    .into()
+}

@@ -1,0 +1,162 @@
+//! `config.toml`: the node's settings, and `mesh init`, which writes them.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use crdt_schema::{Identity, OrgId};
+use serde::{Deserialize, Serialize};
+
+use crate::store::DataDir;
+
+/// The API address used when none is configured.
+pub const API_ADDR_DEFAULT: &str = "127.0.0.1:7710";
+
+/// The node's settings as written in `config.toml`. Every field but `name` has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileConfig {
+    /// A human name for the node, shown in status. Set by `mesh init --name`.
+    pub name: String,
+    /// Where the local HTTP API listens. Loopback only. Default: `127.0.0.1:7710`.
+    #[serde(default = "api_default")]
+    pub api: String,
+    /// Peer-to-peer listen addresses. Default: none.
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Peers to dial on start. Default: none.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Seconds between anti-entropy syncs with each peer. Default: 30.
+    #[serde(default = "sync_interval_default")]
+    pub sync_interval_secs: u64,
+    /// The org id whose changes this node accepts. Default: none (the all-zero org).
+    #[serde(default)]
+    pub org: Option<String>,
+    /// Collections this node replicates. Default: all.
+    #[serde(default)]
+    pub collections: Option<Vec<String>>,
+}
+
+fn api_default() -> String {
+    API_ADDR_DEFAULT.to_owned()
+}
+
+fn sync_interval_default() -> u64 {
+    30
+}
+
+impl FileConfig {
+    /// Reads `config.toml`.
+    pub fn load(dir: &DataDir) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(dir.config()).with_context(|| {
+            format!(
+                "no node in {}: run `mesh init --data-dir {}` first",
+                dir.root().display(),
+                dir.root().display()
+            )
+        })?;
+        let config: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid mesh config", dir.config().display()))?;
+        config.core_config()?;
+        Ok(config)
+    }
+
+    /// The core's configuration.
+    pub fn core_config(&self) -> anyhow::Result<mesh_core::Config> {
+        let org = match &self.org {
+            Some(text) => text
+                .parse::<OrgId>()
+                .map_err(|error| anyhow::anyhow!("org `{text}`: {error}"))?,
+            None => OrgId::default(),
+        };
+        if let Some(collections) = &self.collections {
+            for collection in collections {
+                crdt_schema::record::check_collection(collection)?;
+            }
+        }
+        if self.sync_interval_secs == 0 {
+            bail!("sync_interval_secs must be at least 1");
+        }
+        Ok(mesh_core::Config {
+            org,
+            collections: self
+                .collections
+                .as_ref()
+                .map(|list| list.iter().cloned().collect()),
+            sync_interval: Duration::from_secs(self.sync_interval_secs),
+            ..mesh_core::Config::default()
+        })
+    }
+}
+
+/// What `mesh init` creates.
+pub struct InitOptions {
+    /// The node's name.
+    pub name: String,
+    /// The API address.
+    pub api: String,
+    /// Peer-to-peer listen addresses.
+    pub listen: Vec<String>,
+    /// The org to trust.
+    pub org: Option<String>,
+}
+
+/// Creates a node in `dir`: key, config and API token. Refuses to overwrite a node.
+pub fn init(dir: &DataDir, options: InitOptions) -> anyhow::Result<Identity> {
+    if dir.is_initialised() {
+        bail!(
+            "{} already holds a node; use another --data-dir, or delete it to start over",
+            dir.root().display()
+        );
+    }
+    std::fs::create_dir_all(dir.root())
+        .with_context(|| format!("cannot create {}", dir.root().display()))?;
+    let config = FileConfig {
+        name: options.name,
+        api: options.api,
+        listen: options.listen,
+        peers: Vec::new(),
+        sync_interval_secs: sync_interval_default(),
+        org: options.org,
+        collections: None,
+    };
+    config.core_config()?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|error| anyhow::anyhow!("no OS randomness: {error}"))?;
+    let identity = Identity::from_secret_bytes(secret);
+    let mut token = [0u8; 24];
+    getrandom::fill(&mut token).map_err(|error| anyhow::anyhow!("no OS randomness: {error}"))?;
+    let token: String = token.iter().map(|byte| format!("{byte:02x}")).collect();
+    write_private(&dir.key(), &secret)?;
+    write_private(&dir.token(), token.as_bytes())?;
+    std::fs::write(dir.config(), toml::to_string_pretty(&config)?)?;
+    Ok(identity)
+}
+
+/// Reads the node's identity.
+pub fn identity(dir: &DataDir) -> anyhow::Result<Identity> {
+    let bytes =
+        std::fs::read(dir.key()).with_context(|| format!("cannot read {}", dir.key().display()))?;
+    let secret: [u8; 32] = bytes.try_into().map_err(|_| {
+        anyhow::anyhow!("{} is damaged: a node key is 32 bytes", dir.key().display())
+    })?;
+    Ok(Identity::from_secret_bytes(secret))
+}
+
+/// Writes a file only the owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The driver: one task owns the node core and carries out its effects.
+//!
+//! It `select!`s over API requests, storage completions and the core's next deadline. Log
+//! appends and checkpoints run on one storage thread in order, so a slow fsync never blocks
+//! the API; the core keeps at most one append in flight and batches the writes that arrive
+//! meanwhile into the next (group commit).
+
+use std::collections::BTreeMap;
+use std::sync::mpsc as std_mpsc;
+
+use anyhow::Context;
+use mesh_core::storage::StorageRequest;
+use mesh_core::{
+    Command, CommandError, CommandId, Effect, Event, Input, Node, Reply, StorageError, StorageOpId,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::clock::Clock;
+use crate::config::FileConfig;
+use crate::store::{DataDir, Store};
+
+/// A request from the API to the driver.
+pub struct Request {
+    /// The command.
+    pub command: Command,
+    /// Where the result goes.
+    pub reply: oneshot::Sender<Result<Reply, CommandError>>,
+}
+
+/// A record change for the change feed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeedEvent {
+    /// The record.
+    pub record: String,
+    /// Its new heads.
+    pub heads: Vec<String>,
+    /// The peer it came from, or `None` for a local write.
+    pub from: Option<String>,
+}
+
+/// Handles to a running driver.
+#[derive(Clone)]
+pub struct Handle {
+    /// Sends commands.
+    pub requests: mpsc::Sender<Request>,
+    /// Subscribes to record changes.
+    pub feed: broadcast::Sender<FeedEvent>,
+}
+
+impl Handle {
+    /// Runs a command on the node.
+    pub async fn command(&self, command: Command) -> anyhow::Result<Result<Reply, CommandError>> {
+        let (reply, result) = oneshot::channel();
+        self.requests
+            .send(Request { command, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the node is shutting down"))?;
+        result.await.context("the node stopped before answering")
+    }
+}
+
+enum StorageJob {
+    Append {
+        op: StorageOpId,
+        envelopes: Vec<Vec<u8>>,
+    },
+    Checkpoint {
+        op: StorageOpId,
+        records: Vec<mesh_core::SavedRecord>,
+        compact_before: Option<u64>,
+    },
+}
+
+/// Opens storage, starts the core and returns it with the handles the API needs. The
+/// returned future runs the node until `shutdown` resolves.
+pub fn start(
+    dir: &DataDir,
+    config: &FileConfig,
+) -> anyhow::Result<(
+    Handle,
+    impl std::future::Future<Output = anyhow::Result<()>>,
+)> {
+    let identity = crate::config::identity(dir)?;
+    let (store, restore, report) = Store::open(dir)?;
+    if report.truncated_bytes > 0 {
+        tracing::warn!(
+            bytes = report.truncated_bytes,
+            "cut a torn entry off the end of the change log; it was never acknowledged"
+        );
+    }
+    let mut clock = Clock::default();
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|error| anyhow::anyhow!("no OS randomness: {error}"))?;
+    let mut node = Node::new(config.core_config()?, identity, u64::from_le_bytes(seed));
+    let restored_records = restore.records.len();
+    let replayed = restore.log.len();
+    let _ = node.handle(clock.now(), Input::Restore(restore));
+    tracing::info!(node = %node.node_id(), records = restored_records, log_entries = replayed, "node restored");
+
+    let (requests_tx, requests) = mpsc::channel::<Request>(1024);
+    let (feed, _) = broadcast::channel(1024);
+    let (done_tx, done) = mpsc::unbounded_channel::<(StorageOpId, Result<(), StorageError>)>();
+    let (jobs, jobs_rx) = std_mpsc::channel::<StorageJob>();
+    let appended_total = store.appended_total();
+    std::thread::Builder::new()
+        .name("mesh-storage".into())
+        .spawn(move || storage_thread(store, jobs_rx, done_tx))
+        .context("cannot start the storage thread")?;
+    let handle = Handle {
+        requests: requests_tx,
+        feed: feed.clone(),
+    };
+    let driver = Driver {
+        node,
+        clock,
+        jobs,
+        pending: BTreeMap::new(),
+        next_command: 0,
+        feed,
+        acked_entries: appended_total,
+        in_flight_appends: BTreeMap::new(),
+    };
+    Ok((handle, driver.run(requests, done)))
+}
+
+struct Driver {
+    node: Node,
+    clock: Clock,
+    jobs: std_mpsc::Sender<StorageJob>,
+    pending: BTreeMap<CommandId, oneshot::Sender<Result<Reply, CommandError>>>,
+    next_command: u64,
+    feed: broadcast::Sender<FeedEvent>,
+    /// Log entries whose appends were reported durable to the core: a checkpoint may
+    /// compact exactly these.
+    acked_entries: u64,
+    in_flight_appends: BTreeMap<StorageOpId, u64>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut done: mpsc::UnboundedReceiver<(StorageOpId, Result<(), StorageError>)>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let now = self.clock.now();
+            let wait = self.node.next_deadline().map(|at| at.saturating_since(now));
+            tokio::select! {
+                request = requests.recv() => {
+                    let Some(Request { command, reply }) = request else { return Ok(()) };
+                    self.next_command += 1;
+                    let id = CommandId(self.next_command);
+                    self.pending.insert(id, reply);
+                    self.input(Input::Command { id, command });
+                }
+                Some((op, result)) = done.recv() => {
+                    if let Some(entries) = self.in_flight_appends.remove(&op)
+                        && result.is_ok()
+                    {
+                        self.acked_entries += entries;
+                    }
+                    self.input(Input::StorageDone { op, result });
+                }
+                () = sleep(wait) => self.input(Input::Tick),
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = self.clock.now();
+        let effects = self.node.handle(now, input);
+        for effect in effects {
+            self.effect(effect);
+        }
+    }
+
+    fn effect(&mut self, effect: Effect) {
+        match effect {
+            // Peers arrive with the networking layer; until then there is no one to send to.
+            Effect::Send { .. } | Effect::Disconnect { .. } => {}
+            Effect::Storage { op, request } => {
+                let job = match request {
+                    StorageRequest::Append { envelopes } => {
+                        self.in_flight_appends.insert(op, envelopes.len() as u64);
+                        StorageJob::Append { op, envelopes }
+                    }
+                    StorageRequest::Checkpoint {
+                        records,
+                        compact_log,
+                    } => StorageJob::Checkpoint {
+                        op,
+                        records,
+                        compact_before: compact_log.then_some(self.acked_entries),
+                    },
+                };
+                if self.jobs.send(job).is_err() {
+                    tracing::error!("the storage thread stopped; writes will fail");
+                }
+            }
+            Effect::Complete { id, result } => {
+                if let Some(reply) = self.pending.remove(&id) {
+                    let _ = reply.send(result);
+                }
+            }
+            Effect::Emit(event) => self.event(event),
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::RecordChanged {
+                record,
+                heads,
+                from,
+            } => {
+                let _ = self.feed.send(FeedEvent {
+                    record: record.to_string(),
+                    heads: heads.iter().map(ToString::to_string).collect(),
+                    from: from.map(|peer| peer.to_string()),
+                });
+            }
+            Event::StorageFailed { error } => tracing::error!(%error, "storage failed"),
+            Event::ChangeRejected { from, reason } => {
+                tracing::warn!(%from, %reason, "change rejected")
+            }
+            Event::MessageRejected { from, reason } => {
+                tracing::warn!(%from, %reason, "message rejected")
+            }
+            Event::SyncStarted {
+                peer,
+                session,
+                initiator,
+            } => tracing::debug!(%peer, session, initiator, "sync started"),
+            Event::SyncEnded(row) => {
+                tracing::info!(peer = %row.peer, outcome = ?row.outcome, received = row.changes_received, sent = row.changes_sent, "sync ended")
+            }
+        }
+    }
+}
+
+async fn sleep(wait: Option<std::time::Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn storage_thread(
+    mut store: Store,
+    jobs: std_mpsc::Receiver<StorageJob>,
+    done: mpsc::UnboundedSender<(StorageOpId, Result<(), StorageError>)>,
+) {
+    for job in jobs {
+        let (op, result) = match job {
+            StorageJob::Append { op, envelopes } => (
+                op,
+                store.append(&envelopes).map_err(|error| {
+                    StorageError(format!("cannot append to the change log: {error}"))
+                }),
+            ),
+            StorageJob::Checkpoint {
+                op,
+                records,
+                compact_before,
+            } => (
+                op,
+                store
+                    .checkpoint(&records, compact_before)
+                    .map_err(|error| StorageError(format!("cannot save records: {error:#}"))),
+            ),
+        };
+        if done.send((op, result)).is_err() {
+            return;
+        }
+    }
+}

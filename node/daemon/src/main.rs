@@ -1,0 +1,555 @@
+//! `mesh`: the node daemon and the command line that talks to it.
+//!
+//! `mesh init` creates a node in a data directory; `mesh node run` runs it in the
+//! foreground; every other command talks to the running daemon over its local API.
+
+mod api;
+mod changelog;
+mod client;
+mod clock;
+mod config;
+mod driver;
+mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::{Client, ClientError};
+use crate::store::DataDir;
+
+/// Keep the records of every site in step, without a master server.
+#[derive(Parser)]
+#[command(name = "mesh", version, about)]
+struct Cli {
+    /// The node's data directory. Default: $MESH_DATA_DIR, else the platform data directory.
+    #[arg(long, global = true, env = "MESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Create a node: its key, config and API token. Prints the node id.
+    Init {
+        /// A human name for the node.
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the local API listens (loopback).
+        #[arg(long, default_value = config::API_ADDR_DEFAULT)]
+        api: String,
+        /// Peer-to-peer listen address (repeatable).
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Trust this organisation's policies (its org id).
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Run the node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// The node at a glance: records, digest, peers, last sync.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peers and their connection state.
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set fields of a record: FIELD=VALUE (numbers, true/false, null removes, else text).
+    Put {
+        /// The collection.
+        collection: String,
+        /// The record id.
+        id: String,
+        /// Fields to set.
+        fields: Vec<String>,
+        /// Fields as a JSON object, merged with FIELD=VALUE pairs.
+        #[arg(long = "json", value_name = "OBJECT")]
+        json_fields: Option<String>,
+    },
+    /// Read a record.
+    Get {
+        /// The collection.
+        collection: String,
+        /// The record id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the live records of a collection.
+    List {
+        /// The collection.
+        collection: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a record (a tombstone that syncs like an edit).
+    Delete {
+        /// The collection.
+        collection: String,
+        /// The record id.
+        id: String,
+    },
+    /// Print record changes as they happen, until Ctrl-C.
+    Watch {
+        /// Only this collection.
+        collection: Option<String>,
+    },
+    /// Sync control.
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
+    },
+    /// The history of sync sessions, newest first.
+    History {
+        /// Rows per page.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Page number, from 1.
+        #[arg(long, default_value_t = 1)]
+        page: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a record's Automerge document (standard binary format) to a file.
+    Export {
+        /// The collection.
+        collection: String,
+        /// The record id.
+        id: String,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Run the daemon in the foreground until Ctrl-C; logs go to stderr.
+    Run {
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        json_logs: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// Reconcile with every connected peer now.
+    Now,
+    /// Stop running syncs; what was applied stays.
+    Abort,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(ClientError::NotFound(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+        Err(ClientError::Other(error)) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn data_dir(given: Option<PathBuf>) -> anyhow::Result<DataDir> {
+    if let Some(dir) = given {
+        return Ok(DataDir::new(dir));
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .or_else(|| std::env::var_os("APPDATA").map(PathBuf::from))
+        .ok_or_else(|| {
+            anyhow!("cannot find a data directory: pass --data-dir or set MESH_DATA_DIR")
+        })?;
+    Ok(DataDir::new(base.join("mesh")))
+}
+
+fn run(cli: Cli) -> Result<(), ClientError> {
+    let dir = data_dir(cli.data_dir)?;
+    match cli.command {
+        Commands::Init {
+            name,
+            api,
+            listen,
+            org,
+        } => {
+            let name = name.unwrap_or_else(|| "node".to_owned());
+            let identity = config::init(
+                &dir,
+                config::InitOptions {
+                    name: name.clone(),
+                    api,
+                    listen,
+                    org,
+                },
+            )?;
+            println!("{}", identity.node_id());
+            eprintln!("created node `{name}` in {}", dir.root().display());
+            eprintln!(
+                "start it with: mesh node run --data-dir {}",
+                dir.root().display()
+            );
+            Ok(())
+        }
+        Commands::Node {
+            command: NodeCommand::Run { json_logs },
+        } => Ok(run_daemon(&dir, json_logs)?),
+        Commands::Status { json } => {
+            let status = Client::connect(&dir)?.get("/v1/status")?;
+            print_or(json, &status, print_status);
+            Ok(())
+        }
+        Commands::Peers { json } => {
+            let peers = Client::connect(&dir)?.get("/v1/peers")?;
+            print_or(json, &peers, |value| print_peers(&value["peers"]));
+            Ok(())
+        }
+        Commands::Put {
+            collection,
+            id,
+            fields,
+            json_fields,
+        } => {
+            let mut object = match json_fields {
+                Some(text) => match serde_json::from_str::<Value>(&text)
+                    .context("--json is not valid JSON")?
+                {
+                    Value::Object(object) => object,
+                    _ => return Err(anyhow!("--json must be a JSON object of fields").into()),
+                },
+                None => serde_json::Map::new(),
+            };
+            for pair in &fields {
+                let (name, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("`{pair}` is not FIELD=VALUE"))?;
+                object.insert(name.to_owned(), parse_value(value));
+            }
+            if object.is_empty() {
+                return Err(anyhow!("give fields as FIELD=VALUE or --json '{{...}}'").into());
+            }
+            let path = format!("/v1/records/{collection}/{id}");
+            let written = Client::connect(&dir)?.send("PUT", &path, &Value::Object(object))?;
+            print_written(&written);
+            Ok(())
+        }
+        Commands::Get {
+            collection,
+            id,
+            json,
+        } => {
+            let record = Client::connect(&dir)?.get(&format!("/v1/records/{collection}/{id}"))?;
+            print_or(json, &record, print_record);
+            Ok(())
+        }
+        Commands::List { collection, json } => {
+            let list = Client::connect(&dir)?.get(&format!("/v1/records/{collection}"))?;
+            print_or(json, &list, |value| {
+                let records = value["records"].as_array().cloned().unwrap_or_default();
+                if records.is_empty() {
+                    println!("no live records in {collection}");
+                }
+                for record in &records {
+                    print_record(record);
+                }
+            });
+            Ok(())
+        }
+        Commands::Delete { collection, id } => {
+            let written = Client::connect(&dir)?.send(
+                "DELETE",
+                &format!("/v1/records/{collection}/{id}"),
+                &Value::Null,
+            )?;
+            print_written(&written);
+            Ok(())
+        }
+        Commands::Watch { collection } => {
+            let client = Client::connect(&dir)?;
+            let path = match &collection {
+                Some(collection) => format!("/v1/changes?collection={collection}"),
+                None => "/v1/changes".to_owned(),
+            };
+            eprintln!(
+                "watching {}; Ctrl-C stops",
+                collection.as_deref().unwrap_or("every collection")
+            );
+            client.follow(&path, |line| {
+                let event: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+                match event["record"].as_str() {
+                    Some(record) => {
+                        let from = event["from"]
+                            .as_str()
+                            .map_or("here".to_owned(), |peer| format!("from {peer}"));
+                        println!("{record} changed {from}");
+                    }
+                    None => println!("{line}"),
+                }
+            })?;
+            Ok(())
+        }
+        Commands::Sync {
+            command: SyncCommand::Now,
+        } => {
+            let started = Client::connect(&dir)?.send("POST", "/v1/sync/now", &json!({}))?;
+            let peers = started["peers"].as_array().map_or(0, Vec::len);
+            println!(
+                "sync started with {peers} peer{}",
+                if peers == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Commands::Sync {
+            command: SyncCommand::Abort,
+        } => {
+            let aborted = Client::connect(&dir)?.send("POST", "/v1/sync/abort", &json!({}))?;
+            println!(
+                "aborted {} sync session(s); what was applied stays",
+                aborted["sessions"]
+            );
+            Ok(())
+        }
+        Commands::History { limit, page, json } => {
+            let history = Client::connect(&dir)?.get("/v1/history")?;
+            let rows = history["history"].as_array().cloned().unwrap_or_default();
+            let start = limit.saturating_mul(page.saturating_sub(1));
+            let page_rows: Vec<Value> = rows.iter().skip(start).take(limit).cloned().collect();
+            print_or(
+                json,
+                &json!({ "history": page_rows, "total": rows.len() }),
+                |_| print_history(&page_rows, rows.len()),
+            );
+            Ok(())
+        }
+        Commands::Export {
+            collection,
+            id,
+            out,
+        } => {
+            let bytes = Client::connect(&dir)?
+                .get_bytes(&format!("/v1/records/{collection}/{id}/automerge"))?;
+            std::fs::write(&out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("wrote {} bytes to {}", bytes.len(), out.display());
+            Ok(())
+        }
+    }
+}
+
+fn parse_value(text: &str) -> Value {
+    if text == "null" {
+        Value::Null
+    } else if let Ok(number) = text.parse::<i64>() {
+        json!(number)
+    } else if let Ok(number) = text.parse::<f64>() {
+        json!(number)
+    } else if text == "true" || text == "false" {
+        json!(text == "true")
+    } else {
+        json!(text)
+    }
+}
+
+fn run_daemon(dir: &DataDir, json_logs: bool) -> anyhow::Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json_logs {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = config::FileConfig::load(dir)?;
+    let token = std::fs::read_to_string(dir.token())
+        .with_context(|| format!("cannot read {}", dir.token().display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (handle, driver) = driver::start(dir, &config)?;
+        let listener = tokio::net::TcpListener::bind(&config.api)
+            .await
+            .with_context(|| format!("cannot listen on {} for the API; is another program using it? set `api` in config.toml", config.api))?;
+        let api_addr = listener.local_addr()?.to_string();
+        std::fs::write(dir.api_addr(), &api_addr)?;
+        let info = api::NodeInfo { name: config.name.clone(), api_addr: api_addr.clone(), listen_addrs: config.listen.clone() };
+        let state = api::ApiState { node: handle, token: token.trim().to_owned(), info };
+        tracing::info!(api = %api_addr, data_dir = %dir.root().display(), "mesh node running; Ctrl-C stops it");
+        let server = axum::serve(listener, api::router(state));
+        tokio::select! {
+            result = driver => result?,
+            result = server.into_future() => result.context("the API server stopped")?,
+            _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+        }
+        let _ = std::fs::remove_file(dir.api_addr());
+        Ok(())
+    })
+}
+
+fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("values serialise")
+        );
+    } else {
+        human(value);
+    }
+}
+
+fn print_written(written: &Value) {
+    match written["change"].as_str() {
+        Some(change) => println!(
+            "{} written (change {})",
+            written["record"].as_str().unwrap_or("?"),
+            &change[..change.len().min(12)]
+        ),
+        None => println!("{} unchanged", written["record"].as_str().unwrap_or("?")),
+    }
+}
+
+fn print_record(record: &Value) {
+    let deleted = if record["deleted"].as_bool() == Some(true) {
+        "  (deleted)"
+    } else {
+        ""
+    };
+    println!(
+        "{}/{}{deleted}",
+        record["collection"].as_str().unwrap_or("?"),
+        record["id"].as_str().unwrap_or("?")
+    );
+    if let Some(fields) = record["fields"].as_object() {
+        let width = fields.keys().map(String::len).max().unwrap_or(0);
+        for (name, value) in fields {
+            match value.as_str() {
+                Some(text) => println!("  {name:width$}  {text}"),
+                None => println!("  {name:width$}  {value}"),
+            }
+        }
+    }
+}
+
+fn ago(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "never".into() };
+    let now = mesh_now_ms();
+    let seconds = now.saturating_sub(ms) / 1000;
+    match seconds {
+        0..=59 => format!("{seconds} s ago"),
+        60..=3599 => format!("{} min ago", seconds / 60),
+        3600..=86_399 => format!("{} h ago", seconds / 3600),
+        _ => format!("{} days ago", seconds / 86_400),
+    }
+}
+
+fn mesh_now_ms() -> u64 {
+    clock::Clock::default().now().as_millis()
+}
+
+fn print_status(status: &Value) {
+    println!(
+        "node      {}  ({})",
+        status["name"].as_str().unwrap_or("?"),
+        status["node_id"].as_str().unwrap_or("?")
+    );
+    println!("api       {}", status["api_addr"].as_str().unwrap_or("?"));
+    let records: BTreeMap<String, u64> =
+        serde_json::from_value(status["records"].clone()).unwrap_or_default();
+    let total: u64 = records.values().sum();
+    let by_collection: Vec<String> = records
+        .iter()
+        .map(|(name, count)| format!("{name} {count}"))
+        .collect();
+    println!(
+        "records   {total}{}",
+        if by_collection.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", by_collection.join(", "))
+        }
+    );
+    println!("digest    {}", status["digest"].as_str().unwrap_or("?"));
+    println!(
+        "changed   {} here, {} from peers",
+        ago(status["last_local_change"].as_u64()),
+        ago(status["last_remote_change"].as_u64())
+    );
+    println!("last sync {}", ago(status["last_sync"].as_u64()));
+    let counters = &status["counters"];
+    println!(
+        "rejected  {} changes, {} messages",
+        counters["changes_rejected"].as_u64().unwrap_or(0),
+        counters["messages_rejected"].as_u64().unwrap_or(0)
+    );
+    print_peers(&status["peers"]);
+}
+
+fn print_peers(peers: &Value) {
+    let peers = peers.as_array().cloned().unwrap_or_default();
+    if peers.is_empty() {
+        println!("peers     none yet");
+        return;
+    }
+    println!("peers");
+    for peer in &peers {
+        println!(
+            "  {:<54} {:<12} last sync {:<12} behind ~{}",
+            peer["peer_id"].as_str().unwrap_or("?"),
+            peer["state"].as_str().unwrap_or("?"),
+            ago(peer["last_sync"].as_u64()),
+            peer["behind_estimate"].as_u64().unwrap_or(0)
+        );
+    }
+}
+
+fn print_history(rows: &[Value], total: usize) {
+    if rows.is_empty() {
+        println!("no sync sessions yet");
+        return;
+    }
+    println!(
+        "{:<14} {:<10} {:<10} {:>8} {:>8} {:>10}  peer",
+        "started", "took", "status", "received", "sent", "bytes"
+    );
+    for row in rows {
+        let started = row["started"].as_u64();
+        let took = row["ended"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(started.unwrap_or(0));
+        println!(
+            "{:<14} {:<10} {:<10} {:>8} {:>8} {:>10}  {}",
+            ago(started),
+            format!("{took} ms"),
+            row["outcome"]["status"].as_str().unwrap_or("?"),
+            row["changes_received"],
+            row["changes_sent"],
+            row["bytes_received"].as_u64().unwrap_or(0) + row["bytes_sent"].as_u64().unwrap_or(0),
+            row["peer"].as_str().unwrap_or("?")
+        );
+    }
+    println!("{} of {total} sessions", rows.len());
+}

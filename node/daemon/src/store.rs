@@ -1,0 +1,191 @@
+//! The node's storage: the data directory, the change log and sled.
+//!
+//! Layout of a data directory:
+//!
+//! ```text
+//! node.key     the node's ed25519 secret key (mode 0600)
+//! config.toml  the node's settings (see `config.rs`)
+//! api.token    the local API's bearer token (mode 0600)
+//! api.addr     the address the running daemon's API listens on
+//! LOCK         held by the running daemon; a second daemon is refused
+//! changes.log  the change log: the truth for acknowledged writes
+//! db/          sled: saved record documents (a cache the log can be replayed into)
+//! ```
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use mesh_core::storage::{Restore, SavedRecord};
+
+use crate::changelog::{ChangeLog, OpenReport};
+
+/// sled's page cache. Set explicitly: sled's memory otherwise grows far past its default.
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Paths inside a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// The data directory at `root`.
+    pub fn new(root: PathBuf) -> DataDir {
+        DataDir { root }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The secret key file.
+    pub fn key(&self) -> PathBuf {
+        self.root.join("node.key")
+    }
+
+    /// The configuration file.
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+
+    /// The API token file.
+    pub fn token(&self) -> PathBuf {
+        self.root.join("api.token")
+    }
+
+    /// Where the running daemon writes its API address.
+    pub fn api_addr(&self) -> PathBuf {
+        self.root.join("api.addr")
+    }
+
+    fn lock(&self) -> PathBuf {
+        self.root.join("LOCK")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.root.join("changes.log")
+    }
+
+    fn db(&self) -> PathBuf {
+        self.root.join("db")
+    }
+
+    /// Whether `mesh init` ran here.
+    pub fn is_initialised(&self) -> bool {
+        self.key().exists() && self.config().exists()
+    }
+}
+
+/// The open store of a running daemon.
+pub struct Store {
+    log: ChangeLog,
+    db: sled::Db,
+    records: sled::Tree,
+    /// Log entries dropped by compaction so far, so absolute entry counts can be mapped to
+    /// positions in the log.
+    compacted: u64,
+    db_path: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens the store, refusing a second daemon on the same directory, and returns what
+    /// the core needs to start.
+    pub fn open(dir: &DataDir) -> anyhow::Result<(Store, Restore, OpenReport)> {
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.lock())
+            .with_context(|| format!("cannot open {}", dir.lock().display()))?;
+        if lock.try_lock().is_err() {
+            bail!(
+                "another mesh daemon is already running on {}; stop it first or use another --data-dir",
+                dir.root().display()
+            );
+        }
+        let (log, report) = ChangeLog::open(&dir.log())
+            .with_context(|| format!("cannot open the change log {}", dir.log().display()))?;
+        let db = sled::Config::new()
+            .path(dir.db())
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .with_context(|| {
+                format!(
+                    "the record store {} is damaged or unreadable; the change log is intact, move the db directory away to rebuild what the log holds",
+                    dir.db().display()
+                )
+            })?;
+        let records = db.open_tree("records")?;
+        let mut saved = Vec::new();
+        for item in records.iter() {
+            let (key, value) = item?;
+            let record = SavedRecord::decode(&value).with_context(|| {
+                format!(
+                    "the saved record {} is damaged",
+                    String::from_utf8_lossy(&key)
+                )
+            })?;
+            saved.push(record);
+        }
+        let restore = Restore {
+            records: saved,
+            log: log.entries().to_vec(),
+        };
+        let store = Store {
+            log,
+            db,
+            records,
+            compacted: 0,
+            db_path: dir.db(),
+            _lock: lock,
+        };
+        Ok((store, restore, report))
+    }
+
+    /// Appends envelopes to the change log; returns once they are durable.
+    pub fn append(&mut self, envelopes: &[Vec<u8>]) -> std::io::Result<()> {
+        self.log.append(envelopes)
+    }
+
+    /// Log entries ever appended (compacted ones included).
+    pub fn appended_total(&self) -> u64 {
+        self.compacted + self.log.len() as u64
+    }
+
+    /// Saves records to sled and makes them durable; then, if `compact_before` is given,
+    /// drops the log entries before that absolute position, which the records now cover.
+    pub fn checkpoint(
+        &mut self,
+        records: &[SavedRecord],
+        compact_before: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let mut batch = sled::Batch::default();
+        for record in records {
+            batch.insert(record.record.as_str().as_bytes(), record.encode());
+        }
+        self.records.apply_batch(batch)?;
+        self.db.flush()?;
+        // sled's flush uses sync_file_range, which does not reach the disk's cache; the
+        // log may drop entries only once the documents are truly durable.
+        sync_tree(&self.db_path)?;
+        if let Some(before) = compact_before {
+            let count = before.saturating_sub(self.compacted) as usize;
+            self.log.compact(count)?;
+            self.compacted += count as u64;
+        }
+        Ok(())
+    }
+}
+
+fn sync_tree(path: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    File::open(path)?.sync_all()
+}

@@ -1,0 +1,299 @@
+//! Real daemons as separate processes on loopback, driven through the `mesh` CLI and the
+//! HTTP API. Every wait polls with a deadline; every daemon started is killed on drop.
+
+// These tests poll real processes against a wall-clock deadline.
+#![allow(clippy::disallowed_methods)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const MESH: &str = env!("CARGO_BIN_EXE_mesh");
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A data directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("mesh-daemon-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running daemon, killed on drop.
+struct Daemon {
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mesh(dir: &Path, args: &[&str]) -> Output {
+    Command::new(MESH)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("mesh runs")
+}
+
+fn mesh_ok(dir: &Path, args: &[&str]) -> String {
+    let output = mesh(dir, args);
+    assert!(
+        output.status.success(),
+        "mesh {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+fn init(dir: &Path, name: &str) {
+    mesh_ok(dir, &["init", "--name", name, "--api", "127.0.0.1:0"]);
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start(dir: &Path) -> Daemon {
+    let _ = std::fs::remove_file(dir.join("api.addr"));
+    let child = Command::new(MESH)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["node", "run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the daemon starts");
+    let daemon = Daemon { child };
+    eventually("the API to answer", || {
+        mesh(dir, &["status", "--json"])
+            .status
+            .success()
+            .then_some(())
+    });
+    daemon
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&mesh_ok(dir, &["status", "--json"])).expect("status is JSON")
+}
+
+#[test]
+fn writes_are_read_back_and_counted_in_status() {
+    let dir = TempDir::new("roundtrip");
+    init(&dir.0, "hq");
+    let _daemon = start(&dir.0);
+    mesh_ok(
+        &dir.0,
+        &[
+            "put",
+            "stock",
+            "aspirin",
+            "count=12",
+            "name=Aspirin",
+            "price=2.5",
+        ],
+    );
+    mesh_ok(
+        &dir.0,
+        &[
+            "put",
+            "stock",
+            "ibuprofen",
+            "--json",
+            r#"{"count": 3, "tags": ["a", "b"]}"#,
+        ],
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&mesh_ok(&dir.0, &["get", "stock", "aspirin", "--json"])).unwrap();
+    assert_eq!(record["fields"]["count"], 12);
+    assert_eq!(record["fields"]["name"], "Aspirin");
+    let status = status(&dir.0);
+    assert_eq!(status["name"], "hq");
+    assert_eq!(status["records"]["stock"], 2);
+    for field in [
+        "node_id",
+        "listen_addrs",
+        "digest",
+        "last_local_change",
+        "last_sync",
+        "peers",
+        "counters",
+    ] {
+        assert!(
+            status.get(field).is_some(),
+            "status lacks {field}: {status}"
+        );
+    }
+    mesh_ok(&dir.0, &["delete", "stock", "ibuprofen"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&mesh_ok(&dir.0, &["list", "stock", "--json"])).unwrap();
+    assert_eq!(list["records"].as_array().unwrap().len(), 1);
+    let missing = mesh(&dir.0, &["get", "stock", "nothing"]);
+    assert_eq!(missing.status.code(), Some(1), "not found exits 1");
+    let out = dir.0.join("aspirin.automerge");
+    mesh_ok(
+        &dir.0,
+        &["export", "stock", "aspirin", "--out", out.to_str().unwrap()],
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(
+        &bytes[..4],
+        &[0x85, 0x6f, 0x4a, 0x83],
+        "an Automerge document"
+    );
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let dir = TempDir::new("sigkill");
+    init(&dir.0, "laptop");
+    let mut daemon = start(&dir.0);
+    for n in 0..50 {
+        mesh_ok(
+            &dir.0,
+            &["put", "visits", &format!("v{n}"), &format!("seq={n}")],
+        );
+    }
+    // The checkpoint saves the records to sled and compacts the log to its header ...
+    let log = dir.0.join("changes.log");
+    eventually("the log to be compacted", || {
+        (std::fs::metadata(&log).ok()?.len() == 8).then_some(())
+    });
+    // ... and what comes after lives only in the log.
+    for n in 50..60 {
+        mesh_ok(
+            &dir.0,
+            &["put", "visits", &format!("v{n}"), &format!("seq={n}")],
+        );
+    }
+    let digest = status(&dir.0)["digest"].clone();
+    // SIGKILL: no shutdown path runs.
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let _daemon = start(&dir.0);
+    let status = status(&dir.0);
+    assert_eq!(status["records"]["visits"], 60);
+    assert_eq!(status["digest"], digest);
+    for n in [0, 49, 59] {
+        let record: serde_json::Value = serde_json::from_str(&mesh_ok(
+            &dir.0,
+            &["get", "visits", &format!("v{n}"), "--json"],
+        ))
+        .unwrap();
+        assert_eq!(record["fields"]["seq"], n);
+    }
+}
+
+#[test]
+fn a_second_daemon_on_the_same_directory_is_refused() {
+    let dir = TempDir::new("second");
+    init(&dir.0, "one");
+    let _daemon = start(&dir.0);
+    let output = mesh(&dir.0, &["node", "run"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("another mesh daemon is already running"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_api_refuses_requests_without_the_token_and_garbage_json() {
+    let dir = TempDir::new("api");
+    init(&dir.0, "api");
+    let _daemon = start(&dir.0);
+    let addr = std::fs::read_to_string(dir.0.join("api.addr")).unwrap();
+    let token = std::fs::read_to_string(dir.0.join("api.token")).unwrap();
+    let (status, body) = http(&addr, "GET /v1/status", None, "");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("api.token"), "{body}");
+    let (status, _) = http(&addr, "GET /v1/status", Some("wrong"), "");
+    assert_eq!(status, 401);
+    let (status, body) = http(
+        &addr,
+        "PUT /v1/records/stock/x",
+        Some(token.trim()),
+        "{not json",
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http(
+        &addr,
+        "PUT /v1/records/stock/x",
+        Some(token.trim()),
+        "[1, 2]",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("JSON object"), "{body}");
+    let (status, body) = http(
+        &addr,
+        "PUT /v1/records/Bad%20Name/x",
+        Some(token.trim()),
+        r#"{"a": 1}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = http(&addr, "GET /v1/status", Some(token.trim()), "");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn commands_without_a_daemon_say_how_to_start_one() {
+    let dir = TempDir::new("nodaemon");
+    init(&dir.0, "idle");
+    let output = mesh(&dir.0, &["status"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("mesh node run"), "{stderr}");
+    let uninitialised = TempDir::new("empty");
+    let output = mesh(&uninitialised.0, &["status"]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("mesh init"));
+}
+
+/// A minimal HTTP/1.1 request over a raw socket, so the test sees exactly what goes out.
+fn http(addr: &str, request_line: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr.trim()).expect("connects");
+    let auth = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{request_line} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
