@@ -50,8 +50,6 @@ pub struct NodeInfo {
     pub name: String,
     /// The API address.
     pub api_addr: String,
-    /// Peer-to-peer listen addresses.
-    pub listen_addrs: Vec<String>,
 }
 
 /// The API's routes.
@@ -145,7 +143,13 @@ async fn status(State(state): State<ApiState>) -> ApiResult {
         .expect("status serialises to an object");
     object.insert("name".into(), json!(state.info.name));
     object.insert("api_addr".into(), json!(state.info.api_addr));
-    object.insert("listen_addrs".into(), json!(state.info.listen_addrs));
+    let listen_addrs = state
+        .node
+        .listen_addrs
+        .lock()
+        .map(|addrs| addrs.clone())
+        .unwrap_or_default();
+    object.insert("listen_addrs".into(), json!(listen_addrs));
     Ok(axum::Json(body).into_response())
 }
 

@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::clock::Clock;
 use crate::config::FileConfig;
+use crate::net::{Net, NetEvent};
 use crate::store::{DataDir, Store};
 
 /// A request from the API to the driver.
@@ -45,6 +46,8 @@ pub struct Handle {
     pub requests: mpsc::Sender<Request>,
     /// Subscribes to record changes.
     pub feed: broadcast::Sender<FeedEvent>,
+    /// The addresses the node listens on for peers, as they become known.
+    pub listen_addrs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Handle {
@@ -59,6 +62,18 @@ impl Handle {
     }
 }
 
+/// How often unconnected bootstrap peers are dialled again.
+const REDIAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What woke the driver.
+enum Wake {
+    Request(Request),
+    StorageDone((StorageOpId, Result<(), StorageError>)),
+    Net(NetEvent),
+    Redial,
+    Tick,
+}
+
 enum StorageJob {
     Append {
         op: StorageOpId,
@@ -71,16 +86,19 @@ enum StorageJob {
     },
 }
 
-/// Opens storage, starts the core and returns it with the handles the API needs. The
-/// returned future runs the node until `shutdown` resolves.
+/// Opens storage and the network, starts the core and returns the handles the API needs
+/// with the future that runs the node. Must be called inside the tokio runtime.
 pub fn start(
     dir: &DataDir,
     config: &FileConfig,
+    extra_peers: &[String],
 ) -> anyhow::Result<(
     Handle,
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
     let identity = crate::config::identity(dir)?;
+    let peers: Vec<String> = config.peers.iter().chain(extra_peers).cloned().collect();
+    let net = Net::start(identity.secret_bytes(), &config.listen, &peers)?;
     let (store, restore, report) = Store::open(dir)?;
     if report.truncated_bytes > 0 {
         tracing::warn!(
@@ -106,14 +124,18 @@ pub fn start(
         .name("mesh-storage".into())
         .spawn(move || storage_thread(store, jobs_rx, done_tx))
         .context("cannot start the storage thread")?;
+    let listen_addrs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let handle = Handle {
         requests: requests_tx,
         feed: feed.clone(),
+        listen_addrs: listen_addrs.clone(),
     };
     let driver = Driver {
         node,
         clock,
         jobs,
+        net,
+        listen_addrs,
         pending: BTreeMap::new(),
         next_command: 0,
         feed,
@@ -127,6 +149,8 @@ struct Driver {
     node: Node,
     clock: Clock,
     jobs: std_mpsc::Sender<StorageJob>,
+    net: Net,
+    listen_addrs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pending: BTreeMap<CommandId, oneshot::Sender<Result<Reply, CommandError>>>,
     next_command: u64,
     feed: broadcast::Sender<FeedEvent>,
@@ -142,18 +166,29 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         mut done: mpsc::UnboundedReceiver<(StorageOpId, Result<(), StorageError>)>,
     ) -> anyhow::Result<()> {
+        // Redialling bootstrap peers on a timer is the reconnect backoff.
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         loop {
             let now = self.clock.now();
             let wait = self.node.next_deadline().map(|at| at.saturating_since(now));
-            tokio::select! {
-                request = requests.recv() => {
-                    let Some(Request { command, reply }) = request else { return Ok(()) };
+            let wake = tokio::select! {
+                request = requests.recv() => match request {
+                    Some(request) => Wake::Request(request),
+                    None => return Ok(()),
+                },
+                Some(done) = done.recv() => Wake::StorageDone(done),
+                event = self.net.next() => Wake::Net(event),
+                _ = redial.tick() => Wake::Redial,
+                () = sleep(wait) => Wake::Tick,
+            };
+            match wake {
+                Wake::Request(Request { command, reply }) => {
                     self.next_command += 1;
                     let id = CommandId(self.next_command);
                     self.pending.insert(id, reply);
                     self.input(Input::Command { id, command });
                 }
-                Some((op, result)) = done.recv() => {
+                Wake::StorageDone((op, result)) => {
                     if let Some(entries) = self.in_flight_appends.remove(&op)
                         && result.is_ok()
                     {
@@ -161,8 +196,25 @@ impl Driver {
                     }
                     self.input(Input::StorageDone { op, result });
                 }
-                () = sleep(wait) => self.input(Input::Tick),
+                Wake::Net(event) => self.network(event),
+                Wake::Redial => self.net.redial(),
+                Wake::Tick => self.input(Input::Tick),
             }
+        }
+    }
+
+    fn network(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Connected(peer) => self.input(Input::PeerConnected { peer }),
+            NetEvent::Disconnected(peer) => self.input(Input::PeerDisconnected { peer }),
+            NetEvent::Message { from, bytes } => self.input(Input::MessageReceived { from, bytes }),
+            NetEvent::Nothing => {}
+        }
+        let addrs = self.net.listen_addrs();
+        if let Ok(mut shared) = self.listen_addrs.lock()
+            && *shared != addrs
+        {
+            *shared = addrs;
         }
     }
 
@@ -176,8 +228,11 @@ impl Driver {
 
     fn effect(&mut self, effect: Effect) {
         match effect {
-            // Peers arrive with the networking layer; until then there is no one to send to.
-            Effect::Send { .. } | Effect::Disconnect { .. } => {}
+            Effect::Send { to, bytes } => self.net.send(to, bytes),
+            Effect::Disconnect { peer, reason } => {
+                tracing::warn!(%peer, %reason, "disconnecting peer");
+                self.net.disconnect(peer);
+            }
             Effect::Storage { op, request } => {
                 let job = match request {
                     StorageRequest::Append { envelopes } => {

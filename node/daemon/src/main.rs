@@ -9,6 +9,7 @@ mod client;
 mod clock;
 mod config;
 mod driver;
+mod net;
 mod store;
 
 use std::collections::BTreeMap;
@@ -43,7 +44,7 @@ enum Commands {
         /// Where the local API listens (loopback).
         #[arg(long, default_value = config::API_ADDR_DEFAULT)]
         api: String,
-        /// Peer-to-peer listen address (repeatable).
+        /// Peer-to-peer listen address (repeatable). Default: /ip4/0.0.0.0/tcp/4001.
         #[arg(long)]
         listen: Vec<String>,
         /// Trust this organisation's policies (its org id).
@@ -142,6 +143,9 @@ enum Commands {
 enum NodeCommand {
     /// Run the daemon in the foreground until Ctrl-C; logs go to stderr.
     Run {
+        /// Also dial this peer (a multiaddr like /ip4/10.0.0.2/tcp/4001; repeatable).
+        #[arg(long)]
+        peer: Vec<String>,
         /// Log as JSON lines instead of text.
         #[arg(long)]
         json_logs: bool,
@@ -171,6 +175,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where a node listens for peers unless told otherwise.
+const LISTEN_DEFAULT: &str = "/ip4/0.0.0.0/tcp/4001";
+
 fn data_dir(given: Option<PathBuf>) -> anyhow::Result<DataDir> {
     if let Some(dir) = given {
         return Ok(DataDir::new(dir));
@@ -195,6 +202,11 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             org,
         } => {
             let name = name.unwrap_or_else(|| "node".to_owned());
+            let listen = if listen.is_empty() {
+                vec![LISTEN_DEFAULT.to_owned()]
+            } else {
+                listen
+            };
             let identity = config::init(
                 &dir,
                 config::InitOptions {
@@ -213,8 +225,8 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         Commands::Node {
-            command: NodeCommand::Run { json_logs },
-        } => Ok(run_daemon(&dir, json_logs)?),
+            command: NodeCommand::Run { peer, json_logs },
+        } => Ok(run_daemon(&dir, &peer, json_logs)?),
         Commands::Status { json } => {
             let status = Client::connect(&dir)?.get("/v1/status")?;
             print_or(json, &status, print_status);
@@ -371,7 +383,7 @@ fn parse_value(text: &str) -> Value {
     }
 }
 
-fn run_daemon(dir: &DataDir, json_logs: bool) -> anyhow::Result<()> {
+fn run_daemon(dir: &DataDir, peers: &[String], json_logs: bool) -> anyhow::Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
@@ -389,13 +401,13 @@ fn run_daemon(dir: &DataDir, json_logs: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (handle, driver) = driver::start(dir, &config)?;
+        let (handle, driver) = driver::start(dir, &config, peers)?;
         let listener = tokio::net::TcpListener::bind(&config.api)
             .await
             .with_context(|| format!("cannot listen on {} for the API; is another program using it? set `api` in config.toml", config.api))?;
         let api_addr = listener.local_addr()?.to_string();
         std::fs::write(dir.api_addr(), &api_addr)?;
-        let info = api::NodeInfo { name: config.name.clone(), api_addr: api_addr.clone(), listen_addrs: config.listen.clone() };
+        let info = api::NodeInfo { name: config.name.clone(), api_addr: api_addr.clone() };
         let state = api::ApiState { node: handle, token: token.trim().to_owned(), info };
         tracing::info!(api = %api_addr, data_dir = %dir.root().display(), "mesh node running; Ctrl-C stops it");
         let server = axum::serve(listener, api::router(state));
