@@ -1,0 +1,147 @@
+//! Several real daemons on loopback converging over libp2p. Every wait polls with a
+//! deadline; every daemon is killed on drop.
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn digest(dir: &Path) -> String {
+    status(dir)["digest"].as_str().expect("a digest").to_owned()
+}
+
+fn converged(dirs: &[&Path]) -> Option<String> {
+    let digests: Vec<String> = dirs.iter().map(|dir| digest(dir)).collect();
+    digests
+        .iter()
+        .all(|digest| digest == &digests[0])
+        .then(|| digests[0].clone())
+}
+
+fn field(dir: &Path, collection: &str, id: &str, name: &str) -> Option<serde_json::Value> {
+    let output = mesh(dir, &["get", collection, id, "--json"]);
+    if !output.status.success() {
+        return None;
+    }
+    let record: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    let value = record["fields"][name].clone();
+    (!value.is_null()).then_some(value)
+}
+
+#[test]
+fn three_nodes_converge_after_writes_on_each() {
+    let dirs = [
+        TempDir::new("three-a"),
+        TempDir::new("three-b"),
+        TempDir::new("three-c"),
+    ];
+    for (dir, name) in dirs.iter().zip(["a", "b", "c"]) {
+        init(&dir.0, name);
+    }
+    let _a = start(&dirs[0].0);
+    let hub = listen_addr(&dirs[0].0);
+    let _b = start_with_peers(&dirs[1].0, &[hub.clone()]);
+    let _c = start_with_peers(&dirs[2].0, &[hub]);
+    for (index, dir) in dirs.iter().enumerate() {
+        for n in 0..5 {
+            mesh_ok(
+                &dir.0,
+                &[
+                    "put",
+                    "stock",
+                    &format!("n{index}-{n}"),
+                    &format!("count={n}"),
+                ],
+            );
+        }
+    }
+    let paths: Vec<&Path> = dirs.iter().map(|dir| dir.0.as_path()).collect();
+    eventually("three equal digests", || converged(&paths));
+    for dir in &paths {
+        assert_eq!(status(dir)["records"]["stock"], 15);
+    }
+}
+
+#[test]
+fn edits_of_different_fields_on_two_nodes_both_survive() {
+    let (a, b) = (TempDir::new("fields-a"), TempDir::new("fields-b"));
+    init(&a.0, "a");
+    init(&b.0, "b");
+    let _a = start(&a.0);
+    let _b = start_with_peers(&b.0, &[listen_addr(&a.0)]);
+    mesh_ok(
+        &a.0,
+        &["put", "customers", "acme", "phone=555-0100", "city=Basel"],
+    );
+    eventually("the record on b", || {
+        field(&b.0, "customers", "acme", "city")
+    });
+    mesh_ok(&a.0, &["put", "customers", "acme", "phone=555-0199"]);
+    mesh_ok(&b.0, &["put", "customers", "acme", "city=Zurich"]);
+    eventually("converged", || converged(&[&a.0, &b.0]));
+    for dir in [&a.0, &b.0] {
+        assert_eq!(
+            field(dir, "customers", "acme", "phone").unwrap(),
+            "555-0199"
+        );
+        assert_eq!(field(dir, "customers", "acme", "city").unwrap(), "Zurich");
+    }
+}
+
+#[test]
+fn a_node_killed_after_acknowledged_writes_restarts_with_them_and_catches_up() {
+    let (a, b) = (TempDir::new("kill-a"), TempDir::new("kill-b"));
+    init(&a.0, "a");
+    init(&b.0, "b");
+    let _a = start(&a.0);
+    let hub = listen_addr(&a.0);
+    let mut b_daemon = start_with_peers(&b.0, &[hub.clone()]);
+    for n in 0..20 {
+        mesh_ok(
+            &b.0,
+            &["put", "visits", &format!("v{n}"), &format!("seq={n}")],
+        );
+    }
+    b_daemon.child.kill().unwrap();
+    b_daemon.child.wait().unwrap();
+    // While b is down, a writes too.
+    for n in 0..5 {
+        mesh_ok(&a.0, &["put", "stock", &format!("s{n}"), "count=1"]);
+    }
+    let _b = start_with_peers(&b.0, &[hub]);
+    assert_eq!(
+        status(&b.0)["records"]["visits"],
+        20,
+        "every acknowledged write survived the kill"
+    );
+    eventually("converged", || converged(&[&a.0, &b.0]));
+    assert_eq!(status(&a.0)["records"]["visits"], 20);
+    assert_eq!(status(&b.0)["records"]["stock"], 5);
+}
+
+#[test]
+fn a_node_started_later_catches_up() {
+    let (a, late) = (TempDir::new("late-a"), TempDir::new("late-b"));
+    init(&a.0, "a");
+    init(&late.0, "late");
+    let _a = start(&a.0);
+    for n in 0..100 {
+        mesh_ok(
+            &a.0,
+            &[
+                "put",
+                "catalogue",
+                &format!("item{n}"),
+                &format!("price={n}"),
+            ],
+        );
+    }
+    let _late = start_with_peers(&late.0, &[listen_addr(&a.0)]);
+    eventually("converged", || converged(&[&a.0, &late.0]));
+    assert_eq!(status(&late.0)["records"]["catalogue"], 100);
+    let history = mesh_ok(&late.0, &["history", "--json"]);
+    assert!(history.contains("completed"), "{history}");
+}
