@@ -43,7 +43,7 @@ fn three_nodes_converge_after_writes_on_each() {
     }
     let _a = start(&dirs[0].0);
     let hub = listen_addr(&dirs[0].0);
-    let _b = start_with_peers(&dirs[1].0, &[hub.clone()]);
+    let _b = start_with_peers(&dirs[1].0, std::slice::from_ref(&hub));
     let _c = start_with_peers(&dirs[2].0, &[hub]);
     for (index, dir) in dirs.iter().enumerate() {
         for n in 0..5 {
@@ -98,7 +98,7 @@ fn a_node_killed_after_acknowledged_writes_restarts_with_them_and_catches_up() {
     init(&b.0, "b");
     let _a = start(&a.0);
     let hub = listen_addr(&a.0);
-    let mut b_daemon = start_with_peers(&b.0, &[hub.clone()]);
+    let mut b_daemon = start_with_peers(&b.0, std::slice::from_ref(&hub));
     for n in 0..20 {
         mesh_ok(
             &b.0,
