@@ -8,6 +8,7 @@ mod changelog;
 mod client;
 mod clock;
 mod config;
+mod demo;
 mod driver;
 mod net;
 mod store;
@@ -127,6 +128,15 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Start three nodes on loopback, write on each and watch them converge.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Where to put the nodes' data (default: a fresh temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Write a record's Automerge document (standard binary format) to a file.
     Export {
         /// The collection.
@@ -193,6 +203,12 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<DataDir> {
 }
 
 fn run(cli: Cli) -> Result<(), ClientError> {
+    if let Commands::Demo { duration, dir } = cli.command {
+        return Ok(demo::run(
+            dir,
+            duration.map(std::time::Duration::from_secs),
+        )?);
+    }
     let dir = data_dir(cli.data_dir)?;
     match cli.command {
         Commands::Init {
@@ -354,6 +370,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             );
             Ok(())
         }
+        Commands::Demo { .. } => unreachable!("handled before the data directory is resolved"),
         Commands::Export {
             collection,
             id,

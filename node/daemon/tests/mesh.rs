@@ -145,3 +145,22 @@ fn a_node_started_later_catches_up() {
     let history = mesh_ok(&late.0, &["history", "--json"]);
     assert!(history.contains("completed"), "{history}");
 }
+
+#[test]
+fn the_demo_starts_three_nodes_that_converge_and_stops_cleanly() {
+    let root = TempDir::new("demo");
+    let output = std::process::Command::new(MESH)
+        .args(["demo", "--duration", "1", "--dir"])
+        .arg(&root.0)
+        .output()
+        .expect("the demo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("converged in"), "{stdout}");
+    assert!(stdout.contains("clinic-2"), "{stdout}");
+    assert!(!root.0.exists(), "the demo cleans up its nodes");
+}
