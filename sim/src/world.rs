@@ -282,6 +282,7 @@ impl<'a> World<'a> {
                 max => rng.range(0, 2 * max + 1) as i64 - max as i64,
             };
             let config = Config {
+                name: format!("node-{index}"),
                 sync_interval: plan.sync_interval,
                 sync_stall_timeout: plan.sync_stall_timeout,
                 ..Config::default()

@@ -205,7 +205,11 @@ fn apply_remote(c: &mut Criterion) {
             || {
                 let mut node = Node::new(Config::default(), Identity::from_seed(1), 1);
                 node.handle(now, Input::PeerConnected { peer: sender });
-                let hello = Message::Hello { scope: None }.encode();
+                let hello = Message::Hello {
+                    name: "bench".into(),
+                    scope: None,
+                }
+                .encode();
                 node.handle(
                     now,
                     Input::MessageReceived {

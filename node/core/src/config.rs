@@ -8,6 +8,8 @@ use crdt_schema::{CollectionSchema, OrgId};
 /// How a node behaves. Every field documents its default.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The node's human name, told to peers so their status can show it. Default: empty.
+    pub name: String,
     /// The organisation whose changes this node accepts; it enters every signature.
     /// Default: the all-zero org, for a mesh without a policy.
     pub org: OrgId,
@@ -30,6 +32,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
+            name: String::new(),
             org: OrgId::default(),
             collections: None,
             schemas: BTreeMap::new(),

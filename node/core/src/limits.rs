@@ -28,6 +28,8 @@ pub const NEEDS_PER_MESSAGE_MAX: usize = 16_384;
 pub const NEED_ANCESTORS_MAX: usize = 16;
 /// Most changes in one push or batch message.
 pub const CHANGES_PER_MESSAGE_MAX: usize = 65_536;
+/// Longest node name, in bytes.
+pub const NAME_BYTES_MAX: usize = 128;
 /// Most collections named in a replication scope.
 pub const SCOPE_COLLECTIONS_MAX: usize = 1024;
 

@@ -327,6 +327,8 @@ pub(crate) struct PendingChange {
 /// What a node knows about one peer.
 pub(crate) struct Peer {
     pub(crate) state: PeerState,
+    /// The name the peer gave in its last `Hello`.
+    pub(crate) name: Option<String>,
     /// The peer's replication scope, once its `Hello` arrived.
     pub(crate) scope: Option<Scope>,
     pub(crate) connected_since: Option<Instant>,

@@ -54,6 +54,8 @@ pub struct Status {
 pub struct PeerStatus {
     /// The peer's id.
     pub peer_id: NodeId,
+    /// The name the peer gave itself, once it said hello.
+    pub name: Option<String>,
     /// Connection state.
     pub state: PeerState,
     /// When the current connection was made.

@@ -153,7 +153,8 @@ impl Node {
             .collections
             .as_ref()
             .map(|set| set.iter().cloned().collect());
-        self.send(peer, &Message::Hello { scope });
+        let name = self.config.name.clone();
+        self.send(peer, &Message::Hello { name, scope });
     }
 
     pub(crate) fn peer_disconnected(&mut self, peer: NodeId) {
@@ -225,7 +226,7 @@ impl Node {
         };
         let has_hello = peer.scope.is_some();
         match message {
-            Message::Hello { scope } => self.hello(from, scope),
+            Message::Hello { name, scope } => self.hello(from, name, scope),
             _ if !has_hello => self.reject_message(from, "message before hello".into()),
             Message::Push { changes } => {
                 for envelope in changes {
@@ -262,7 +263,7 @@ impl Node {
         }
     }
 
-    fn hello(&mut self, from: NodeId, scope: Option<Vec<String>>) {
+    fn hello(&mut self, from: NodeId, name: String, scope: Option<Vec<String>>) {
         if let Some(collections) = &scope
             && let Some(bad) = collections
                 .iter()
@@ -277,6 +278,7 @@ impl Node {
             .peers
             .get_mut(&from)
             .expect("connected peers are tracked");
+        peer.name = Some(name).filter(|name| !name.is_empty());
         peer.scope = Some(scope.map(|names| names.into_iter().collect()));
         peer.next_sync_at = Some(now + interval + jitter);
         // One side starts the first session, so a new connection is reconciled once, not twice.
@@ -990,6 +992,7 @@ impl Node {
             .iter()
             .map(|(peer_id, peer)| PeerStatus {
                 peer_id: *peer_id,
+                name: peer.name.clone(),
                 state: peer.state,
                 connected_since: peer.connected_since,
                 last_sync: peer.last_sync,
@@ -1025,6 +1028,7 @@ impl Peer {
     pub(crate) fn new() -> Peer {
         Peer {
             state: PeerState::Disconnected,
+            name: None,
             scope: None,
             connected_since: None,
             last_sync: None,

@@ -6,7 +6,7 @@
 //! peer cannot make a node allocate or loop without bound.
 //!
 //! The exchanges:
-//! - `Hello` once per connection, each way: protocol version and replication scope.
+//! - `Hello` once per connection, each way: name and replication scope.
 //! - `Push` carries new changes as they are committed; `Announce` carries only the heads
 //!   of a record whose change is too large to push; `Need` asks for a record's changes.
 //! - A reconciliation session is request/response rounds: the initiator's `SyncRequest`,
@@ -34,6 +34,8 @@ pub struct EnvelopeBytes(#[serde(with = "serde_bytes")] pub Vec<u8>);
 pub enum Message {
     /// Sent once on connect.
     Hello {
+        /// The sender's human name, for status screens.
+        name: String,
         /// Collections the sender replicates; `None` for all.
         scope: Option<Vec<String>>,
     },
@@ -184,11 +186,11 @@ impl Message {
 
     fn check_limits(&self) -> Result<(), WireError> {
         match self {
-            Message::Hello { scope } => check(
-                "scope collections",
-                scope.as_ref().map_or(0, Vec::len),
-                SCOPE_COLLECTIONS_MAX,
-            ),
+            Message::Hello { name, scope } => {
+                check("name bytes", name.len(), NAME_BYTES_MAX)?;
+                let collections = scope.as_ref().map_or(0, Vec::len);
+                check("scope collections", collections, SCOPE_COLLECTIONS_MAX)
+            }
             Message::Push { changes } | Message::SyncChanges { changes, .. } => {
                 check("changes", changes.len(), CHANGES_PER_MESSAGE_MAX)
             }

@@ -270,8 +270,28 @@ async fn history(State(state): State<ApiState>) -> ApiResult {
     Ok(axum::Json(json!({ "history": rows })).into_response())
 }
 
-async fn sync_now(State(state): State<ApiState>) -> ApiResult {
-    let Reply::SyncStarted { peers } = run(&state, Command::SyncNow { peer: None }).await? else {
+/// Options of `POST /v1/sync/now`.
+#[derive(serde::Deserialize, Default)]
+struct SyncNowBody {
+    /// Only this peer (its node id).
+    peer: Option<String>,
+}
+
+async fn sync_now(
+    State(state): State<ApiState>,
+    body: Option<axum::Json<SyncNowBody>>,
+) -> ApiResult {
+    let body = body.map(|axum::Json(body)| body).unwrap_or_default();
+    let peer = match body.peer {
+        Some(text) => Some(
+            text.parse()
+                .map_err(|error: crdt_schema::identity::IdError| {
+                    ApiError(StatusCode::BAD_REQUEST, error.to_string())
+                })?,
+        ),
+        None => None,
+    };
+    let Reply::SyncStarted { peers } = run(&state, Command::SyncNow { peer }).await? else {
         return Err(unexpected());
     };
     Ok(axum::Json(json!({ "peers": peers })).into_response())

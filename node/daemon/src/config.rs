@@ -79,6 +79,7 @@ impl FileConfig {
             bail!("sync_interval_secs must be at least 1");
         }
         Ok(mesh_core::Config {
+            name: self.name.clone(),
             org,
             collections: self
                 .collections

@@ -164,8 +164,12 @@ enum NodeCommand {
 
 #[derive(Subcommand)]
 enum SyncCommand {
-    /// Reconcile with every connected peer now.
-    Now,
+    /// Reconcile with every connected peer now (or one), showing progress.
+    Now {
+        /// Only this peer (its node id).
+        #[arg(long)]
+        peer: Option<String>,
+    },
     /// Stop running syncs; what was applied stays.
     Abort,
 }
@@ -338,16 +342,8 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         Commands::Sync {
-            command: SyncCommand::Now,
-        } => {
-            let started = Client::connect(&dir)?.send("POST", "/v1/sync/now", &json!({}))?;
-            let peers = started["peers"].as_array().map_or(0, Vec::len);
-            println!(
-                "sync started with {peers} peer{}",
-                if peers == 1 { "" } else { "s" }
-            );
-            Ok(())
-        }
+            command: SyncCommand::Now { peer },
+        } => sync_now(&Client::connect(&dir)?, peer),
         Commands::Sync {
             command: SyncCommand::Abort,
         } => {
@@ -384,6 +380,95 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
     }
+}
+
+/// Starts a sync and shows its progress until every session ends.
+fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
+    let before = client.get("/v1/status")?;
+    let body = match &peer {
+        Some(peer) => json!({ "peer": peer }),
+        None => json!({}),
+    };
+    let started = client.send("POST", "/v1/sync/now", &body)?;
+    let targets: Vec<String> = started["peers"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter_map(|p| p.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if targets.is_empty() {
+        println!("no peer is connected; nothing to sync (see `mesh peers`)");
+        return Ok(());
+    }
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{spinner} {prefix:<8} {msg}")
+        .expect("a valid template");
+    let [fetch, apply, send] = ["fetching", "applying", "sending"].map(|prefix| {
+        let bar = bars.add(
+            indicatif::ProgressBar::new_spinner()
+                .with_style(style.clone())
+                .with_prefix(prefix),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar
+    });
+    let totals = |status: &Value| -> (u64, u64, u64) {
+        let peers = status["peers"].as_array().cloned().unwrap_or_default();
+        let sum = |field: &str| {
+            peers
+                .iter()
+                .map(|p| p["counters"][field].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        (
+            sum("changes_received"),
+            status["counters"]["changes_applied"].as_u64().unwrap_or(0),
+            sum("changes_sent"),
+        )
+    };
+    let base = totals(&before);
+    let mut polls = 0;
+    let status = loop {
+        let status = client.get("/v1/status")?;
+        let (received, applied, sent) = totals(&status);
+        fetch.set_message(format!("{} changes", received - base.0));
+        apply.set_message(format!("{} changes", applied.saturating_sub(base.1)));
+        send.set_message(format!("{} changes", sent.saturating_sub(base.2)));
+        let peers = status["peers"].as_array().cloned().unwrap_or_default();
+        let busy = peers
+            .iter()
+            .any(|p| targets.iter().any(|t| p["peer_id"] == t.as_str()) && p["syncing"] == true);
+        polls += 1;
+        if !busy || polls > 600 {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for bar in [&fetch, &apply, &send] {
+        bar.finish();
+    }
+    let (received, applied, sent) = totals(&status);
+    let in_sync = status["peers"].as_array().map_or(0, |peers| {
+        peers
+            .iter()
+            .filter(|p| {
+                targets.iter().any(|t| p["peer_id"] == t.as_str())
+                    && p["last_error"].is_null()
+                    && !p["last_sync"].is_null()
+            })
+            .count()
+    });
+    println!(
+        "received {} changes, applied {}, sent {}; in sync with {in_sync} peer{}",
+        received - base.0,
+        applied.saturating_sub(base.1),
+        sent.saturating_sub(base.2),
+        if in_sync == 1 { "" } else { "s" }
+    );
+    Ok(())
 }
 
 fn parse_value(text: &str) -> Value {
@@ -544,9 +629,14 @@ fn print_peers(peers: &Value) {
     }
     println!("peers");
     for peer in &peers {
+        let id = peer["peer_id"].as_str().unwrap_or("?");
+        let label = match peer["name"].as_str() {
+            Some(name) => format!("{name} ({}…)", &id[..id.len().min(14)]),
+            None => id.to_owned(),
+        };
         println!(
-            "  {:<54} {:<12} last sync {:<12} behind ~{}",
-            peer["peer_id"].as_str().unwrap_or("?"),
+            "  {:<30} {:<12} last sync {:<12} behind ~{}",
+            label,
             peer["state"].as_str().unwrap_or("?"),
             ago(peer["last_sync"].as_u64()),
             peer["behind_estimate"].as_u64().unwrap_or(0)
@@ -574,8 +664,8 @@ fn print_history(rows: &[Value], total: usize) {
             ago(started),
             format!("{took} ms"),
             row["outcome"]["status"].as_str().unwrap_or("?"),
-            row["changes_received"],
-            row["changes_sent"],
+            row["changes_received"].as_u64().unwrap_or(0),
+            row["changes_sent"].as_u64().unwrap_or(0),
             row["bytes_received"].as_u64().unwrap_or(0) + row["bytes_sent"].as_u64().unwrap_or(0),
             row["peer"].as_str().unwrap_or("?")
         );
