@@ -11,6 +11,21 @@ use mesh_core::{
 };
 use sim::{Knobs, Options, Outcome, SimNode};
 
+/// The checker-facing `SimNode` methods of a wrapper, answered by the wrapped core.
+macro_rules! delegate_checks {
+    ($core:tt) => {
+        fn digest(&self) -> Digest {
+            self.$core.digest()
+        }
+        fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
+            self.$core.holds_change(record, hash)
+        }
+        fn queues(&self) -> Queues {
+            self.$core.queues()
+        }
+    };
+}
+
 /// Sweeps seeds with a node factory; returns the outcomes.
 fn sweep(
     seeds: std::ops::Range<u64>,
@@ -79,15 +94,7 @@ impl SimNode for AcksBeforeDurable {
     fn next_deadline(&self) -> Option<Instant> {
         self.node.next_deadline()
     }
-    fn digest(&self) -> Digest {
-        self.node.digest()
-    }
-    fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
-        self.node.holds_change(record, hash)
-    }
-    fn queues(&self) -> Queues {
-        self.node.queues()
-    }
+    delegate_checks!(node);
 }
 
 /// Never restarts a stalled session: while a session runs, it ignores the passing of time
@@ -114,15 +121,7 @@ impl SimNode for KeepsStalledSessions {
             self.0.next_deadline()
         }
     }
-    fn digest(&self) -> Digest {
-        self.0.digest()
-    }
-    fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
-        self.0.holds_change(record, hash)
-    }
-    fn queues(&self) -> Queues {
-        self.0.queues()
-    }
+    delegate_checks!(0);
 }
 
 fn acks_before_durable(config: Config, identity: Identity, seed: u64) -> Box<dyn SimNode> {
@@ -221,15 +220,7 @@ impl SimNode for StoresBadSignatures {
     fn next_deadline(&self) -> Option<Instant> {
         self.0.next_deadline()
     }
-    fn digest(&self) -> Digest {
-        self.0.digest()
-    }
-    fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
-        self.0.holds_change(record, hash)
-    }
-    fn queues(&self) -> Queues {
-        self.0.queues()
-    }
+    delegate_checks!(0);
 }
 
 #[test]

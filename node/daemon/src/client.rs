@@ -53,29 +53,13 @@ impl Client {
 
     /// GET a JSON resource.
     pub fn get(&self, path: &str) -> Result<Value, ClientError> {
-        let response = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .map_err(|error| self.transport(error))?;
+        let response = self.authorised_get(&self.agent, path)?;
         self.json(response)
     }
 
     /// GET raw bytes.
     pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
-        let response = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .map_err(|error| self.transport(error))?;
-        if response.status() != 200 {
-            return Err(self
-                .json(response)
-                .err()
-                .unwrap_or_else(|| anyhow!("unexpected answer").into()));
-        }
+        let response = self.ok(self.authorised_get(&self.agent, path)?)?;
         let mut body = response.into_body();
         Ok(body.read_to_vec().context("reading the answer")?)
     }
@@ -83,26 +67,43 @@ impl Client {
     /// Follows a stream of JSON lines, calling `line` for each until the stream ends.
     pub fn follow(&self, path: &str, mut line: impl FnMut(&str)) -> Result<(), ClientError> {
         use std::io::BufRead;
+        // A feed stays open for ever, so it gets an agent without the global timeout.
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
             .into();
-        let response = agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .map_err(|error| self.transport(error))?;
-        if response.status() != 200 {
-            return Err(self
-                .json(response)
-                .err()
-                .unwrap_or_else(|| anyhow!("unexpected answer").into()));
-        }
+        let response = self.ok(self.authorised_get(&agent, path)?)?;
         let reader = std::io::BufReader::new(response.into_body().into_reader());
         for text in reader.lines() {
             line(&text.context("the daemon closed the feed")?);
         }
         Ok(())
+    }
+
+    fn authorised_get(
+        &self,
+        agent: &ureq::Agent,
+        path: &str,
+    ) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
+        agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|error| self.transport(error))
+    }
+
+    /// Passes a 200 answer through; turns any other into its error.
+    fn ok(
+        &self,
+        response: ureq::http::Response<ureq::Body>,
+    ) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
+        if response.status() == 200 {
+            return Ok(response);
+        }
+        Err(self
+            .json(response)
+            .err()
+            .unwrap_or_else(|| anyhow!("unexpected answer").into()))
     }
 
     /// Sends a JSON body with `method`.

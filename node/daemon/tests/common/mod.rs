@@ -90,23 +90,7 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 }
 
 pub fn start(dir: &Path) -> Daemon {
-    let _ = std::fs::remove_file(dir.join("api.addr"));
-    let child = Command::new(MESH)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["node", "run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the daemon starts");
-    let daemon = Daemon { child };
-    eventually("the API to answer", || {
-        mesh(dir, &["status", "--json"])
-            .status
-            .success()
-            .then_some(())
-    });
-    daemon
+    start_with_peers(dir, &[])
 }
 
 pub fn status(dir: &Path) -> serde_json::Value {
