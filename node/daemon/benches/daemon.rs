@@ -46,6 +46,7 @@ fn node(name: &str, peers: &[String]) -> Node {
             "127.0.0.1:0",
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
         ])
         .output()
         .expect("mesh init");

@@ -27,6 +27,9 @@ pub struct FileConfig {
     /// Peers to dial on start. Default: none.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Find peers on the local network with mDNS. Default: true.
+    #[serde(default = "mdns_default")]
+    pub mdns: bool,
     /// Seconds between anti-entropy syncs with each peer. Default: 30.
     #[serde(default = "sync_interval_default")]
     pub sync_interval_secs: u64,
@@ -40,6 +43,10 @@ pub struct FileConfig {
 
 fn api_default() -> String {
     API_ADDR_DEFAULT.to_owned()
+}
+
+fn mdns_default() -> bool {
+    true
 }
 
 fn sync_interval_default() -> u64 {
@@ -101,6 +108,8 @@ pub struct InitOptions {
     pub listen: Vec<String>,
     /// The org to trust.
     pub org: Option<String>,
+    /// Whether to find peers with mDNS.
+    pub mdns: bool,
 }
 
 /// Creates a node in `dir`: key, config and API token. Refuses to overwrite a node.
@@ -118,6 +127,7 @@ pub fn init(dir: &DataDir, options: InitOptions) -> anyhow::Result<Identity> {
         api: options.api,
         listen: options.listen,
         peers: Vec::new(),
+        mdns: options.mdns,
         sync_interval_secs: sync_interval_default(),
         org: options.org,
         collections: None,

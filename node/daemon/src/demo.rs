@@ -45,6 +45,7 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
                 api: "127.0.0.1:0".into(),
                 listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
                 org: None,
+                mdns: false,
             },
         )?;
         let mut command = Command::new(&exe);

@@ -98,7 +98,7 @@ pub fn start(
 )> {
     let identity = crate::config::identity(dir)?;
     let peers: Vec<String> = config.peers.iter().chain(extra_peers).cloned().collect();
-    let net = Net::start(identity.secret_bytes(), &config.listen, &peers)?;
+    let net = Net::start(identity.secret_bytes(), &config.listen, &peers, config.mdns)?;
     let (store, restore, report) = Store::open(dir)?;
     if report.truncated_bytes > 0 {
         tracing::warn!(

@@ -51,6 +51,9 @@ enum Commands {
         /// Trust this organisation's policies (its org id).
         #[arg(long)]
         org: Option<String>,
+        /// Do not look for peers on the local network (mDNS).
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Run the node.
     Node {
@@ -220,6 +223,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             api,
             listen,
             org,
+            no_mdns,
         } => {
             let name = name.unwrap_or_else(|| "node".to_owned());
             let listen = if listen.is_empty() {
@@ -234,6 +238,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                     api,
                     listen,
                     org,
+                    mdns: !no_mdns,
                 },
             )?;
             println!("{}", identity.node_id());

@@ -16,7 +16,9 @@ use std::time::Duration;
 use anyhow::Context;
 use crdt_schema::NodeId;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::mdns;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
@@ -57,6 +59,7 @@ pub enum NetEvent {
 struct Behaviour {
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
     messages: request_response::Behaviour<MessageCodec>,
 }
 
@@ -79,8 +82,14 @@ pub struct Net {
 }
 
 impl Net {
-    /// Starts listening and dials the bootstrap peers.
-    pub fn start(secret: [u8; 32], listen: &[String], peers: &[String]) -> anyhow::Result<Net> {
+    /// Starts listening, dials the bootstrap peers and, with `mdns`, finds peers on the
+    /// local network (mDNS sends multicast: tests and the demo turn it off).
+    pub fn start(
+        secret: [u8; 32],
+        listen: &[String],
+        peers: &[String],
+        use_mdns: bool,
+    ) -> anyhow::Result<Net> {
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(secret)
             .context("the node key is not an ed25519 key")?;
         let limits = connection_limits::ConnectionLimits::default()
@@ -98,6 +107,20 @@ impl Net {
             .context("cannot set up TCP with Noise and Yamux")?
             .with_behaviour(|key| Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
+                mdns: Toggle::from(
+                    use_mdns
+                        .then(|| {
+                            mdns::tokio::Behaviour::new(
+                                mdns::Config::default(),
+                                key.public().to_peer_id(),
+                            )
+                        })
+                        .transpose()
+                        .unwrap_or_else(|error| {
+                            tracing::warn!(%error, "mDNS is unavailable; peers must be named");
+                            None
+                        }),
+                ),
                 identify: identify::Behaviour::new(identify::Config::new(
                     "/mesh/1.0.0".into(),
                     key.public(),
@@ -270,6 +293,16 @@ impl Net {
                 node_id(&peer_id).map_or(NetEvent::Nothing, NetEvent::Disconnected)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Messages(event)) => self.message_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                let connected: BTreeSet<PeerId> = self.swarm.connected_peers().copied().collect();
+                for (peer, address) in found {
+                    if !connected.contains(&peer) {
+                        tracing::info!(%peer, %address, "found a peer on the local network");
+                        let _ = self.swarm.dial(address);
+                    }
+                }
+                NetEvent::Nothing
+            }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "could not connect");
                 NetEvent::Nothing

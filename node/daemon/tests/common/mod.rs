@@ -70,6 +70,7 @@ pub fn init(dir: &Path, name: &str) {
             "127.0.0.1:0",
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
         ],
     );
 }
