@@ -9,6 +9,7 @@
 //!   ([`FieldValue`]), edits and the tombstone, and the JSON form of a record.
 //! - [`schema`]: per-collection field schemas and the check of a record against one.
 //! - [`change`]: the signed envelope every change travels and is stored in.
+//! - [`policy`]: the org's signed policy and the verdict on a change.
 //!
 //! A node makes a change with [`RecordDoc::edit`], signs it with [`VerifiedChange::sign`],
 //! and ships [`VerifiedChange::envelope`]. A receiver calls [`Envelope::verify`] before
@@ -16,6 +17,7 @@
 
 pub mod change;
 pub mod identity;
+pub mod policy;
 pub mod record;
 pub mod schema;
 
