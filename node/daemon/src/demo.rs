@@ -113,14 +113,15 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
     }
     print_table(&nodes)?;
     println!("\nthe nodes keep running; try, in another terminal:");
-    println!(
-        "  mesh --data-dir {} put stock clinic-1-aspirin count=39",
-        nodes[1].dir.root().display()
+    let mesh = exe.display();
+    let (hq, clinic_1, clinic_2) = (
+        nodes[0].dir.root().display(),
+        nodes[1].dir.root().display(),
+        nodes[2].dir.root().display(),
     );
-    println!(
-        "  mesh --data-dir {} get stock clinic-1-aspirin",
-        nodes[0].dir.root().display()
-    );
+    println!("  {mesh} --data-dir {clinic_1} put stock clinic-1-aspirin count=39");
+    println!("  {mesh} --data-dir {hq} get stock clinic-1-aspirin");
+    println!("  {mesh} --data-dir {clinic_2} status");
     println!(
         "{}",
         match duration {
