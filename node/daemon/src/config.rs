@@ -145,6 +145,45 @@ pub fn init(dir: &DataDir, options: InitOptions) -> anyhow::Result<Identity> {
     Ok(identity)
 }
 
+/// Creates the org key file (hex, mode 0600) and returns the org id.
+pub fn create_org_key(path: &Path) -> anyhow::Result<OrgId> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|error| anyhow::anyhow!("no OS randomness: {error}"))?;
+    let identity = Identity::from_secret_bytes(secret);
+    let text: String = secret.iter().map(|byte| format!("{byte:02x}")).collect();
+    write_private(path, format!("{text}\n").as_bytes()).with_context(|| {
+        format!(
+            "{} exists or cannot be created; an org key is never overwritten",
+            path.display()
+        )
+    })?;
+    Ok(OrgId::from_bytes(*identity.node_id().as_bytes()))
+}
+
+/// Reads a policy in TOML, checks it, and signs it with the org key; returns the signed
+/// policy as JSON.
+pub fn sign_policy(policy: &Path, org_key: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(policy)
+        .with_context(|| format!("cannot read {}", policy.display()))?;
+    let policy: crdt_schema::policy::Policy = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid policy", policy.display()))?;
+    policy.validate()?;
+    let key = std::fs::read_to_string(org_key)
+        .with_context(|| format!("cannot read {}", org_key.display()))?;
+    let key = key.trim();
+    let bytes: Option<Vec<u8>> = (0..key.len())
+        .step_by(2)
+        .map(|index| u8::from_str_radix(key.get(index..index + 2)?, 16).ok())
+        .collect();
+    let secret: [u8; 32] = bytes
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("{} is not an org key (64 hex digits)", org_key.display())
+        })?;
+    let signed = policy.sign(&Identity::from_secret_bytes(secret));
+    Ok(serde_json::to_string_pretty(&signed)?)
+}
+
 /// Reads the node's identity.
 pub fn identity(dir: &DataDir) -> anyhow::Result<Identity> {
     let bytes =

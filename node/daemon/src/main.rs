@@ -131,6 +131,16 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// The organisation key, which signs policies.
+    Org {
+        #[command(subcommand)]
+        command: OrgCommand,
+    },
+    /// Policies: who may write what.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Start three nodes on loopback, write on each and watch them converge.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -162,6 +172,31 @@ enum NodeCommand {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         json_logs: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OrgCommand {
+    /// Create the org key (keep the file offline) and print the org id for `mesh init --org`.
+    Init {
+        /// Where to write the key (created with mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Sign a policy (TOML, see examples/policy.toml) with the org key.
+    Sign {
+        /// The policy file.
+        policy: PathBuf,
+        /// The org key file from `mesh org init`.
+        #[arg(long)]
+        org_key: PathBuf,
+        /// Where to write the signed policy.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -210,14 +245,41 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<DataDir> {
 }
 
 fn run(cli: Cli) -> Result<(), ClientError> {
-    if let Commands::Demo { duration, dir } = cli.command {
-        return Ok(demo::run(
+    match cli.command {
+        Commands::Demo { duration, dir } => Ok(demo::run(
             dir,
             duration.map(std::time::Duration::from_secs),
-        )?);
+        )?),
+        Commands::Org {
+            command: OrgCommand::Init { out },
+        } => {
+            let org = config::create_org_key(&out)?;
+            println!("{org}");
+            eprintln!("wrote the org key to {}; keep it offline", out.display());
+            eprintln!("make nodes trust it with: mesh init --org {org}");
+            Ok(())
+        }
+        Commands::Policy {
+            command:
+                PolicyCommand::Sign {
+                    policy,
+                    org_key,
+                    out,
+                },
+        } => {
+            let signed = config::sign_policy(&policy, &org_key)?;
+            std::fs::write(&out, signed)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("signed {} into {}", policy.display(), out.display());
+            Ok(())
+        }
+        command => run_with_node(cli.data_dir, command),
     }
-    let dir = data_dir(cli.data_dir)?;
-    match cli.command {
+}
+
+fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), ClientError> {
+    let dir = data_dir(given_dir)?;
+    match command {
         Commands::Init {
             name,
             api,
@@ -371,7 +433,9 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             );
             Ok(())
         }
-        Commands::Demo { .. } => unreachable!("handled before the data directory is resolved"),
+        Commands::Demo { .. } | Commands::Org { .. } | Commands::Policy { .. } => {
+            unreachable!("handled before the data directory is resolved")
+        }
         Commands::Export {
             collection,
             id,

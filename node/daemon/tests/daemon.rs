@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 
 #[test]
@@ -201,4 +203,66 @@ fn http(addr: &str, request_line: &str, token: Option<&str>, body: &str) -> (u16
         .unwrap_or(0);
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
+}
+
+#[test]
+fn an_org_key_signs_the_example_policy_and_only_it_verifies() {
+    let dir = TempDir::new("policy");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key = dir.0.join("org.key");
+    let output = std::process::Command::new(MESH)
+        .args(["org", "init", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let org: crdt_schema::OrgId = String::from_utf8(output.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/policy.toml");
+    let signed_path = dir.0.join("policy.signed");
+    let output = std::process::Command::new(MESH)
+        .args(["policy", "sign"])
+        .arg(&example)
+        .arg("--org-key")
+        .arg(&key)
+        .arg("--out")
+        .arg(&signed_path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let signed: crdt_schema::policy::SignedPolicy =
+        serde_json::from_slice(&std::fs::read(&signed_path).unwrap()).unwrap();
+    let policy = signed.verify(&org).expect("signed by the org");
+    assert_eq!(policy.version, 1);
+    assert_eq!(policy.members.len(), 3);
+    assert!(policy.collections["catalogue"].writers.contains("master"));
+    let stranger = crdt_schema::OrgId::from_bytes([7; 32]);
+    assert!(signed.verify(&stranger).is_err());
+    // The key is never overwritten, and a broken policy is refused with the file named.
+    let again = std::process::Command::new(MESH)
+        .args(["org", "init", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    let broken = dir.0.join("broken.toml");
+    std::fs::write(&broken, "version = \"one\"\n").unwrap();
+    let output = std::process::Command::new(MESH)
+        .args(["policy", "sign"])
+        .arg(&broken)
+        .arg("--org-key")
+        .arg(&key)
+        .arg("--out")
+        .arg(dir.0.join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("broken.toml is not a valid policy"));
 }
