@@ -165,3 +165,32 @@ fn a_restarted_node_recovers_every_acknowledged_write_from_checkpoint_and_log() 
     };
     assert_eq!(view.fields["count"], FieldValue::Int(107));
 }
+
+#[test]
+fn a_damaged_stored_record_is_reported_and_not_trusted() {
+    let mut mesh = Harness::new(2);
+    mesh.put(0, "stock/a", &[("count", FieldValue::Int(1))]);
+    mesh.put(0, "stock/b", &[("count", FieldValue::Int(2))]);
+    mesh.advance(std::time::Duration::from_secs(2));
+    let mut saved: Vec<_> = mesh.nodes[0].saved.values().cloned().collect();
+    assert_eq!(saved.len(), 2);
+    saved[0].document.truncate(10);
+    let mut restarted = Node::new(Config::default(), crdt_schema::Identity::from_seed(1), 0);
+    let effects = restarted.handle(
+        mesh.now,
+        Input::Restore(Restore {
+            records: saved,
+            log: Vec::new(),
+        }),
+    );
+    assert!(
+        effects.iter().any(|effect| matches!(effect, Effect::Emit(mesh_core::Event::StorageFailed { error }) if error.contains("stock/a is damaged"))),
+        "{effects:?}"
+    );
+    assert_eq!(restarted.status().counters.storage_errors, 1);
+    assert_eq!(
+        restarted.status().records_total,
+        1,
+        "the damaged record is not trusted"
+    );
+}

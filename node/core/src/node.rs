@@ -537,31 +537,39 @@ impl Node {
 
     fn restore(&mut self, restore: Restore) {
         for saved in restore.records {
-            let heads = saved.heads.iter().map(|hash| ChangeHash(*hash)).collect();
+            // Pair check: the document must load and its heads must be the stored heads. A
+            // damaged record is reported, never trusted; peers can bring its changes again.
+            let doc = match RecordDoc::load(&saved.document, &self.node_id()) {
+                Ok(doc) => doc,
+                Err(error) => {
+                    self.counters.storage_errors += 1;
+                    self.emit(Event::StorageFailed {
+                        error: format!(
+                            "stored record {} is damaged and was skipped: {error}",
+                            saved.record
+                        ),
+                    });
+                    continue;
+                }
+            };
+            let heads = doc.heads();
+            if heads.iter().map(|hash| hash.0).collect::<Vec<_>>() != saved.heads {
+                self.counters.storage_errors += 1;
+                self.emit(Event::StorageFailed {
+                    error: format!(
+                        "stored heads of {} disagree with its document; the document wins",
+                        saved.record
+                    ),
+                });
+            }
             let signatures = saved
                 .signatures
                 .iter()
                 .map(|(hash, signature)| (ChangeHash(*hash), signature.0))
                 .collect();
-            self.records.restore(
-                saved.record.clone(),
-                heads,
-                saved.document,
-                signatures,
-                false,
-            );
-            // Pair check: the stored heads must be the document's heads.
-            let doc_heads = self.records.doc_mut(saved.record.as_str()).heads();
-            let entry = self
-                .records
-                .entry(saved.record.as_str())
-                .expect("just restored");
-            assert_eq!(
-                doc_heads, entry.heads,
-                "stored heads of {} disagree with its document",
-                saved.record
-            );
-            self.records.refresh_deleted(saved.record.as_str());
+            let deleted = doc.deleted();
+            self.records
+                .restore(saved.record, heads, saved.document, signatures, deleted);
         }
         let mut replayed = Vec::new();
         for bytes in restore.log {
