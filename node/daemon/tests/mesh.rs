@@ -164,3 +164,68 @@ fn the_demo_starts_three_nodes_that_converge_and_stops_cleanly() {
     assert!(stdout.contains("clinic-2"), "{stdout}");
     assert!(!root.0.exists(), "the demo cleans up its nodes");
 }
+
+#[test]
+fn watch_prints_changes_from_peers_as_they_arrive() {
+    use std::io::BufRead;
+    let (a, b) = (TempDir::new("watch-a"), TempDir::new("watch-b"));
+    init(&a.0, "a");
+    init(&b.0, "b");
+    let _a = start(&a.0);
+    let _b = start_with_peers(&b.0, &[listen_addr(&a.0)]);
+    eventually("connected", || {
+        let peers = status(&b.0)["peers"].as_array()?.clone();
+        peers
+            .iter()
+            .any(|peer| peer["state"] == "connected")
+            .then_some(())
+    });
+    let mut watcher = Daemon {
+        child: std::process::Command::new(MESH)
+            .arg("--data-dir")
+            .arg(&b.0)
+            .args(["watch", "stock"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mesh watch runs"),
+    };
+    let stdout = watcher.child.stdout.take().expect("piped");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The feed subscribes when the request arrives; write until the watcher sees a change.
+    let line = eventually("a change in the watch output", || {
+        mesh_ok(
+            &a.0,
+            &[
+                "put",
+                "stock",
+                "aspirin",
+                &format!("count={}", rand_count()),
+            ],
+        );
+        received
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .ok()
+    });
+    assert!(
+        line.starts_with("stock/aspirin changed from 12D3KooW"),
+        "{line}"
+    );
+}
+
+/// A value that differs between calls, so every put is a change.
+fn rand_count() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    COUNT.fetch_add(1, Ordering::Relaxed)
+}
