@@ -118,6 +118,30 @@ fn wait(mut done: impl FnMut() -> bool) {
     }
 }
 
+/// TCP payload bytes sent plus received on every established socket whose local port is
+/// `port` (the hub's side of its peer connections), from the kernel's tcp_info via `ss`.
+fn tcp_bytes(port: u16) -> Option<u64> {
+    let output = Command::new("ss")
+        .args([
+            "-tinH",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    let mut total = 0;
+    for field in text.split_whitespace() {
+        for key in ["bytes_sent:", "bytes_received:"] {
+            if let Some(value) = field.strip_prefix(key) {
+                total += value.parse::<u64>().ok()?;
+            }
+        }
+    }
+    (output.status.success() && total > 0).then_some(total)
+}
+
 fn fdatasync_rate(dir: &Path) -> f64 {
     let path = dir.join(format!("mesh-bench-fsync-{}", std::process::id()));
     let mut file = std::fs::File::create(&path).unwrap();
@@ -204,18 +228,32 @@ fn main() {
             .map(|p| p["counters"]["bytes_received"].as_u64().unwrap())
             .sum()
     };
+    let hub_port: u16 = listen.rsplit('/').next().unwrap().parse().unwrap();
     let before = received(&peers[0]);
+    let tcp_before = tcp_bytes(hub_port);
     put(
         &agent,
         &hub,
         "wire/r",
         serde_json::json!({ "value": 1_234_567_890_123i64 }),
     );
-    wait(|| status(&peers[0]).is_some_and(|s| s["digest"] == status(&hub).unwrap()["digest"]));
+    wait(|| {
+        peers.iter().all(|peer| {
+            status(peer).is_some_and(|s| s["digest"] == status(&hub).unwrap()["digest"])
+        })
+    });
+    std::thread::sleep(Duration::from_millis(200));
     println!(
-        "one-field edit of an 8-byte integer: {} message bytes received by a peer (signature included; libp2p framing not counted)",
+        "one-field edit of an 8-byte integer: {} message bytes received by a peer (signature included)",
         received(&peers[0]) - before
     );
+    match (tcp_before, tcp_bytes(hub_port)) {
+        (Some(before), Some(after)) => println!(
+            "  on the wire (TCP payload both ways: Noise, Yamux, stream negotiation, framing, acknowledgement): {} bytes per receiving peer",
+            (after - before) / peers.len() as u64
+        ),
+        _ => println!("  on the wire: not measured (needs `ss` from iproute2)"),
+    }
 
     // Convergence: from the acknowledgement on the hub until both peers' feeds report it.
     let (events, arrivals) = mpsc::channel::<(usize, String, Instant)>();
