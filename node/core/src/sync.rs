@@ -172,7 +172,7 @@ impl Node {
         if self.peers.contains_key(&peer) || self.peers.len() < PEERS_MAX {
             return true;
         }
-        // Forget the longest-disconnected peer, if any, before refusing.
+        // Forget a disconnected peer (the first in id order), if any, before refusing.
         let forgettable = self
             .peers
             .iter()

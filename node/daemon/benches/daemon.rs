@@ -10,77 +10,39 @@
 #![allow(clippy::disallowed_methods, missing_docs)]
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const MESH: &str = env!("CARGO_BIN_EXE_mesh");
+// The real-daemon helpers the tests use: temporary directories, init, start, kill on drop.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 struct Node {
-    dir: PathBuf,
-    child: Child,
+    // Fields drop in order: the daemon is killed before its directory is removed.
+    _daemon: common::Daemon,
+    _dir: common::TempDir,
     base: String,
     token: String,
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn node(name: &str, peers: &[String]) -> Node {
-    let dir = std::env::temp_dir().join(format!("mesh-bench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let init = Command::new(MESH)
-        .arg("--data-dir")
-        .arg(&dir)
-        .args([
-            "init",
-            "--name",
-            name,
-            "--api",
-            "127.0.0.1:0",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-        ])
-        .output()
-        .expect("mesh init");
-    assert!(init.status.success());
-    let mut command = Command::new(MESH);
-    command.arg("--data-dir").arg(&dir).args(["node", "run"]);
-    for peer in peers {
-        command.args(["--peer", peer]);
-    }
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mesh node run");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        if let Ok(addr) = std::fs::read_to_string(dir.join("api.addr")) {
-            break addr;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let token = std::fs::read_to_string(dir.join("api.token"))
+    let dir = common::TempDir::new(&format!("bench-{name}"));
+    common::init(&dir.0, name);
+    let daemon = common::start_with_peers(&dir.0, peers);
+    let addr =
+        std::fs::read_to_string(dir.0.join("api.addr")).expect("the daemon wrote its API address");
+    let token = std::fs::read_to_string(dir.0.join("api.token"))
         .unwrap()
         .trim()
         .to_owned();
-    let node = Node {
-        dir,
-        child,
+    Node {
+        _daemon: daemon,
+        _dir: dir,
         base: format!("http://{}", addr.trim()),
         token,
-    };
-    wait(|| status(&node).is_some());
-    node
+    }
 }
 
 fn new_agent() -> ureq::Agent {

@@ -1,6 +1,6 @@
 //! `mesh demo`: three nodes on loopback in one command, writing and converging.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -223,12 +223,8 @@ fn print_table(nodes: &[Node]) -> anyhow::Result<()> {
             records,
             status["counters"]["syncs_completed"].as_u64().unwrap_or(0),
             peers,
-            display(node.dir.root())
+            node.dir.root().display()
         );
     }
     Ok(())
-}
-
-fn display(path: &Path) -> String {
-    path.display().to_string()
 }
