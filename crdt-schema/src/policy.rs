@@ -221,34 +221,74 @@ pub fn judge(
     fields_after: &BTreeMap<String, FieldValue>,
     deleted_after: bool,
 ) -> Verdict {
-    let author = change.author;
-    if policy.revoked.contains(&author) {
-        return Verdict::Reject(RejectReason::Revoked { author });
-    }
-    let Some((name, member)) = policy.member(&author) else {
-        return Verdict::Reject(RejectReason::NotAMember { author });
-    };
     let collection = change.record.collection();
-    let rule = policy.collections.get(collection);
-    // A collection the policy does not name is open to every member.
-    if let Some(rule) = rule
+    let verdict = judge_author(policy, &change.author, collection)
+        .and_then(|()| judge_schema(policy, collection, fields_after, deleted_after));
+    match verdict {
+        Ok(()) => Verdict::Accept,
+        Err(reason) => Verdict::Reject(reason),
+    }
+}
+
+/// Whether `author` may write `collection`: a member, not revoked, with a writer role. A
+/// collection the policy does not name is open to every member.
+pub fn judge_author(
+    policy: &Policy,
+    author: &NodeId,
+    collection: &str,
+) -> Result<(), RejectReason> {
+    if policy.revoked.contains(author) {
+        return Err(RejectReason::Revoked { author: *author });
+    }
+    let Some((name, member)) = policy.member(author) else {
+        return Err(RejectReason::NotAMember { author: *author });
+    };
+    if let Some(rule) = policy.collections.get(collection)
         && rule.writers.is_disjoint(&member.roles)
     {
-        return Verdict::Reject(RejectReason::MayNotWrite {
+        return Err(RejectReason::MayNotWrite {
             member: name.to_owned(),
             collection: collection.to_owned(),
             writers: rule.writers.iter().cloned().collect(),
         });
     }
-    if let Some(schema) = rule.and_then(|rule| rule.schema.as_ref())
-        && let Err(errors) = schema.check(fields_after, deleted_after)
-    {
-        return Verdict::Reject(RejectReason::Schema {
+    Ok(())
+}
+
+/// Whether a record's fields and tombstone follow the collection's schema in the policy.
+pub fn judge_schema(
+    policy: &Policy,
+    collection: &str,
+    fields: &BTreeMap<String, FieldValue>,
+    deleted: bool,
+) -> Result<(), RejectReason> {
+    let Some(schema) = policy
+        .collections
+        .get(collection)
+        .and_then(|rule| rule.schema.as_ref())
+    else {
+        return Ok(());
+    };
+    schema
+        .check(fields, deleted)
+        .map_err(|errors| RejectReason::Schema {
             collection: collection.to_owned(),
             errors: errors.iter().map(SchemaError::to_string).collect(),
-        });
+        })
+}
+
+impl Policy {
+    /// Whether `node` may connect: a member whose key is not revoked.
+    pub fn admits(&self, node: &NodeId) -> bool {
+        !self.revoked.contains(node) && self.member(node).is_some()
     }
-    Verdict::Accept
+
+    /// Whether the collection has a field schema.
+    pub fn has_schema(&self, collection: &str) -> bool {
+        self.collections
+            .get(collection)
+            .is_some_and(|rule| rule.schema.is_some())
+    }
 }
 
 impl fmt::Display for RejectReason {

@@ -25,6 +25,8 @@ pub const FIELD_NAME_BYTES_MAX: usize = 128;
 pub const FIELDS_MAX: usize = 1024;
 /// The tombstone field.
 pub const DELETED_FIELD: &str = "_deleted";
+/// The hidden field a policy endorsement writes (see [`RecordDoc::endorse`]).
+pub const ENDORSED_FIELD: &str = "_endorsed";
 
 /// The address of a record: `collection/id`.
 ///
@@ -476,6 +478,18 @@ impl RecordDoc {
         }
     }
 
+    /// The record's fields and tombstone as of `heads` (a change and its history, for a
+    /// verdict that must not depend on what arrived since).
+    pub fn state_at(
+        &self,
+        heads: &[ChangeHash],
+    ) -> Result<(BTreeMap<String, FieldValue>, bool), DocError> {
+        let past = RecordDoc {
+            doc: self.doc.fork_at(heads)?,
+        };
+        Ok((past.fields(), past.deleted()))
+    }
+
     /// The record as read now.
     pub fn view(&self, record: &RecordId) -> RecordView {
         RecordView {
@@ -520,6 +534,26 @@ impl RecordDoc {
         if let Err(error) = result {
             tx.rollback();
             return Err(error);
+        }
+        let (hash, _) = tx.commit_with(CommitOptions::default().with_time(time_ms));
+        Ok(hash.map(|hash| {
+            self.doc
+                .get_change_by_hash(&hash)
+                .expect("a change just committed is in the document")
+        }))
+    }
+}
+
+impl RecordDoc {
+    /// Makes a change that builds on everything the document holds without changing any
+    /// field a reader sees (it sets the hidden `_endorsed` field to `version`). A node that
+    /// puts a stricter policy in force endorses the records it holds, so the history it has
+    /// seen stays accepted history under the new policy.
+    pub fn endorse(&mut self, version: u64, time_ms: i64) -> Result<Option<Change>, DocError> {
+        let mut tx = self.doc.transaction();
+        if let Err(error) = tx.put(ROOT, ENDORSED_FIELD, version) {
+            tx.rollback();
+            return Err(error.into());
         }
         let (hash, _) = tx.commit_with(CommitOptions::default().with_time(time_ms));
         Ok(hash.map(|hash| {

@@ -193,6 +193,8 @@ struct Disk {
     /// Entries ever appended; `log` holds the last `log.len()` of them.
     log_appended: u64,
     saved: BTreeMap<RecordId, SavedRecord>,
+    /// The signed policy stored with the last checkpoint that carried one.
+    policy: Option<Vec<u8>>,
     in_flight: VecDeque<(StorageOpId, StorageRequest, u64)>,
     busy_until: Ms,
 }
@@ -966,7 +968,11 @@ impl<'a> World<'a> {
             StorageRequest::Checkpoint {
                 records,
                 compact_log,
+                policy,
             } => {
+                if policy.is_some() {
+                    disk.policy = policy;
+                }
                 for record in records {
                     disk.saved.insert(record.record.clone(), record);
                 }
@@ -1116,6 +1122,7 @@ impl<'a> World<'a> {
         let restore = Restore {
             records: slot.disk.saved.values().cloned().collect(),
             log: slot.disk.log.iter().cloned().collect(),
+            policy: slot.disk.policy.clone(),
         };
         let now = Instant::from_millis(((EPOCH_MS + self.now) as i64 + slot.skew_ms) as u64);
         let effects = core.handle(now, Input::Restore(restore));

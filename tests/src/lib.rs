@@ -38,6 +38,8 @@ pub struct HarnessNode {
     pub log: Vec<Vec<u8>>,
     /// The last checkpoint of each record.
     pub saved: BTreeMap<RecordId, SavedRecord>,
+    /// The signed policy stored with the last checkpoint that carried one.
+    pub policy: Option<Vec<u8>>,
     /// Events the node emitted.
     pub events: Vec<Event>,
     /// Every effect, in order, for assertions on ordering.
@@ -90,6 +92,7 @@ impl Harness {
                 pending_storage: VecDeque::new(),
                 log: Vec::new(),
                 saved: BTreeMap::new(),
+                policy: None,
                 events: Vec::new(),
                 effects: Vec::new(),
             })
@@ -295,7 +298,12 @@ impl Harness {
             let node = &mut self.nodes[index];
             match request {
                 StorageRequest::Append { envelopes } => node.log.extend(envelopes),
-                StorageRequest::Checkpoint { records, .. } => {
+                StorageRequest::Checkpoint {
+                    records, policy, ..
+                } => {
+                    if policy.is_some() {
+                        node.policy = policy;
+                    }
                     for record in records {
                         node.saved.insert(record.record.clone(), record);
                     }

@@ -143,6 +143,7 @@ fn a_restarted_node_recovers_every_acknowledged_write_from_checkpoint_and_log() 
     let restore = Restore {
         records: mesh.nodes[0].saved.values().cloned().collect(),
         log: mesh.nodes[0].log.clone(),
+        policy: None,
     };
     let mut restarted = Node::new(Config::default(), crdt_schema::Identity::from_seed(1), 0);
     restarted.handle(mesh.now, Input::Restore(restore));
@@ -181,6 +182,7 @@ fn a_damaged_stored_record_is_reported_and_not_trusted() {
         Input::Restore(Restore {
             records: saved,
             log: Vec::new(),
+            policy: None,
         }),
     );
     assert!(

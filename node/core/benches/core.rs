@@ -208,6 +208,7 @@ fn apply_remote(c: &mut Criterion) {
                 let hello = Message::Hello {
                     name: "bench".into(),
                     scope: None,
+                    policy: None,
                 }
                 .encode();
                 node.handle(

@@ -34,12 +34,14 @@
 //! - [`wire`]: the versioned peer protocol with its size limits.
 //! - [`digest`]: item hashes, accumulators and fingerprints.
 //! - [`storage`]: what the core asks of storage and what it gets back on start.
+//! - [`policy`]: the org's policy in force, membership, and the verdict on every change.
 //! - [`limits`]: every bound, in one place.
 
 pub mod config;
 pub mod digest;
 pub mod limits;
 pub mod node;
+pub mod policy;
 pub mod records;
 pub mod status;
 pub mod storage;
@@ -50,6 +52,7 @@ pub mod wire;
 pub use config::Config;
 pub use digest::Digest;
 pub use node::{Command, CommandError, CommandId, Effect, Event, Input, Node, Queues, Reply};
+pub use policy::{PolicyOffer, PolicyView, QuarantineRow};
 pub use status::{PeerState, Status, SyncOutcome, SyncRecord};
 pub use storage::{Restore, SavedRecord, StorageError, StorageOpId, StorageRequest};
 pub use time::Instant;

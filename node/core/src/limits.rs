@@ -56,6 +56,18 @@ pub const SESSION_DEFERRED_MAX: usize = 64;
 /// Entries kept in the in-memory sync history.
 pub const HISTORY_ENTRIES_MAX: usize = 1000;
 
+/// Most quarantined changes held for one record; past it, further changes the policy
+/// would reject are dropped (a member flooding one record).
+pub const QUARANTINE_PER_RECORD_MAX: usize = 32;
+/// Most rejection receipts kept.
+pub const RECEIPTS_MAX: usize = 256;
+/// Most refused peers remembered for status.
+pub const REFUSED_PEERS_MAX: usize = 256;
+/// Largest signed policy a peer may send, in bytes.
+pub const POLICY_BYTES_MAX: usize = 1024 * 1024;
+/// Longest rejection reason in a receipt, in bytes.
+pub const REASON_BYTES_MAX: usize = 4096;
+
 /// Most Automerge documents kept loaded; the rest are held as saved bytes. A loaded
 /// document costs about 15 KB even when tiny.
 pub const LOADED_DOCUMENTS_MAX: usize = 4096;
@@ -65,3 +77,5 @@ const _: () = assert!(SYNC_BATCH_BYTES_MAX + 64 * 1024 < MESSAGE_BYTES_MAX);
 const _: () = assert!(crdt_schema::change::CHANGE_BYTES_MAX + 64 * 1024 < MESSAGE_BYTES_MAX);
 const _: () = assert!(RANGE_ITEMS_THRESHOLD * RANGE_FANOUT <= ITEMS_PER_MESSAGE_MAX);
 const _: () = assert!(RANGE_FANOUT >= 2);
+const _: () = assert!(POLICY_BYTES_MAX + 1024 < MESSAGE_BYTES_MAX);
+const _: () = assert!(QUARANTINE_PER_RECORD_MAX < HEADS_PER_ITEM_MAX);

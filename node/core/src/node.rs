@@ -22,9 +22,12 @@ use rand_core::SeedableRng;
 
 use crate::config::Config;
 use crate::limits::*;
+use crate::policy::{PolicyOffer, PolicyState, PolicyView, QuarantineRow};
 use crate::records::{Records, Scope};
 use crate::status::{Counters, PeerCounters, PeerState, SyncRecord};
-use crate::storage::{Restore, SavedRecord, Signature, StorageError, StorageOpId, StorageRequest};
+use crate::storage::{
+    Restore, SavedQuarantined, SavedRecord, Signature, StorageError, StorageOpId, StorageRequest,
+};
 use crate::sync::Session;
 use crate::time::Instant;
 use crate::wire::{EnvelopeBytes, Message, Need};
@@ -52,6 +55,12 @@ pub enum Input {
     },
     /// The transport connected a peer (either direction).
     PeerConnected {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// The transport refused a connection from a peer that is not a member (see
+    /// [`Node::admits`]); recorded for status.
+    PeerRefused {
         /// The peer.
         peer: NodeId,
     },
@@ -154,6 +163,15 @@ pub enum Command {
         /// The record.
         record: RecordId,
     },
+    /// Put a signed policy in force (if it is the org's and newer) and spread it.
+    ApplyPolicy {
+        /// The signed policy.
+        signed: crdt_schema::policy::SignedPolicy,
+    },
+    /// The policy in force.
+    ShowPolicy,
+    /// Every quarantined change.
+    Quarantine,
 }
 
 /// Successful command results.
@@ -190,6 +208,12 @@ pub enum Reply {
     History(Vec<SyncRecord>),
     /// A document's bytes.
     Document(Vec<u8>),
+    /// What became of an offered policy.
+    PolicyOffered(PolicyOffer),
+    /// The policy in force, if any.
+    Policy(Option<Box<PolicyView>>),
+    /// Quarantined changes.
+    Quarantine(Vec<QuarantineRow>),
 }
 
 /// Why a command failed.
@@ -215,6 +239,17 @@ pub enum CommandError {
     /// The peer is not connected.
     #[error("peer {0} is not connected")]
     PeerNotConnected(NodeId),
+    /// The org's policy forbids the write; nothing was written.
+    #[error("refused by the org's policy (version {version}): {reason}")]
+    Forbidden {
+        /// The version of the policy in force.
+        version: u64,
+        /// The rule.
+        reason: crdt_schema::policy::RejectReason,
+    },
+    /// A policy offered to the node is not valid.
+    #[error("{0}")]
+    Policy(String),
 }
 
 /// Things worth telling the user or a change feed.
@@ -259,6 +294,20 @@ pub enum Event {
         /// The driver's error.
         error: String,
     },
+    /// A new policy is in force.
+    PolicyAdopted {
+        /// Its version.
+        version: u64,
+    },
+    /// A durable change was quarantined by the policy.
+    ChangeQuarantined {
+        /// The record.
+        record: RecordId,
+        /// The change.
+        change: ChangeHash,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Queue lengths, from [`Node::queues`].
@@ -294,7 +343,8 @@ pub(crate) enum Origin {
 /// One write waiting for its log append.
 enum PipelineEntry {
     Local {
-        command: CommandId,
+        /// The command to complete; `None` for a change the node makes by itself.
+        command: Option<CommandId>,
         record: RecordId,
         change: Option<VerifiedChange>,
     },
@@ -365,6 +415,11 @@ pub struct Node {
     pub(crate) last_sync: Option<Instant>,
     pub(crate) effects: Vec<Effect>,
     keys: crdt_schema::change::KeyCache,
+    pub(crate) policy: PolicyState,
+    /// Records re-judged while local changes awaited their append; judged again after.
+    pub(crate) rejudge_after_ack: BTreeSet<String>,
+    /// The checkpoint carrying the policy, so a failure can retry it.
+    policy_checkpoint: Option<StorageOpId>,
 }
 
 impl Node {
@@ -391,6 +446,9 @@ impl Node {
             last_sync: None,
             effects: Vec::new(),
             keys: Default::default(),
+            policy: PolicyState::default(),
+            rejudge_after_ack: BTreeSet::new(),
+            policy_checkpoint: None,
         }
     }
 
@@ -413,6 +471,7 @@ impl Node {
             Input::Command { id, command } => self.command(id, command),
             Input::PeerConnecting { peer } => self.peer_connecting(peer),
             Input::PeerConnected { peer } => self.peer_connected(peer),
+            Input::PeerRefused { peer } => self.note_refused(peer),
             Input::PeerDisconnected { peer } => self.peer_disconnected(peer),
             Input::MessageReceived { from, bytes } => self.message_received(from, bytes),
             Input::StorageDone { op, result } => self.storage_done(op, result),
@@ -462,6 +521,26 @@ impl Node {
         self.records
             .entry(record.as_str())
             .is_some_and(|entry| entry.signatures.contains_key(hash))
+    }
+
+    /// Whether this node holds `hash` of `record` in quarantine. For checkers.
+    pub fn holds_quarantined(&self, record: &RecordId, hash: &ChangeHash) -> bool {
+        self.records
+            .entry(record.as_str())
+            .is_some_and(|entry| entry.quarantine.contains_key(hash))
+    }
+
+    /// Every quarantined change as (record, change), in order. For checkers.
+    pub fn quarantined(&self) -> Vec<(String, ChangeHash)> {
+        self.records
+            .iter()
+            .flat_map(|entry| {
+                entry
+                    .quarantine
+                    .keys()
+                    .map(|hash| (entry.record.as_str().to_owned(), *hash))
+            })
+            .collect()
     }
 
     /// The current length of every queue that grows with peer input, for checkers and
@@ -536,6 +615,33 @@ impl Node {
     // ----- start -----
 
     fn restore(&mut self, restore: Restore) {
+        // The policy first: the records were judged under it, and the log's changes are.
+        if let Some(bytes) = &restore.policy {
+            let org = self.config.org;
+            let restored = serde_json::from_slice::<crdt_schema::policy::SignedPolicy>(bytes)
+                .map_err(|error| error.to_string())
+                .and_then(|signed| {
+                    let policy = signed.verify(&org).map_err(|error| error.to_string())?;
+                    Ok(crate::policy::InForce {
+                        hash: signed.hash(),
+                        policy,
+                        signed,
+                    })
+                });
+            match restored {
+                Ok(in_force) => self.policy.in_force = Some(in_force),
+                Err(error) => {
+                    self.counters.storage_errors += 1;
+                    self.emit(Event::StorageFailed {
+                        error: format!(
+                            "the stored policy is unreadable ({error}); a peer will send it again"
+                        ),
+                    });
+                }
+            }
+        }
+        let policy_hash = self.policy.in_force.as_ref().map(|in_force| in_force.hash);
+        let mut stale = Vec::new();
         for saved in restore.records {
             // Pair check: the document must load and its heads must be the stored heads. A
             // damaged record is reported, never trusted; peers can bring its changes again.
@@ -568,8 +674,39 @@ impl Node {
                 .map(|(hash, signature)| (ChangeHash(*hash), signature.0))
                 .collect();
             let deleted = doc.deleted();
-            self.records
-                .restore(saved.record, heads, saved.document, signatures, deleted);
+            let mut quarantine = BTreeMap::new();
+            for held in saved.quarantine {
+                let Ok(change) = Envelope::from_bytes(held.envelope).verify(&self.config.org)
+                else {
+                    self.counters.storage_errors += 1;
+                    continue;
+                };
+                let Ok(reason) = serde_json::from_str(&held.reason) else {
+                    self.counters.storage_errors += 1;
+                    continue;
+                };
+                quarantine.insert(
+                    change.hash(),
+                    crate::records::Quarantined {
+                        envelope: change.envelope.as_bytes().to_vec(),
+                        author: change.author,
+                        change: change.change,
+                        reason,
+                        rejected_at: Instant::from_millis(held.rejected_at_ms),
+                    },
+                );
+            }
+            if saved.judged_under != policy_hash {
+                stale.push(saved.record.as_str().to_owned());
+            }
+            self.records.restore(
+                saved.record,
+                heads,
+                saved.document,
+                signatures,
+                deleted,
+                quarantine,
+            );
         }
         let mut replayed = Vec::new();
         for bytes in restore.log {
@@ -591,6 +728,12 @@ impl Node {
                 self.counters.changes_dropped += 1;
             }
         }
+        // Records saved under another policy than the one restored are judged again.
+        for key in stale {
+            if self.records.entry(&key).is_some() {
+                self.rejudge_record(&key, Vec::new());
+            }
+        }
     }
 
     // ----- commands -----
@@ -609,7 +752,7 @@ impl Node {
                 let view = self
                     .records
                     .entry(record.as_str())
-                    .is_some()
+                    .is_some_and(crate::records::Entry::is_visible)
                     .then(|| self.records.doc_mut(record.as_str()).view(&record));
                 self.complete(id, Ok(Reply::Record(view)));
             }
@@ -621,7 +764,7 @@ impl Node {
                         Some(&format!("{collection}0")),
                         &None,
                     )
-                    .filter(|entry| !entry.deleted)
+                    .filter(|entry| !entry.deleted && entry.is_visible())
                     .map(|entry| entry.record.clone())
                     .collect();
                 let views = keys
@@ -644,12 +787,27 @@ impl Node {
                 self.complete(id, Ok(Reply::History(rows)));
             }
             Command::Export { record } => match self.records.entry(record.as_str()) {
-                Some(_) => {
+                Some(entry) if entry.is_visible() => {
                     let bytes = self.records.doc_mut(record.as_str()).save();
                     self.complete(id, Ok(Reply::Document(bytes)));
                 }
-                None => self.complete(id, Err(CommandError::NotFound(record))),
+                _ => self.complete(id, Err(CommandError::NotFound(record))),
             },
+            Command::ApplyPolicy { signed } => {
+                let result = self
+                    .offer_policy(signed, None)
+                    .map(Reply::PolicyOffered)
+                    .map_err(|error| CommandError::Policy(error.to_string()));
+                self.complete(id, result);
+            }
+            Command::ShowPolicy => {
+                let view = self.policy_view().map(Box::new);
+                self.complete(id, Ok(Reply::Policy(view)));
+            }
+            Command::Quarantine => {
+                let rows = self.quarantine_rows();
+                self.complete(id, Ok(Reply::Quarantine(rows)));
+            }
         }
     }
 
@@ -663,6 +821,25 @@ impl Node {
         }
         let key = record.as_str().to_owned();
         let existed = self.records.entry(&key).is_some();
+        if let Some(in_force) = &self.policy.in_force {
+            let version = in_force.policy.version;
+            let forbidden = |reason| CommandError::Forbidden { version, reason };
+            if let Err(reason) = self.author_verdict(&self.node_id(), record.collection()) {
+                return self.complete(id, Err(forbidden(reason)));
+            }
+            if in_force.policy.has_schema(record.collection()) {
+                let (fields, deleted) = match existed {
+                    true => self.records.doc_mut(&key).preview(&edit),
+                    false => RecordDoc::new(&self.node_id()).preview(&edit),
+                };
+                let policy = &self.policy.in_force.as_ref().expect("checked above").policy;
+                if let Err(reason) =
+                    crdt_schema::policy::judge_schema(policy, record.collection(), &fields, deleted)
+                {
+                    return self.complete(id, Err(forbidden(reason)));
+                }
+            }
+        }
         if let Some(schema) = self.config.schemas.get(record.collection()) {
             let (fields, deleted) = match existed {
                 true => self.records.doc_mut(&key).preview(&edit),
@@ -699,9 +876,23 @@ impl Node {
             change
         });
         self.pipeline.queued.push(PipelineEntry::Local {
-            command: id,
+            command: Some(id),
             record,
             change,
+        });
+    }
+
+    /// Queues a change this node made by itself (not for a command) for the next append.
+    pub(crate) fn queue_own_change(&mut self, record: RecordId, change: crdt_schema::Change) {
+        let change = VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
+        if let Some(entry) = self.records.entry_mut(record.as_str()) {
+            entry.unacked.insert(change.hash());
+        }
+        self.last_local_change = Some(self.now);
+        self.pipeline.queued.push(PipelineEntry::Local {
+            command: None,
+            record,
+            change: Some(change),
         });
     }
 
@@ -739,6 +930,9 @@ impl Node {
             debug_assert_eq!(checkpoint, op);
             if let Err(error) = result {
                 self.counters.storage_errors += 1;
+                if self.policy_checkpoint == Some(op) {
+                    self.policy.unsaved = true;
+                }
                 for key in keys {
                     if let Some(entry) = self.records.entry_mut(&key) {
                         entry.dirty = true;
@@ -793,15 +987,17 @@ impl Node {
                         .records
                         .entry(record.as_str())
                         .map(|entry| entry.heads.clone());
-                    self.complete(
-                        command,
-                        Ok(Reply::Written {
-                            record,
-                            change: change_hash,
-                            heads: heads.unwrap_or_default(),
-                            changed,
-                        }),
-                    );
+                    if let Some(command) = command {
+                        self.complete(
+                            command,
+                            Ok(Reply::Written {
+                                record,
+                                change: change_hash,
+                                heads: heads.unwrap_or_default(),
+                                changed,
+                            }),
+                        );
+                    }
                 }
                 PipelineEntry::Remote {
                     from,
@@ -827,15 +1023,46 @@ impl Node {
                 }
             }
         }
-        self.apply_remote_batch(remote);
+        let accepted = self.apply_remote_batch(remote);
+        // Records judged while local changes awaited this append are judged again, now
+        // that those changes are durable.
+        let waiting: Vec<String> = self
+            .rejudge_after_ack
+            .iter()
+            .filter(|key| {
+                self.records
+                    .entry(key)
+                    .is_none_or(|entry| !entry.has_unacked())
+            })
+            .cloned()
+            .collect();
+        for key in waiting {
+            self.rejudge_after_ack.remove(&key);
+            if self.records.entry(&key).is_some() && self.rejudge_record(&key, Vec::new()).changed {
+                self.announce_record(&key, None);
+            }
+        }
+        // Rejected changes are never pushed: only what is now accepted travels.
+        pushed.retain(|(from, change)| {
+            from.is_none() || accepted.contains(&(change.record.as_str().to_owned(), change.hash()))
+        });
+        pushed.retain(|(_, change)| {
+            self.records
+                .entry(change.record.as_str())
+                .is_some_and(|entry| !entry.quarantine.contains_key(&change.hash()))
+        });
         self.schedule_checkpoint();
         self.push_to_peers(pushed);
         self.release_pending();
         self.resume_sessions();
     }
 
-    /// Applies durable remote changes, grouped per record.
-    fn apply_remote_batch(&mut self, batch: Vec<(NodeId, VerifiedChange, Origin)>) {
+    /// Applies durable remote changes, grouped per record, under the policy: accepted
+    /// ones join their documents, the rest go to quarantine. Returns the accepted ones.
+    fn apply_remote_batch(
+        &mut self,
+        batch: Vec<(NodeId, VerifiedChange, Origin)>,
+    ) -> BTreeSet<(String, ChangeHash)> {
         let mut by_record: BTreeMap<String, Vec<(NodeId, VerifiedChange, Origin)>> =
             BTreeMap::new();
         for item in batch {
@@ -844,52 +1071,66 @@ impl Node {
                 .or_default()
                 .push(item);
         }
+        let mut accepted = BTreeSet::new();
         for (key, items) in by_record {
             let record = items[0].1.record.clone();
             self.records.create(&record);
-            let changes = items
-                .iter()
-                .map(|(_, change, _)| change.change.clone())
-                .collect();
-            if let Err(error) = self.records.doc_mut(&key).apply(changes) {
-                // Verified changes whose dependencies are present apply; if Automerge still
-                // refuses, keep the node alive and say so.
-                self.counters.changes_rejected += items.len() as u64;
-                self.emit(Event::ChangeRejected {
-                    from: items[0].0,
-                    reason: format!("automerge refused a change to {key}: {error}"),
-                });
-                continue;
-            }
+            let changes = items.iter().map(|(_, change, _)| change.clone()).collect();
+            let settled = self.settle_record(&key, changes);
             let mut from = None;
             for (peer, change, origin) in &items {
                 let hash = change.hash();
-                assert!(
-                    self.records.doc_mut(&key).has_change(&hash),
-                    "a change whose dependencies were checked is applied, not queued"
-                );
-                let deps = change.change.deps().to_vec();
-                self.records
-                    .mark_durable(&key, hash, &deps, change.signature());
-                if *origin != Origin::Log {
-                    self.counters.changes_applied += 1;
-                    self.last_remote_change = Some(self.now);
-                    from = Some(*peer);
+                if settled.accepted.contains(&hash) {
+                    accepted.insert((key.clone(), hash));
+                    if *origin != Origin::Log {
+                        self.counters.changes_applied += 1;
+                        self.last_remote_change = Some(self.now);
+                        from = Some(*peer);
+                    }
                 }
             }
-            self.records.refresh_deleted(&key);
-            let heads = self
-                .records
-                .entry(&key)
-                .expect("created above")
-                .heads
-                .clone();
-            self.emit(Event::RecordChanged {
-                record,
-                heads,
-                from,
-            });
+            for (hash, author, reason) in &settled.rejected {
+                let arrived = items
+                    .iter()
+                    .find(|(_, change, _)| change.hash() == *hash)
+                    .filter(|(_, _, origin)| *origin != Origin::Log);
+                if let Some((peer, _, _)) = arrived {
+                    self.counters.changes_rejected += 1;
+                    if let Some(peer) = self.peers.get_mut(peer) {
+                        peer.counters.rejected += 1;
+                    }
+                    if *author != self.node_id() {
+                        self.send_receipt(&key, *hash, *author, reason);
+                    }
+                }
+                self.emit(Event::ChangeQuarantined {
+                    record: record.clone(),
+                    change: *hash,
+                    reason: reason.to_string(),
+                });
+            }
+            if settled.changed {
+                self.announce_record(&key, from);
+            } else {
+                // A record created for changes that Automerge refused holds nothing.
+                self.records.remove_empty(&key);
+            }
         }
+        accepted
+    }
+
+    /// Tells the change feed that a record's durable state changed.
+    pub(crate) fn announce_record(&mut self, key: &str, from: Option<NodeId>) {
+        let Some(entry) = self.records.entry(key) else {
+            return;
+        };
+        let record = entry.record.clone();
+        let heads = entry.heads.clone();
+        self.emit(Event::RecordChanged {
+            record,
+            heads,
+            from,
+        });
     }
 
     /// The append failed: nothing in it is durable. Fail its writes, undo its local changes
@@ -913,7 +1154,9 @@ impl Node {
                             .or_default()
                             .insert(change.hash());
                     }
-                    self.complete(command, Err(CommandError::Storage(error.0.clone())));
+                    if let Some(command) = command {
+                        self.complete(command, Err(CommandError::Storage(error.0.clone())));
+                    }
                 }
                 PipelineEntry::Remote { change, .. } => {
                     self.pipeline
@@ -961,7 +1204,11 @@ impl Node {
             return true;
         }
         match self.records.entry(key) {
-            Some(entry) if entry.unacked.contains(hash) || entry.signatures.contains_key(hash) => {
+            Some(entry)
+                if entry.unacked.contains(hash)
+                    || entry.signatures.contains_key(hash)
+                    || entry.quarantine.contains_key(hash) =>
+            {
                 true
             }
             Some(_) => self.records.doc_mut(key).has_change(hash),
@@ -1023,6 +1270,15 @@ impl Node {
             Ok(change) => change,
             Err(error) => return rejected(self, error),
         };
+        if !self.quarantine_has_room(&key)
+            && self
+                .author_verdict(&change.author, change.record.collection())
+                .is_err()
+        {
+            // A member flooding one record with changes it may not make: held no further.
+            self.counters.changes_dropped += 1;
+            return true;
+        }
         if self.deps_known(&key, &change) {
             self.enqueue_remote(from, change, origin);
         } else {
@@ -1108,7 +1364,7 @@ impl Node {
                 ancestors: Vec::new(),
             },
             Some(entry) => {
-                let heads: Vec<[u8; 32]> = entry.heads.iter().map(|hash| hash.0).collect();
+                let heads: Vec<[u8; 32]> = entry.advertised().iter().map(|hash| hash.0).collect();
                 let has_unacked = entry.has_unacked();
                 let doc = self.records.doc_mut(key);
                 // The ancestors of the document's heads are durable unless local changes
@@ -1139,14 +1395,52 @@ impl Node {
         let unacked = entry.unacked.clone();
         let changes = self.records.doc_mut(key).changes_after(have);
         let entry = self.records.entry(key).expect("checked above");
-        changes
+        let mut envelopes: Vec<Vec<u8>> = changes
             .iter()
             .filter(|change| !unacked.contains(&change.hash()))
             .filter_map(|change| {
                 let signature = entry.signatures.get(&change.hash())?;
                 Some(Envelope::encode(&record, change.raw_bytes(), signature).into_bytes())
             })
-            .collect()
+            .collect();
+        if !entry.quarantine.is_empty() {
+            // Quarantined changes travel by reconciliation too (never by push), so every
+            // node judges the same set: those not behind `have`, in dependency order.
+            let mut known: BTreeSet<ChangeHash> = BTreeSet::new();
+            let mut stack: Vec<ChangeHash> = have.to_vec();
+            while let Some(hash) = stack.pop() {
+                if let Some(held) = entry.quarantine.get(&hash)
+                    && known.insert(hash)
+                {
+                    stack.extend(held.change.deps().iter().copied());
+                }
+                known.insert(hash);
+            }
+            let mut sent: BTreeSet<ChangeHash> = BTreeSet::new();
+            loop {
+                let ready: Vec<ChangeHash> = entry
+                    .quarantine
+                    .iter()
+                    .filter(|(hash, _)| !known.contains(hash) && !sent.contains(hash))
+                    .filter(|(_, held)| {
+                        held.change.deps().iter().all(|dep| {
+                            !entry.quarantine.contains_key(dep)
+                                || known.contains(dep)
+                                || sent.contains(dep)
+                        })
+                    })
+                    .map(|(hash, _)| *hash)
+                    .collect();
+                if ready.is_empty() {
+                    break;
+                }
+                for hash in ready {
+                    envelopes.push(entry.quarantine[&hash].envelope.clone());
+                    sent.insert(hash);
+                }
+            }
+        }
+        envelopes
     }
 
     /// Pushes newly durable changes to connected peers that replicate their collection,
@@ -1212,8 +1506,10 @@ impl Node {
 
     // ----- checkpoints and timers -----
 
-    fn schedule_checkpoint(&mut self) {
-        if self.checkpoint_due.is_none() && self.records.iter().any(|entry| entry.dirty) {
+    pub(crate) fn schedule_checkpoint(&mut self) {
+        if self.checkpoint_due.is_none()
+            && (self.policy.unsaved || self.records.iter().any(|entry| entry.dirty))
+        {
             self.checkpoint_due = Some(self.now + self.config.checkpoint_interval);
         }
     }
@@ -1230,10 +1526,18 @@ impl Node {
             .iter()
             .any(|entry| entry.dirty && entry.has_unacked());
         self.checkpoint_due = None;
-        if keys.is_empty() {
+        let policy = self
+            .policy
+            .in_force
+            .as_ref()
+            .filter(|_| self.policy.unsaved)
+            .map(|in_force| serde_json::to_vec(&in_force.signed).expect("policies serialise"));
+        if keys.is_empty() && policy.is_none() {
             self.schedule_checkpoint();
             return;
         }
+        self.policy.unsaved = false;
+        let judged_under = self.policy.in_force.as_ref().map(|in_force| in_force.hash);
         let mut records = Vec::with_capacity(keys.len());
         for key in &keys {
             let document = self.records.document_bytes(key);
@@ -1248,16 +1552,29 @@ impl Node {
                     .iter()
                     .map(|(hash, signature)| (hash.0, Signature(*signature)))
                     .collect(),
+                quarantine: entry
+                    .quarantine
+                    .values()
+                    .map(|held| SavedQuarantined {
+                        envelope: held.envelope.clone(),
+                        reason: serde_json::to_string(&held.reason).expect("reasons serialise"),
+                        rejected_at_ms: held.rejected_at.as_millis(),
+                    })
+                    .collect(),
+                judged_under,
             });
         }
         let op = self.next_op();
+        let saved_policy = policy.is_some();
         self.effects.push(Effect::Storage {
             op,
             request: StorageRequest::Checkpoint {
                 records,
                 compact_log,
+                policy,
             },
         });
+        self.policy_checkpoint = saved_policy.then_some(op);
         self.checkpoint_in_flight = Some((op, keys));
     }
 

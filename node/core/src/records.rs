@@ -9,9 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
-use crdt_schema::{ChangeHash, NodeId, RecordDoc, RecordId};
+use crdt_schema::policy::RejectReason;
+use crdt_schema::{Change, ChangeHash, NodeId, RecordDoc, RecordId};
 
 use crate::digest::{Accumulator, ItemHash};
+use crate::time::Instant;
 
 /// Collections a reconciliation covers; `None` means all.
 pub type Scope = Option<BTreeSet<String>>;
@@ -30,10 +32,28 @@ pub struct Entry {
     pub signatures: BTreeMap<ChangeHash, [u8; 64]>,
     /// Local changes made but not yet durable.
     pub unacked: BTreeSet<ChangeHash>,
+    /// Durable, validly signed changes the policy rejects: never applied, never pushed,
+    /// but held and reconciled so that every honest node judges the same set.
+    pub quarantine: BTreeMap<ChangeHash, Quarantined>,
     /// Changed since the last checkpoint.
     pub dirty: bool,
     body: Body,
     last_used: u64,
+}
+
+/// A change the policy rejected, kept with why.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    /// The envelope exactly as received.
+    pub envelope: Vec<u8>,
+    /// The parsed change.
+    pub change: Change,
+    /// Its author.
+    pub author: NodeId,
+    /// The rule it broke under the policy in force.
+    pub reason: RejectReason,
+    /// When this node rejected it.
+    pub rejected_at: Instant,
 }
 
 enum Body {
@@ -120,6 +140,7 @@ impl Records {
                 deleted: false,
                 signatures: BTreeMap::new(),
                 unacked: BTreeSet::new(),
+                quarantine: BTreeMap::new(),
                 dirty: true,
                 body: Body::Loaded(Box::new(doc)),
                 last_used: 0,
@@ -131,11 +152,9 @@ impl Records {
     /// Removes a record that has neither durable nor pending changes (a first write that
     /// failed), so that it does not appear.
     pub fn remove_empty(&mut self, key: &str) {
-        if self
-            .entries
-            .get(key)
-            .is_some_and(|entry| entry.heads.is_empty() && entry.unacked.is_empty())
-        {
+        if self.entries.get(key).is_some_and(|entry| {
+            entry.heads.is_empty() && entry.unacked.is_empty() && entry.quarantine.is_empty()
+        }) {
             let entry = self.entries.remove(key).expect("checked above");
             self.total.remove(&entry.item);
             self.loaded.remove(&entry.last_used);
@@ -150,8 +169,9 @@ impl Records {
         document: Vec<u8>,
         signatures: BTreeMap<ChangeHash, [u8; 64]>,
         deleted: bool,
+        quarantine: BTreeMap<ChangeHash, Quarantined>,
     ) {
-        let item = ItemHash::of(record.as_str(), &heads);
+        let item = ItemHash::of(record.as_str(), &advertised(&heads, &quarantine));
         if let Some(old) = self.entries.remove(record.as_str()) {
             self.total.remove(&old.item);
             self.loaded.remove(&old.last_used);
@@ -166,6 +186,7 @@ impl Records {
                 deleted,
                 signatures,
                 unacked: BTreeSet::new(),
+                quarantine,
                 dirty: false,
                 body: Body::Saved(document),
                 last_used: 0,
@@ -224,11 +245,22 @@ impl Records {
         }
         entry.signatures.insert(hash, signature);
         entry.unacked.remove(&hash);
+        self.refresh_item(key);
+    }
+
+    /// Recomputes a record's digest contribution after its heads or quarantine changed.
+    pub fn refresh_item(&mut self, key: &str) {
+        let entry = self.entries.get_mut(key).expect("record exists");
         entry.dirty = true;
-        let item = ItemHash::of(key, &entry.heads);
+        let item = ItemHash::of(key, &entry.advertised());
         self.total.remove(&entry.item);
         self.total.add(&item);
         entry.item = item;
+    }
+
+    /// Keys of every record, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
     }
 
     /// Refreshes the cached tombstone flag from the document.
@@ -298,4 +330,42 @@ impl Entry {
     pub fn has_unacked(&self) -> bool {
         !self.unacked.is_empty()
     }
+
+    /// Whether the record has accepted content (a record holding only quarantined changes
+    /// does not exist for readers).
+    pub fn is_visible(&self) -> bool {
+        !self.heads.is_empty() || self.has_unacked()
+    }
+
+    /// What this node holds of the record, as peers compare it: the durable heads plus
+    /// the quarantined changes no other quarantined change builds on.
+    pub fn advertised(&self) -> Vec<ChangeHash> {
+        advertised(&self.heads, &self.quarantine)
+    }
+}
+
+fn advertised(
+    heads: &[ChangeHash],
+    quarantine: &BTreeMap<ChangeHash, Quarantined>,
+) -> Vec<ChangeHash> {
+    if quarantine.is_empty() {
+        return heads.to_vec();
+    }
+    let built_on: BTreeSet<ChangeHash> = quarantine
+        .values()
+        .flat_map(|held| held.change.deps().iter().copied())
+        .collect();
+    let mut all: Vec<ChangeHash> = heads
+        .iter()
+        .copied()
+        .chain(
+            quarantine
+                .keys()
+                .filter(|hash| !built_on.contains(hash))
+                .copied(),
+        )
+        .collect();
+    all.sort();
+    all.dedup();
+    all
 }

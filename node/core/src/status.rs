@@ -47,6 +47,28 @@ pub struct Status {
     pub unflushed_changes: u64,
     /// Loaded Automerge documents.
     pub loaded_documents: u64,
+    /// The org policy in force, if any.
+    pub policy: Option<PolicySummary>,
+    /// Changes held in quarantine (rejected by the policy), over all records.
+    pub quarantined_changes: u64,
+    /// This node's own changes that were rejected: by itself under a newer policy, or by
+    /// peers (their receipts).
+    pub own_changes_rejected: Vec<crate::policy::Receipt>,
+    /// Peers refused because they are not members.
+    pub refused_connections: Vec<crate::policy::RefusedPeer>,
+}
+
+/// The policy in force, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicySummary {
+    /// Its version.
+    pub version: u64,
+    /// The hash of its canonical text, hex.
+    pub hash: String,
+    /// How many members it names.
+    pub members: u64,
+    /// Set when two different policies claimed the same version: an alarm.
+    pub conflict: Option<crate::policy::PolicyConflict>,
 }
 
 /// One peer as this node sees it.
@@ -101,7 +123,7 @@ pub struct Counters {
     pub changes_applied: u64,
     /// Remote changes already held.
     pub changes_duplicate: u64,
-    /// Changes refused: bad signature or malformed envelope.
+    /// Changes refused: bad signature or malformed envelope, or rejected by the policy.
     pub changes_rejected: u64,
     /// Messages refused: garbage, truncated, oversized or out of protocol.
     pub messages_rejected: u64,

@@ -40,6 +40,9 @@ pub enum StorageRequest {
         /// those log entries. False while a record with changed state is left out because
         /// local changes to it await their append.
         compact_log: bool,
+        /// The signed policy in force (JSON), when it changed since the last checkpoint.
+        /// Stored with the records, since they were judged under it.
+        policy: Option<Vec<u8>>,
     },
 }
 
@@ -61,6 +64,23 @@ pub struct SavedRecord {
     pub document: Vec<u8>,
     /// The author's signature of every change in the document, by change hash.
     pub signatures: Vec<([u8; 32], Signature)>,
+    /// Changes the policy rejected, with why and when.
+    pub quarantine: Vec<SavedQuarantined>,
+    /// The hash of the policy the record was judged under; a start with another policy
+    /// judges it again.
+    pub judged_under: Option<[u8; 32]>,
+}
+
+/// A quarantined change as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQuarantined {
+    /// The signed envelope.
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+    /// The rejection reason as JSON (it is re-derived on the next policy change anyway).
+    pub reason: String,
+    /// When it was rejected, in milliseconds since the epoch.
+    pub rejected_at_ms: u64,
 }
 
 /// An ed25519 signature, serialised as bytes.
@@ -74,6 +94,8 @@ pub struct Restore {
     pub records: Vec<SavedRecord>,
     /// Log entries appended since, in order.
     pub log: Vec<Vec<u8>>,
+    /// The signed policy (JSON) stored with the last checkpoint that carried one.
+    pub policy: Option<Vec<u8>>,
 }
 
 /// Why stored bytes could not be read.

@@ -28,7 +28,9 @@ use crate::digest::Accumulator;
 use crate::limits::*;
 use crate::node::{CommandError, CommandId, Effect, Event, Node, Origin, Peer, Reply};
 use crate::records::{Scope, in_scope};
-use crate::status::{PeerCounters, PeerState, PeerStatus, Status, SyncOutcome, SyncRecord};
+use crate::status::{
+    PeerCounters, PeerState, PeerStatus, PolicySummary, Status, SyncOutcome, SyncRecord,
+};
 use crate::time::Instant;
 use crate::wire::{EnvelopeBytes, Hash, Item, Message, Need, Range, RangeSummary, Round};
 
@@ -135,7 +137,15 @@ impl Node {
     }
 
     pub(crate) fn peer_connected(&mut self, peer: NodeId) {
-        if peer == self.node_id() || !self.make_room_for(peer) {
+        if peer == self.node_id() {
+            return;
+        }
+        if !self.admits(&peer) {
+            // Once a policy is in force only members may connect. The daemon refuses them
+            // at the transport already; this covers every other driver.
+            return self.refuse_peer(peer);
+        }
+        if !self.make_room_for(peer) {
             return;
         }
         // Fresh session state on every connection: whatever was in flight is gone.
@@ -154,7 +164,15 @@ impl Node {
             .as_ref()
             .map(|set| set.iter().cloned().collect());
         let name = self.config.name.clone();
-        self.send(peer, &Message::Hello { name, scope });
+        let policy = self.policy_tag();
+        self.send(
+            peer,
+            &Message::Hello {
+                name,
+                scope,
+                policy,
+            },
+        );
     }
 
     pub(crate) fn peer_disconnected(&mut self, peer: NodeId) {
@@ -226,7 +244,20 @@ impl Node {
         };
         let has_hello = peer.scope.is_some();
         match message {
-            Message::Hello { name, scope } => self.hello(from, name, scope),
+            Message::Hello {
+                name,
+                scope,
+                policy,
+            } => {
+                self.hello(from, name, scope);
+                if self
+                    .peers
+                    .get(&from)
+                    .is_some_and(|peer| peer.scope.is_some())
+                {
+                    self.compare_policy(from, policy);
+                }
+            }
             _ if !has_hello => self.reject_message(from, "message before hello".into()),
             Message::Push { changes } => {
                 for envelope in changes {
@@ -239,6 +270,22 @@ impl Node {
                 }
             }
             Message::Announce { record, heads } => self.announced(from, &record, &heads),
+            Message::Policy { signed } => {
+                let offered = serde_json::from_slice(&signed)
+                    .map_err(|error| error.to_string())
+                    .and_then(|signed| {
+                        self.offer_policy(signed, Some(from))
+                            .map_err(|error| error.to_string())
+                    });
+                if let Err(reason) = offered {
+                    self.reject_message(from, format!("sent a policy this node refuses: {reason}"));
+                }
+            }
+            Message::Receipt {
+                record,
+                change,
+                reason,
+            } => self.receipt_received(from, record, change, reason),
             Message::Need { needs } => self.answer_needs(from, needs),
             Message::SyncRequest(round) => self.sync_request(from, round),
             Message::SyncResponse(round) => self.sync_response(from, round),
@@ -666,7 +713,7 @@ impl Node {
                 (
                     entry.record.as_str().to_owned(),
                     entry.item,
-                    hashes(&entry.heads),
+                    hashes(&entry.advertised()),
                 )
             })
             .collect();
@@ -788,7 +835,7 @@ impl Node {
             }
             return;
         };
-        if entry.heads == their_heads {
+        if entry.advertised() == their_heads {
             return;
         }
         let all_known = their_heads.iter().all(|head| self.is_known(key, head));
@@ -1015,6 +1062,19 @@ impl Node {
             pending_changes: self.pending_len() as u64,
             unflushed_changes: self.unflushed_len() as u64,
             loaded_documents: self.records.loaded_count() as u64,
+            policy: self.policy.in_force.as_ref().map(|in_force| PolicySummary {
+                version: in_force.policy.version,
+                hash: crate::policy::hex(&in_force.hash),
+                members: in_force.policy.members.len() as u64,
+                conflict: self.policy.conflict.clone(),
+            }),
+            quarantined_changes: self
+                .records
+                .iter()
+                .map(|entry| entry.quarantine.len() as u64)
+                .sum(),
+            own_changes_rejected: self.own_rejections(),
+            refused_connections: self.policy.refused.values().cloned().collect(),
         }
     }
 

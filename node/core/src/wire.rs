@@ -6,7 +6,9 @@
 //! peer cannot make a node allocate or loop without bound.
 //!
 //! The exchanges:
-//! - `Hello` once per connection, each way: name and replication scope.
+//! - `Hello` once per connection, each way: name, replication scope and policy version;
+//!   the side with the newer policy sends it (`Policy`). `Receipt` tells an author that
+//!   one of its changes was rejected.
 //! - `Push` carries new changes as they are committed; `Announce` carries only the heads
 //!   of a record whose change is too large to push; `Need` asks for a record's changes.
 //! - A reconciliation session is request/response rounds: the initiator's `SyncRequest`,
@@ -38,6 +40,23 @@ pub enum Message {
         name: String,
         /// Collections the sender replicates; `None` for all.
         scope: Option<Vec<String>>,
+        /// The policy the sender enforces, if any, so the side with the newer one sends it.
+        policy: Option<PolicyTag>,
+    },
+    /// The org's signed policy (JSON), sent to a peer that has an older one or none.
+    Policy {
+        /// The signed policy as `mesh policy sign` wrote it.
+        #[serde(with = "serde_bytes")]
+        signed: Vec<u8>,
+    },
+    /// "I rejected your change": sent to the author of a quarantined change.
+    Receipt {
+        /// The record.
+        record: String,
+        /// The change.
+        change: Hash,
+        /// Why, in words.
+        reason: String,
     },
     /// Newly committed changes.
     Push {
@@ -76,6 +95,15 @@ pub enum Message {
         /// Whether the two nodes were found in sync.
         completed: bool,
     },
+}
+
+/// Which policy a node enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTag {
+    /// Its version.
+    pub version: u64,
+    /// The hash of its canonical text (breaks same-version ties: lower wins).
+    pub hash: Hash,
 }
 
 /// One round of range-based set reconciliation.
@@ -186,7 +214,12 @@ impl Message {
 
     fn check_limits(&self) -> Result<(), WireError> {
         match self {
-            Message::Hello { name, scope } => {
+            Message::Policy { signed } => check("policy bytes", signed.len(), POLICY_BYTES_MAX),
+            Message::Receipt { reason, record, .. } => {
+                check("reason bytes", reason.len(), REASON_BYTES_MAX)?;
+                check("record bytes", record.len(), REASON_BYTES_MAX)
+            }
+            Message::Hello { name, scope, .. } => {
                 check("name bytes", name.len(), NAME_BYTES_MAX)?;
                 let collections = scope.as_ref().map_or(0, Vec::len);
                 check("scope collections", collections, SCOPE_COLLECTIONS_MAX)

@@ -13,6 +13,9 @@
 //! | `POST /v1/sync/now` | reconcile with every connected peer now |
 //! | `POST /v1/sync/abort` | stop running syncs |
 //! | `GET /v1/changes?collection=C` | follow record changes: one JSON line per change |
+//! | `GET /v1/policy` | the org policy in force; 404 if none |
+//! | `POST /v1/policy` | put a signed policy (the JSON `mesh policy sign` writes) in force |
+//! | `GET /v1/quarantine` | changes the policy rejected, with why |
 //!
 //! Every request needs `Authorization: Bearer <token>`; without it the answer is 401.
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status.
@@ -67,6 +70,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/sync/now", post(sync_now))
         .route("/v1/sync/abort", post(sync_abort))
         .route("/v1/changes", get(changes))
+        .route("/v1/policy", get(show_policy).post(apply_policy))
+        .route("/v1/quarantine", get(quarantine))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorise,
@@ -96,6 +101,8 @@ impl From<CommandError> for ApiError {
             CommandError::Invalid(_) | CommandError::Schema { .. } => StatusCode::BAD_REQUEST,
             CommandError::PeerNotConnected(_) => StatusCode::CONFLICT,
             CommandError::Storage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            CommandError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            CommandError::Policy(_) => StatusCode::BAD_REQUEST,
         };
         ApiError(status, error.to_string())
     }
@@ -142,6 +149,10 @@ async fn status(State(state): State<ApiState>) -> ApiResult {
         .as_object_mut()
         .expect("status serialises to an object");
     object.insert("name".into(), json!(state.info.name));
+    object.insert(
+        "rejected_changes".into(),
+        json!(status.counters.changes_rejected),
+    );
     object.insert("api_addr".into(), json!(state.info.api_addr));
     let listen_addrs = state
         .node
@@ -302,6 +313,45 @@ async fn sync_abort(State(state): State<ApiState>) -> ApiResult {
         return Err(unexpected());
     };
     Ok(axum::Json(json!({ "sessions": sessions })).into_response())
+}
+
+async fn show_policy(State(state): State<ApiState>) -> ApiResult {
+    let Reply::Policy(view) = run(&state, Command::ShowPolicy).await? else {
+        return Err(unexpected());
+    };
+    match view {
+        Some(view) => Ok(axum::Json(view).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "no policy is in force: every node key may connect and write; apply one with `mesh policy apply FILE`".into(),
+        )),
+    }
+}
+
+async fn apply_policy(
+    State(state): State<ApiState>,
+    body: Result<axum::Json<crdt_schema::policy::SignedPolicy>, JsonRejection>,
+) -> ApiResult {
+    let axum::Json(signed) = body.map_err(|rejection| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body is not a signed policy as `mesh policy sign` writes it: {}",
+                rejection.body_text()
+            ),
+        )
+    })?;
+    let Reply::PolicyOffered(offer) = run(&state, Command::ApplyPolicy { signed }).await? else {
+        return Err(unexpected());
+    };
+    Ok(axum::Json(offer).into_response())
+}
+
+async fn quarantine(State(state): State<ApiState>) -> ApiResult {
+    let Reply::Quarantine(rows) = run(&state, Command::Quarantine).await? else {
+        return Err(unexpected());
+    };
+    Ok(axum::Json(json!({ "quarantine": rows })).into_response())
 }
 
 /// Which changes a follower wants.

@@ -82,6 +82,7 @@ enum StorageJob {
     Checkpoint {
         op: StorageOpId,
         records: Vec<mesh_core::SavedRecord>,
+        policy: Option<Vec<u8>>,
         compact_before: Option<u64>,
     },
 }
@@ -113,6 +114,8 @@ pub fn start(
     let restored_records = restore.records.len();
     let replayed = restore.log.len();
     let _ = node.handle(clock.now(), Input::Restore(restore));
+    let mut net = net;
+    net.set_members(node.members());
     tracing::info!(node = %node.node_id(), records = restored_records, log_entries = replayed, "node restored");
 
     let (requests_tx, requests) = mpsc::channel::<Request>(1024);
@@ -208,6 +211,7 @@ impl Driver {
             NetEvent::Connected(peer) => self.input(Input::PeerConnected { peer }),
             NetEvent::Disconnected(peer) => self.input(Input::PeerDisconnected { peer }),
             NetEvent::Message { from, bytes } => self.input(Input::MessageReceived { from, bytes }),
+            NetEvent::Refused(peer) => self.input(Input::PeerRefused { peer }),
             NetEvent::Nothing => {}
         }
         let addrs = self.net.listen_addrs();
@@ -242,9 +246,11 @@ impl Driver {
                     StorageRequest::Checkpoint {
                         records,
                         compact_log,
+                        policy,
                     } => StorageJob::Checkpoint {
                         op,
                         records,
+                        policy,
                         compact_before: compact_log.then_some(self.acked_entries),
                     },
                 };
@@ -286,6 +292,15 @@ impl Driver {
                 session,
                 initiator,
             } => tracing::debug!(%peer, session, initiator, "sync started"),
+            Event::PolicyAdopted { version } => {
+                tracing::info!(version, "policy in force");
+                self.net.set_members(self.node.members());
+            }
+            Event::ChangeQuarantined {
+                record,
+                change,
+                reason,
+            } => tracing::warn!(%record, %change, %reason, "change quarantined by the policy"),
             Event::SyncEnded(row) => {
                 tracing::info!(peer = %row.peer, outcome = ?row.outcome, received = row.changes_received, sent = row.changes_sent, "sync ended")
             }
@@ -316,11 +331,12 @@ fn storage_thread(
             StorageJob::Checkpoint {
                 op,
                 records,
+                policy,
                 compact_before,
             } => (
                 op,
                 store
-                    .checkpoint(&records, compact_before)
+                    .checkpoint(&records, policy.as_deref(), compact_before)
                     .map_err(|error| StorageError(format!("cannot save records: {error:#}"))),
             ),
         };

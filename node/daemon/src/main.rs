@@ -141,6 +141,12 @@ enum Commands {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Changes the policy rejected: never applied, kept with the rule they broke.
+    Quarantine {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start three nodes on loopback, write on each and watch them converge.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -197,6 +203,18 @@ enum PolicyCommand {
         /// Where to write the signed policy.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Hand a signed policy to the running node, which enforces it and spreads it to its
+    /// peers (it must be signed by the org the node trusts and newer than its own).
+    Apply {
+        /// The signed policy file from `mesh policy sign`.
+        file: PathBuf,
+    },
+    /// The policy in force: members, roles, who may write what.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -259,6 +277,9 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             eprintln!("make nodes trust it with: mesh init --org {org}");
             Ok(())
         }
+        Commands::Policy {
+            command: command @ (PolicyCommand::Apply { .. } | PolicyCommand::Show { .. }),
+        } => run_with_node(cli.data_dir, Commands::Policy { command }),
         Commands::Policy {
             command:
                 PolicyCommand::Sign {
@@ -431,6 +452,51 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                 &json!({ "history": page_rows, "total": rows.len() }),
                 |_| print_history(&page_rows, rows.len()),
             );
+            Ok(())
+        }
+        Commands::Policy {
+            command: PolicyCommand::Apply { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let signed: Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a signed policy; make one with `mesh policy sign`",
+                    file.display()
+                )
+            })?;
+            let offer = Client::connect(&dir)?.send("POST", "/v1/policy", &signed)?;
+            match offer["outcome"].as_str() {
+                Some("adopted") => println!(
+                    "policy version {} is in force and spreading to peers",
+                    offer["version"]
+                ),
+                Some("unchanged") => {
+                    println!("policy version {} was already in force", offer["version"])
+                }
+                _ => println!(
+                    "ignored: the node enforces a newer policy (version {}); raise `version` and sign again",
+                    offer["in_force"]
+                ),
+            }
+            Ok(())
+        }
+        Commands::Policy {
+            command: PolicyCommand::Show { json },
+        } => {
+            let policy = Client::connect(&dir)?.get("/v1/policy")?;
+            print_or(json, &policy, print_policy);
+            Ok(())
+        }
+        Commands::Quarantine { json } => {
+            let rows = Client::connect(&dir)?.get("/v1/quarantine")?;
+            print_or(json, &rows, |value| {
+                print_quarantine(
+                    value["quarantine"]
+                        .as_array()
+                        .map_or(&[][..], Vec::as_slice),
+                )
+            });
             Ok(())
         }
         Commands::Demo { .. } | Commands::Org { .. } | Commands::Policy { .. } => {
@@ -683,11 +749,139 @@ fn print_status(status: &Value) {
     println!("last sync {}", ago(status["last_sync"].as_u64()));
     let counters = &status["counters"];
     println!(
-        "rejected  {} changes, {} messages",
+        "rejected  {} changes, {} messages; {} in quarantine",
         counters["changes_rejected"].as_u64().unwrap_or(0),
-        counters["messages_rejected"].as_u64().unwrap_or(0)
+        counters["messages_rejected"].as_u64().unwrap_or(0),
+        status["quarantined_changes"].as_u64().unwrap_or(0)
     );
+    match status["policy"].as_object() {
+        Some(policy) => {
+            println!(
+                "policy    version {}, {} members",
+                policy["version"], policy["members"]
+            );
+            if let Some(conflict) = policy["conflict"].as_object() {
+                println!(
+                    "  WARNING two different policies claim version {}: {}… is in force, {}… lost the tie; sign a higher version",
+                    conflict["version"],
+                    short(conflict["kept"].as_str(), 12),
+                    short(conflict["other"].as_str(), 12)
+                );
+            }
+        }
+        None => println!("policy    none (every node key may connect and write)"),
+    }
+    let own = status["own_changes_rejected"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !own.is_empty() {
+        println!("own changes rejected ({}):", own.len());
+        for row in own.iter().rev().take(5) {
+            println!(
+                "  {} {}…: {}",
+                row["record"].as_str().unwrap_or("?"),
+                short(row["change"].as_str(), 12),
+                row["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    let refused = status["refused_connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !refused.is_empty() {
+        println!("refused non-members:");
+        for row in &refused {
+            println!(
+                "  {} ({} attempts, last {})",
+                row["peer_id"].as_str().unwrap_or("?"),
+                row["attempts"],
+                ago(row["last_at"].as_u64())
+            );
+        }
+    }
     print_peers(&status["peers"]);
+}
+
+fn print_policy(view: &Value) {
+    let policy = &view["policy"];
+    println!(
+        "policy version {}  (hash {}…)",
+        view["version"],
+        short(view["hash"].as_str(), 16)
+    );
+    println!("members");
+    if let Some(members) = policy["members"].as_object() {
+        for (name, member) in members {
+            let roles: Vec<&str> = member["roles"]
+                .as_array()
+                .map(|roles| roles.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            println!(
+                "  {:<16} {:<24} {}",
+                name,
+                roles.join(","),
+                member["node"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    if let Some(revoked) = policy["revoked"].as_array().filter(|list| !list.is_empty()) {
+        println!("revoked");
+        for node in revoked {
+            println!("  {}", node.as_str().unwrap_or("?"));
+        }
+    }
+    println!("collections (others: any member may write)");
+    if let Some(collections) = policy["collections"].as_object() {
+        for (name, rule) in collections {
+            let writers: Vec<&str> = rule["writers"]
+                .as_array()
+                .map(|roles| roles.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            println!(
+                "  {:<16} written by {}{}",
+                name,
+                writers.join(", "),
+                if rule["schema"].is_null() {
+                    ""
+                } else {
+                    "; has a field schema"
+                }
+            );
+        }
+    }
+    if let Some(conflict) = view["conflict"].as_object() {
+        println!(
+            "WARNING another policy also claims version {}; the lower hash is in force",
+            conflict["version"]
+        );
+    }
+}
+
+fn print_quarantine(rows: &[Value]) {
+    if rows.is_empty() {
+        println!("quarantine is empty: every change held was accepted");
+        return;
+    }
+    println!("{:<28} {:<14} {:<18} reason", "record", "change", "author");
+    for row in rows {
+        let author = match row["author_name"].as_str() {
+            Some(name) => name.to_owned(),
+            None => format!("{}…", short(row["author"].as_str(), 14)),
+        };
+        println!(
+            "{:<28} {:<14} {:<18} {}",
+            row["record"].as_str().unwrap_or("?"),
+            format!("{}…", short(row["change"].as_str(), 12)),
+            author,
+            row["reason_text"].as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "{} changes in quarantine; they are never applied",
+        rows.len()
+    );
 }
 
 fn print_peers(peers: &Value) {
@@ -740,4 +934,10 @@ fn print_history(rows: &[Value], total: usize) {
         );
     }
     println!("{} of {total} sessions", rows.len());
+}
+
+/// The first `len` characters of an id, for tables.
+fn short(text: Option<&str>, len: usize) -> &str {
+    let text = text.unwrap_or("?");
+    text.get(..len).unwrap_or(text)
 }

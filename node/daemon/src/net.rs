@@ -51,12 +51,15 @@ pub enum NetEvent {
         /// The message.
         bytes: Vec<u8>,
     },
+    /// A peer that is not a member tried to connect and was refused.
+    Refused(NodeId),
     /// Nothing for the core (internal bookkeeping happened).
     Nothing,
 }
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    members: membership::Behaviour,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -106,6 +109,7 @@ impl Net {
             )
             .context("cannot set up TCP with Noise and Yamux")?
             .with_behaviour(|key| Behaviour {
+                members: membership::Behaviour::default(),
                 limits: connection_limits::Behaviour::new(limits),
                 mdns: Toggle::from(
                     use_mdns
@@ -191,6 +195,14 @@ impl Net {
                 tracing::debug!(%address, %error, "dial failed");
             }
         }
+    }
+
+    /// Sets who may connect: `None` lets anyone (no policy in force); otherwise only these
+    /// node ids. Connections from others are refused during the handshake, before any
+    /// message, and current connections of non-members are closed.
+    pub fn set_members(&mut self, members: Option<Vec<NodeId>>) {
+        let members = members.map(|nodes| nodes.iter().filter_map(peer_id).collect());
+        self.swarm.behaviour_mut().members.set(members);
     }
 
     /// Queues a message to a peer; sends it now if nothing is in flight to that peer.
@@ -293,6 +305,10 @@ impl Net {
                 node_id(&peer_id).map_or(NetEvent::Nothing, NetEvent::Disconnected)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Messages(event)) => self.message_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Members(membership::Refused(peer))) => {
+                tracing::warn!(%peer, "refused a connection from a node that is not a member");
+                node_id(&peer).map_or(NetEvent::Nothing, NetEvent::Refused)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let connected: BTreeSet<PeerId> = self.swarm.connected_peers().copied().collect();
                 for (peer, address) in found {
@@ -441,4 +457,138 @@ async fn read_u32<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<u32> {
     let mut bytes = [0u8; 4];
     io.read_exact(&mut bytes).await?;
     Ok(u32::from_be_bytes(bytes))
+}
+
+fn peer_id(node: &NodeId) -> Option<PeerId> {
+    node.to_string().parse().ok()
+}
+
+/// Refuses connections from peers that are not members of the policy in force.
+mod membership {
+    use std::collections::{BTreeSet, VecDeque};
+    use std::convert::Infallible;
+    use std::task::{Context, Poll, Waker};
+
+    use libp2p::core::Endpoint;
+    use libp2p::core::transport::PortUse;
+    use libp2p::swarm::{
+        CloseConnection, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler,
+        THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+    };
+    use libp2p::{Multiaddr, PeerId};
+
+    /// A peer was refused.
+    #[derive(Debug)]
+    pub struct Refused(pub PeerId);
+
+    #[derive(Debug)]
+    struct NotAMember(PeerId);
+
+    impl std::fmt::Display for NotAMember {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{} is not a member of the org's policy", self.0)
+        }
+    }
+
+    impl std::error::Error for NotAMember {}
+
+    /// `members` is `None` while no policy is in force: everyone may connect.
+    #[derive(Default)]
+    pub struct Behaviour {
+        members: Option<BTreeSet<PeerId>>,
+        refused: VecDeque<PeerId>,
+        close: VecDeque<PeerId>,
+        connected: BTreeSet<PeerId>,
+        waker: Option<Waker>,
+    }
+
+    impl Behaviour {
+        pub fn set(&mut self, members: Option<BTreeSet<PeerId>>) {
+            if let Some(members) = &members {
+                self.close
+                    .extend(self.connected.iter().filter(|peer| !members.contains(peer)));
+            }
+            self.members = members;
+            if let Some(waker) = self.waker.take() {
+                waker.wake();
+            }
+        }
+
+        fn enforce(&mut self, peer: PeerId) -> Result<(), ConnectionDenied> {
+            match &self.members {
+                Some(members) if !members.contains(&peer) => {
+                    self.refused.push_back(peer);
+                    if let Some(waker) = self.waker.take() {
+                        waker.wake();
+                    }
+                    Err(ConnectionDenied::new(NotAMember(peer)))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl NetworkBehaviour for Behaviour {
+        type ConnectionHandler = dummy::ConnectionHandler;
+        type ToSwarm = Refused;
+
+        fn handle_established_inbound_connection(
+            &mut self,
+            _: ConnectionId,
+            peer: PeerId,
+            _: &Multiaddr,
+            _: &Multiaddr,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            self.enforce(peer)?;
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn handle_established_outbound_connection(
+            &mut self,
+            _: ConnectionId,
+            peer: PeerId,
+            _: &Multiaddr,
+            _: Endpoint,
+            _: PortUse,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            self.enforce(peer)?;
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn on_swarm_event(&mut self, event: FromSwarm) {
+            match event {
+                FromSwarm::ConnectionEstablished(established) => {
+                    self.connected.insert(established.peer_id);
+                }
+                FromSwarm::ConnectionClosed(closed) if closed.remaining_established == 0 => {
+                    self.connected.remove(&closed.peer_id);
+                }
+                _ => {}
+            }
+        }
+
+        fn on_connection_handler_event(
+            &mut self,
+            _: PeerId,
+            _: ConnectionId,
+            event: THandlerOutEvent<Self>,
+        ) {
+            let never: Infallible = event;
+            match never {}
+        }
+
+        fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Refused, THandlerInEvent<Self>>> {
+            if let Some(peer) = self.refused.pop_front() {
+                return Poll::Ready(ToSwarm::GenerateEvent(Refused(peer)));
+            }
+            if let Some(peer) = self.close.pop_front() {
+                return Poll::Ready(ToSwarm::CloseConnection {
+                    peer_id: peer,
+                    connection: CloseConnection::All,
+                });
+            }
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
 }

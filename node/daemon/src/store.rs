@@ -130,9 +130,12 @@ impl Store {
             })?;
             saved.push(record);
         }
+        let meta = db.open_tree("meta")?;
+        let policy = meta.get(POLICY_KEY)?.map(|bytes| bytes.to_vec());
         let restore = Restore {
             records: saved,
             log: log.entries().to_vec(),
+            policy,
         };
         let store = Store {
             log,
@@ -160,8 +163,14 @@ impl Store {
     pub fn checkpoint(
         &mut self,
         records: &[SavedRecord],
+        policy: Option<&[u8]>,
         compact_before: Option<u64>,
     ) -> anyhow::Result<()> {
+        if let Some(policy) = policy {
+            // Each record names the policy it was judged under, so a crash between these
+            // two writes is noticed on start and those records are judged again.
+            self.db.open_tree("meta")?.insert(POLICY_KEY, policy)?;
+        }
         let mut batch = sled::Batch::default();
         for record in records {
             batch.insert(record.record.as_str().as_bytes(), record.encode());
@@ -179,6 +188,9 @@ impl Store {
         Ok(())
     }
 }
+
+/// Where the signed policy in force is kept, in the `meta` tree.
+const POLICY_KEY: &[u8] = b"policy";
 
 fn sync_tree(path: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(path)? {

@@ -1,0 +1,752 @@
+//! The org's policy inside a node: which policy is in force, who may connect, and the
+//! verdict on every change.
+//!
+//! **The verdict rule.** Under a policy, a record's *accepted* changes are every change
+//! whose author may write the record's collection (a member, not revoked, with a writer
+//! role, and the record as of that change follows the collection's schema), together with
+//! every change such an accepted change builds on: what a valid member built on is part
+//! of accepted history, whoever wrote it. Everything else the node holds of the record is
+//! *quarantined*. This is a pure function of the policy and the set of changes held, so
+//! two honest nodes holding the same changes and the same policy hold the same records and
+//! the same quarantine, whatever order things arrived in.
+//!
+//! Quarantined changes are durable, never applied and never pushed, but reconciliation
+//! carries them like any other held change, so that every honest node ends up judging the
+//! same set. Without that, which node had seen a rejected change would depend on who
+//! happened to hear from whom, and a later policy could not be applied the same way
+//! everywhere. Changes that fail verification (bad signature, garbage) are never held.
+//!
+//! A newer policy makes the node re-judge every record and rebuild those whose accepted
+//! set changed; Automerge cannot remove a change, so a rebuilt document is made afresh
+//! from the accepted changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crdt_schema::policy::{self, Policy, PolicyError, RejectReason, SignedPolicy};
+use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, VerifiedChange};
+use serde::Serialize;
+
+use crate::limits::{QUARANTINE_PER_RECORD_MAX, RECEIPTS_MAX, REFUSED_PEERS_MAX};
+use crate::node::{Effect, Event, Node};
+use crate::records::Quarantined;
+use crate::status::PeerState;
+use crate::time::Instant;
+use crate::wire::{Message, PolicyTag};
+
+/// The policy this node enforces, with its signature.
+pub(crate) struct InForce {
+    pub(crate) policy: Policy,
+    pub(crate) signed: SignedPolicy,
+    pub(crate) hash: [u8; 32],
+}
+
+/// The node's policy state.
+#[derive(Default)]
+pub(crate) struct PolicyState {
+    pub(crate) in_force: Option<InForce>,
+    /// A different policy of the same version was seen: an alarm for the operator.
+    pub(crate) conflict: Option<PolicyConflict>,
+    /// Connection attempts refused because the peer is not a member.
+    pub(crate) refused: BTreeMap<NodeId, RefusedPeer>,
+    /// Receipts from peers that rejected this node's own changes, oldest first.
+    pub(crate) receipts: Vec<Receipt>,
+    /// Whether the policy must ride along with the next checkpoint.
+    pub(crate) unsaved: bool,
+}
+
+/// Two different policies with the same version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyConflict {
+    /// The version both claim.
+    pub version: u64,
+    /// The hash of the policy in force (the lower one).
+    pub kept: String,
+    /// The hash of the other one.
+    pub other: String,
+}
+
+/// A peer that tried to connect without being a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefusedPeer {
+    /// The peer's node id.
+    pub peer_id: NodeId,
+    /// How many times.
+    pub attempts: u64,
+    /// The last attempt.
+    pub last_at: Instant,
+}
+
+/// A peer's word that it rejected one of this node's changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Receipt {
+    /// The record.
+    pub record: String,
+    /// The change, hex.
+    pub change: String,
+    /// Why, as the rejecting node put it.
+    pub reason: String,
+    /// The node that rejected it.
+    pub rejected_by: NodeId,
+    /// When the receipt arrived.
+    pub at: Instant,
+}
+
+/// One quarantined change, as `mesh quarantine` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuarantineRow {
+    /// The record.
+    pub record: String,
+    /// The change, hex.
+    pub change: String,
+    /// Its author.
+    pub author: NodeId,
+    /// The author's name in the policy, if a member.
+    pub author_name: Option<String>,
+    /// The rule it broke.
+    pub reason: RejectReason,
+    /// The same, in words.
+    pub reason_text: String,
+    /// The node that rejected it (this one).
+    pub rejected_by: NodeId,
+    /// When.
+    pub rejected_at: Instant,
+}
+
+/// The policy as `mesh policy show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyView {
+    /// Its version.
+    pub version: u64,
+    /// The hash of its canonical text, hex.
+    pub hash: String,
+    /// The policy itself.
+    pub policy: Policy,
+    /// A same-version conflict, if one was seen.
+    pub conflict: Option<PolicyConflict>,
+}
+
+/// What became of a policy offered to the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum PolicyOffer {
+    /// It is now in force.
+    Adopted {
+        /// Its version.
+        version: u64,
+    },
+    /// It is the policy already in force.
+    Unchanged {
+        /// Its version.
+        version: u64,
+    },
+    /// The node holds a newer policy (or the winner of a same-version tie).
+    Older {
+        /// The version in force.
+        in_force: u64,
+    },
+}
+
+/// What re-judging one record changed.
+#[derive(Default)]
+pub(crate) struct Rejudged {
+    /// Changes newly in the accepted set (new arrivals and released quarantine).
+    pub(crate) accepted: BTreeSet<ChangeHash>,
+    /// Changes newly quarantined, with their author and reason.
+    pub(crate) rejected: Vec<(ChangeHash, NodeId, RejectReason)>,
+    /// Whether the record's accepted state changed.
+    pub(crate) changed: bool,
+}
+
+impl Node {
+    /// The policy in force, if any.
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy
+            .in_force
+            .as_ref()
+            .map(|in_force| &in_force.policy)
+    }
+
+    /// Whether `peer` may connect: any peer while no policy is in force, afterwards only
+    /// members whose key is not revoked. The daemon asks this of every new connection.
+    pub fn admits(&self, peer: &NodeId) -> bool {
+        self.policy().is_none_or(|policy| policy.admits(peer))
+    }
+
+    /// The node ids allowed to connect, or `None` while no policy is in force.
+    pub fn members(&self) -> Option<Vec<NodeId>> {
+        self.policy().map(|policy| {
+            policy
+                .members
+                .values()
+                .map(|member| member.node)
+                .filter(|node| !policy.revoked.contains(node))
+                .collect()
+        })
+    }
+
+    pub(crate) fn policy_tag(&self) -> Option<PolicyTag> {
+        self.policy.in_force.as_ref().map(|in_force| PolicyTag {
+            version: in_force.policy.version,
+            hash: in_force.hash,
+        })
+    }
+
+    /// Records a refused connection attempt (the driver refused it, or the core does).
+    pub(crate) fn note_refused(&mut self, peer: NodeId) {
+        let now = self.now;
+        let refused = &mut self.policy.refused;
+        if !refused.contains_key(&peer) && refused.len() >= REFUSED_PEERS_MAX {
+            // Forget the stalest attempt rather than grow without bound.
+            if let Some(stalest) = refused
+                .values()
+                .min_by_key(|entry| entry.last_at)
+                .map(|entry| entry.peer_id)
+            {
+                refused.remove(&stalest);
+            }
+        }
+        let entry = refused.entry(peer).or_insert(RefusedPeer {
+            peer_id: peer,
+            attempts: 0,
+            last_at: now,
+        });
+        entry.attempts += 1;
+        entry.last_at = now;
+    }
+
+    /// Refuses a connected peer that is not a member.
+    pub(crate) fn refuse_peer(&mut self, peer: NodeId) {
+        self.note_refused(peer);
+        self.effects.push(Effect::Disconnect {
+            peer,
+            reason: "not a member of the org's policy".into(),
+        });
+        self.peer_disconnected(peer);
+    }
+
+    /// A signed policy from the user (`from` is `None`) or a peer.
+    pub(crate) fn offer_policy(
+        &mut self,
+        signed: SignedPolicy,
+        from: Option<NodeId>,
+    ) -> Result<PolicyOffer, PolicyError> {
+        let policy = signed.verify(&self.config.org)?;
+        let hash = signed.hash();
+        if let Some(current) = &self.policy.in_force {
+            if current.hash == hash {
+                return Ok(PolicyOffer::Unchanged {
+                    version: policy.version,
+                });
+            }
+            if current.policy.version == policy.version {
+                let (kept, other) = match hash < current.hash {
+                    true => (hash, current.hash),
+                    false => (current.hash, hash),
+                };
+                self.policy.conflict = Some(PolicyConflict {
+                    version: policy.version,
+                    kept: hex(&kept),
+                    other: hex(&other),
+                });
+            }
+            if !policy::supersedes((&policy, &signed), (&current.policy, &current.signed)) {
+                return Ok(PolicyOffer::Older {
+                    in_force: current.policy.version,
+                });
+            }
+        }
+        let version = policy.version;
+        if from.is_none() {
+            self.endorse_held_history(&policy);
+        }
+        self.adopt_policy(InForce {
+            policy,
+            signed,
+            hash,
+        });
+        self.spread_policy(from);
+        Ok(PolicyOffer::Adopted { version })
+    }
+
+    /// Puts a policy in force: re-judges every record and drops peers that are no longer
+    /// members.
+    pub(crate) fn adopt_policy(&mut self, in_force: InForce) {
+        let version = in_force.policy.version;
+        self.policy.in_force = Some(in_force);
+        self.policy.unsaved = true;
+        self.rejudge_all();
+        self.schedule_checkpoint();
+        let outsiders: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, peer)| peer.state == PeerState::Connected && !self.admits(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in outsiders {
+            self.refuse_peer(peer);
+        }
+        self.emit(Event::PolicyAdopted { version });
+    }
+
+    /// Before a policy applied here takes away someone's right to write a record, this
+    /// node (if the new policy lets it write the record) endorses the record: a change that
+    /// builds on everything it holds of it. What a valid member built on stays accepted, so
+    /// the history this node has seen stays, while what the demoted or revoked author writes
+    /// from now on (or wrote unseen, behind a partition) is rejected, the same on every node.
+    fn endorse_held_history(&mut self, new: &Policy) {
+        let me = self.node_id();
+        let time_ms = i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX);
+        for key in self.records.keys() {
+            let Some(entry) = self.records.entry(&key) else {
+                continue;
+            };
+            if !entry.is_visible() {
+                continue;
+            }
+            let record = entry.record.clone();
+            let collection = record.collection();
+            if policy::judge_author(new, &me, collection).is_err() {
+                continue;
+            }
+            let loses_a_writer =
+                self.records
+                    .doc_mut(&key)
+                    .changes_after(&[])
+                    .iter()
+                    .any(|change| {
+                        NodeId::from_slice(change.actor_id().to_bytes()).map_or(true, |author| {
+                            policy::judge_author(new, &author, collection).is_err()
+                        })
+                    });
+            if !loses_a_writer {
+                continue;
+            }
+            if let Ok(Some(change)) = self.records.doc_mut(&key).endorse(new.version, time_ms) {
+                self.queue_own_change(record, change);
+            }
+        }
+    }
+
+    /// Sends the policy in force to every connected peer but `except`.
+    fn spread_policy(&mut self, except: Option<NodeId>) {
+        let Some(in_force) = &self.policy.in_force else {
+            return;
+        };
+        let message = Message::Policy {
+            signed: serde_json::to_vec(&in_force.signed).expect("policies serialise"),
+        };
+        let targets: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, peer)| {
+                peer.state == PeerState::Connected && peer.scope.is_some() && Some(**id) != except
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in targets {
+            self.send(peer, &message);
+        }
+    }
+
+    /// A peer's hello named its policy: send ours if it is newer.
+    pub(crate) fn compare_policy(&mut self, peer: NodeId, theirs: Option<PolicyTag>) {
+        let Some(in_force) = &self.policy.in_force else {
+            return;
+        };
+        let ours_newer = match theirs {
+            None => true,
+            Some(theirs) => {
+                (in_force.policy.version, std::cmp::Reverse(in_force.hash))
+                    > (theirs.version, std::cmp::Reverse(theirs.hash))
+            }
+        };
+        if ours_newer {
+            let message = Message::Policy {
+                signed: serde_json::to_vec(&in_force.signed).expect("policies serialise"),
+            };
+            self.send(peer, &message);
+        }
+    }
+
+    /// The verdict on a write by `author` to `collection`, schema aside.
+    pub(crate) fn author_verdict(
+        &self,
+        author: &NodeId,
+        collection: &str,
+    ) -> Result<(), RejectReason> {
+        match self.policy() {
+            None => Ok(()),
+            Some(policy) => policy::judge_author(policy, author, collection),
+        }
+    }
+
+    /// Re-judges every record under the policy in force.
+    pub(crate) fn rejudge_all(&mut self) {
+        for key in self.records.keys() {
+            let rejudged = self.rejudge_record(&key, Vec::new());
+            if rejudged.changed {
+                self.announce_record(&key, None);
+            }
+        }
+    }
+
+    /// Settles newly durable remote changes of one record: applies those the policy
+    /// accepts, quarantines the rest. The common case (every change allowed, nothing in
+    /// quarantine) applies them directly; anything else re-judges the record whole.
+    pub(crate) fn settle_record(&mut self, key: &str, new: Vec<VerifiedChange>) -> Rejudged {
+        let collection = new[0].record.collection().to_owned();
+        let entry = self
+            .records
+            .entry(key)
+            .expect("the caller created the record");
+        let direct = entry.quarantine.is_empty()
+            && new
+                .iter()
+                .all(|change| self.author_verdict(&change.author, &collection).is_ok());
+        if !direct {
+            return self.rejudge_record(key, new);
+        }
+        let changes = new.iter().map(|change| change.change.clone()).collect();
+        if let Err(error) = self.records.doc_mut(key).apply(changes) {
+            // Verified changes whose dependencies are present apply; if Automerge still
+            // refuses, keep the node alive and say so.
+            self.counters.changes_rejected += new.len() as u64;
+            self.emit(Event::ChangeRejected {
+                from: new[0].author,
+                reason: format!("automerge refused a change to {key}: {error}"),
+            });
+            return Rejudged::default();
+        }
+        let mut rejudged = Rejudged {
+            changed: true,
+            ..Rejudged::default()
+        };
+        for change in &new {
+            let hash = change.hash();
+            assert!(
+                self.records.doc_mut(key).has_change(&hash),
+                "a change whose dependencies were checked is applied, not queued"
+            );
+            let deps = change.change.deps().to_vec();
+            self.records
+                .mark_durable(key, hash, &deps, change.signature());
+            rejudged.accepted.insert(hash);
+        }
+        self.records.refresh_deleted(key);
+        let schema_broken = match self.policy.in_force.as_ref() {
+            Some(in_force) if in_force.policy.has_schema(&collection) => {
+                let doc = self.records.doc_mut(key);
+                new.iter().any(|change| {
+                    schema_verdict(&in_force.policy, &collection, doc, &change.hash()).is_err()
+                })
+            }
+            _ => false,
+        };
+        if schema_broken {
+            let again = self.rejudge_record(key, Vec::new());
+            for (hash, author, reason) in again.rejected {
+                rejudged.accepted.remove(&hash);
+                rejudged.rejected.push((hash, author, reason));
+            }
+        }
+        rejudged
+    }
+
+    /// Judges everything held of one record (its document, its quarantine and `extra`,
+    /// newly durable changes) and rebuilds the document if its accepted set changed.
+    pub(crate) fn rejudge_record(&mut self, key: &str, extra: Vec<VerifiedChange>) -> Rejudged {
+        let me = self.node_id();
+        let now = self.now;
+        let entry = self.records.entry(key).expect("record exists");
+        let record = entry.record.clone();
+        let collection = record.collection().to_owned();
+        let unacked = entry.unacked.clone();
+        let old_quarantine = entry.quarantine.clone();
+        if !unacked.is_empty() {
+            self.rejudge_after_ack.insert(key.to_owned());
+        }
+        let mut signatures = entry.signatures.clone();
+        let doc_changes = self.records.doc_mut(key).changes_after(&[]);
+        let in_doc: BTreeSet<ChangeHash> = doc_changes.iter().map(Change::hash).collect();
+
+        // Everything held: hash → (change, author).
+        let mut held: BTreeMap<ChangeHash, (Change, NodeId)> = BTreeMap::new();
+        for change in doc_changes {
+            let author = NodeId::from_slice(change.actor_id().to_bytes())
+                .expect("held changes were verified, so their actor is a node key");
+            held.insert(change.hash(), (change, author));
+        }
+        for (hash, quarantined) in &old_quarantine {
+            held.insert(*hash, (quarantined.change.clone(), quarantined.author));
+        }
+        let mut envelopes: BTreeMap<ChangeHash, Vec<u8>> = BTreeMap::new();
+        for change in extra {
+            let hash = change.hash();
+            signatures.insert(hash, change.signature());
+            envelopes.insert(hash, change.envelope.as_bytes().to_vec());
+            held.insert(hash, (change.change, change.author));
+        }
+
+        // The direct verdict on each change. Local changes still awaiting their append
+        // were judged when they were made; they are judged again once durable.
+        let in_force = self.policy.in_force.as_ref();
+        let full = in_force
+            .filter(|in_force| in_force.policy.has_schema(&collection))
+            .map(|_| {
+                let mut full = RecordDoc::new(&me);
+                // Every held change's dependencies are held, so all apply.
+                let _ = full.apply(held.values().map(|(change, _)| change.clone()).collect());
+                full
+            });
+        let mut verdicts: BTreeMap<ChangeHash, Result<(), RejectReason>> = BTreeMap::new();
+        for (hash, (_, author)) in &held {
+            let mut verdict = match in_force {
+                None => Ok(()),
+                Some(_) if unacked.contains(hash) => Ok(()),
+                Some(in_force) => policy::judge_author(&in_force.policy, author, &collection),
+            };
+            if verdict.is_ok()
+                && let (Some(full), Some(in_force)) = (&full, in_force)
+                && !unacked.contains(hash)
+            {
+                verdict = schema_verdict(&in_force.policy, &collection, full, hash);
+            }
+            verdicts.insert(*hash, verdict);
+        }
+
+        // Accepted: every allowed change and everything it builds on.
+        let mut accepted: BTreeSet<ChangeHash> = BTreeSet::new();
+        let mut stack: Vec<ChangeHash> = verdicts
+            .iter()
+            .filter(|(_, verdict)| verdict.is_ok())
+            .map(|(hash, _)| *hash)
+            .collect();
+        while let Some(hash) = stack.pop() {
+            if !accepted.insert(hash) {
+                continue;
+            }
+            if let Some((change, _)) = held.get(&hash) {
+                stack.extend(change.deps().iter().filter(|dep| held.contains_key(dep)));
+            }
+        }
+
+        // The document: rebuilt if anything left it, extended if anything joined.
+        let leaves = in_doc.iter().any(|hash| !accepted.contains(hash));
+        let joins: Vec<Change> = accepted
+            .iter()
+            .filter(|hash| !in_doc.contains(hash))
+            .map(|hash| held[hash].0.clone())
+            .collect();
+        let changed = leaves || !joins.is_empty();
+        if leaves {
+            let mut rebuilt = RecordDoc::new(&me);
+            rebuilt
+                .apply(accepted.iter().map(|hash| held[hash].0.clone()).collect())
+                .expect("an accepted set is closed under dependencies, so it applies");
+            self.records.replace_doc(key, rebuilt);
+        } else if !joins.is_empty() {
+            self.records
+                .doc_mut(key)
+                .apply(joins)
+                .expect("an accepted set is closed under dependencies, so it applies");
+        }
+
+        // The quarantine: everything held and not accepted.
+        let mut quarantine = BTreeMap::new();
+        let mut rejudged = Rejudged {
+            changed,
+            ..Rejudged::default()
+        };
+        for (hash, (change, author)) in &held {
+            if accepted.contains(hash) {
+                if !in_doc.contains(hash) {
+                    rejudged.accepted.insert(*hash);
+                }
+                continue;
+            }
+            let reason = verdicts[hash]
+                .clone()
+                .expect_err("an allowed change is accepted");
+            let (envelope, rejected_at) = match old_quarantine.get(hash) {
+                Some(old) => (old.envelope.clone(), old.rejected_at),
+                None => {
+                    let envelope = envelopes.get(hash).cloned().unwrap_or_else(|| {
+                        Envelope::encode(&record, change.raw_bytes(), &signatures[hash])
+                            .into_bytes()
+                    });
+                    rejudged.rejected.push((*hash, *author, reason.clone()));
+                    (envelope, now)
+                }
+            };
+            quarantine.insert(
+                *hash,
+                Quarantined {
+                    envelope,
+                    change: change.clone(),
+                    author: *author,
+                    reason,
+                    rejected_at,
+                },
+            );
+        }
+
+        // Durable heads: of the accepted changes whose append is done.
+        let durable: BTreeSet<ChangeHash> = accepted.difference(&unacked).copied().collect();
+        let built_on: BTreeSet<ChangeHash> = durable
+            .iter()
+            .flat_map(|hash| held[hash].0.deps().iter().copied())
+            .collect();
+        let heads: Vec<ChangeHash> = durable.difference(&built_on).copied().collect();
+        signatures.retain(|hash, _| accepted.contains(hash));
+
+        let quarantine_changed =
+            quarantine.len() != old_quarantine.len() || quarantine.keys().ne(old_quarantine.keys());
+        let entry = self.records.entry_mut(key).expect("record exists");
+        entry.heads = heads;
+        entry.signatures = signatures;
+        entry.quarantine = quarantine;
+        if changed || quarantine_changed {
+            self.records.refresh_item(key);
+        }
+        if changed {
+            self.records.refresh_deleted(key);
+        }
+        rejudged
+    }
+
+    /// Whether the record can take another quarantined change (a bound against a member
+    /// flooding one record with changes it may not make).
+    pub(crate) fn quarantine_has_room(&self, key: &str) -> bool {
+        self.records
+            .entry(key)
+            .is_none_or(|entry| entry.quarantine.len() < QUARANTINE_PER_RECORD_MAX)
+    }
+
+    /// Tells the author of a change this node rejected, if it is connected.
+    pub(crate) fn send_receipt(
+        &mut self,
+        record: &str,
+        hash: ChangeHash,
+        author: NodeId,
+        reason: &RejectReason,
+    ) {
+        let connected = self
+            .peers
+            .get(&author)
+            .is_some_and(|peer| peer.state == PeerState::Connected && peer.scope.is_some());
+        if connected {
+            let message = Message::Receipt {
+                record: record.to_owned(),
+                change: hash.0,
+                reason: reason.to_string(),
+            };
+            self.send(author, &message);
+        }
+    }
+
+    /// A peer says it rejected one of our changes.
+    pub(crate) fn receipt_received(
+        &mut self,
+        from: NodeId,
+        record: String,
+        change: [u8; 32],
+        reason: String,
+    ) {
+        let change = hex(&change);
+        let receipts = &mut self.policy.receipts;
+        if receipts
+            .iter()
+            .any(|receipt| receipt.change == change && receipt.rejected_by == from)
+        {
+            return;
+        }
+        if receipts.len() >= RECEIPTS_MAX {
+            receipts.remove(0);
+        }
+        receipts.push(Receipt {
+            record,
+            change,
+            reason,
+            rejected_by: from,
+            at: self.now,
+        });
+    }
+
+    /// Every quarantined change, by record.
+    pub(crate) fn quarantine_rows(&self) -> Vec<QuarantineRow> {
+        let policy = self.policy();
+        self.records
+            .iter()
+            .flat_map(|entry| {
+                entry.quarantine.iter().map(|(hash, held)| QuarantineRow {
+                    record: entry.record.as_str().to_owned(),
+                    change: hash.to_string(),
+                    author: held.author,
+                    author_name: policy
+                        .and_then(|policy| policy.member(&held.author))
+                        .map(|(name, _)| name.to_owned()),
+                    reason: held.reason.clone(),
+                    reason_text: held.reason.to_string(),
+                    rejected_by: self.node_id(),
+                    rejected_at: held.rejected_at,
+                })
+            })
+            .collect()
+    }
+
+    /// This node's own changes that were rejected: in its own quarantine, and receipts.
+    pub(crate) fn own_rejections(&self) -> Vec<Receipt> {
+        let me = self.node_id();
+        let mut rows: Vec<Receipt> = self
+            .records
+            .iter()
+            .flat_map(|entry| {
+                entry
+                    .quarantine
+                    .iter()
+                    .filter(|(_, held)| held.author == me)
+                    .map(|(hash, held)| Receipt {
+                        record: entry.record.as_str().to_owned(),
+                        change: hash.to_string(),
+                        reason: held.reason.to_string(),
+                        rejected_by: me,
+                        at: held.rejected_at,
+                    })
+            })
+            .collect();
+        rows.extend(self.policy.receipts.iter().cloned());
+        rows
+    }
+
+    /// The policy in force, for `mesh policy show`.
+    pub(crate) fn policy_view(&self) -> Option<PolicyView> {
+        self.policy.in_force.as_ref().map(|in_force| PolicyView {
+            version: in_force.policy.version,
+            hash: hex(&in_force.hash),
+            policy: in_force.policy.clone(),
+            conflict: self.policy.conflict.clone(),
+        })
+    }
+}
+
+/// Whether the record as of `hash` (the change and its history) follows the collection's
+/// schema: a verdict that does not depend on what arrived later.
+fn schema_verdict(
+    policy: &Policy,
+    collection: &str,
+    doc: &RecordDoc,
+    hash: &ChangeHash,
+) -> Result<(), RejectReason> {
+    match doc.state_at(&[*hash]) {
+        Ok((fields, deleted)) => policy::judge_schema(policy, collection, &fields, deleted),
+        Err(error) => Err(RejectReason::Schema {
+            collection: collection.to_owned(),
+            errors: vec![error.to_string()],
+        }),
+    }
+}
+
+/// Lower-case hex of some bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}

@@ -1,0 +1,476 @@
+//! The org's policy in the core: propagation, membership, verdicts on local and remote
+//! changes, quarantine and receipts, and re-judging when a newer policy arrives.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crdt_schema::policy::{CollectionRule, Member, Policy, RejectReason, SignedPolicy};
+use crdt_schema::{Edit, FieldValue, Identity, NodeId, OrgId, RecordDoc, VerifiedChange};
+use mesh_core::wire::{EnvelopeBytes, Message};
+use mesh_core::{Command, CommandError, Config, PolicyOffer, Reply};
+use mesh_tests::{Harness, fields};
+
+const HQ: usize = 0;
+const CLINIC1: usize = 1;
+const CLINIC2: usize = 2;
+
+fn org() -> Identity {
+    Identity::from_seed(9000)
+}
+
+fn org_id() -> OrgId {
+    OrgId::from_bytes(*org().node_id().as_bytes())
+}
+
+/// Harness node `index` has the identity of seed `index + 1`.
+fn node_id(index: usize) -> NodeId {
+    Identity::from_seed(index as u64 + 1).node_id()
+}
+
+/// A policy: `members` are (name, node index, role); catalogue is written by masters,
+/// stock by masters and sites.
+fn policy(version: u64, members: &[(&str, usize, &str)], revoked: &[usize]) -> SignedPolicy {
+    let rule = |writers: &[&str]| CollectionRule {
+        writers: writers.iter().map(|role| (*role).to_owned()).collect(),
+        ..Default::default()
+    };
+    Policy {
+        version,
+        members: members
+            .iter()
+            .map(|(name, index, role)| {
+                (
+                    (*name).to_owned(),
+                    Member {
+                        node: node_id(*index),
+                        roles: [(*role).to_owned()].into(),
+                    },
+                )
+            })
+            .collect(),
+        revoked: revoked.iter().map(|index| node_id(*index)).collect(),
+        collections: [
+            ("catalogue".to_owned(), rule(&["master"])),
+            ("stock".to_owned(), rule(&["master", "site"])),
+        ]
+        .into(),
+    }
+    .sign(&org())
+}
+
+fn standard(version: u64) -> SignedPolicy {
+    policy(
+        version,
+        &[
+            ("hq", HQ, "master"),
+            ("clinic1", CLINIC1, "site"),
+            ("clinic2", CLINIC2, "site"),
+        ],
+        &[],
+    )
+}
+
+fn mesh(count: usize) -> Harness {
+    Harness::with_config(count, |_| Config {
+        org: org_id(),
+        ..Config::default()
+    })
+}
+
+fn apply(mesh: &mut Harness, index: usize, signed: SignedPolicy) -> PolicyOffer {
+    match mesh.command(index, Command::ApplyPolicy { signed }) {
+        Ok(Reply::PolicyOffered(offer)) => offer,
+        other => panic!("apply failed: {other:?}"),
+    }
+}
+
+fn try_put(
+    mesh: &mut Harness,
+    index: usize,
+    record: &str,
+    pairs: &[(&str, FieldValue)],
+) -> Result<Reply, CommandError> {
+    mesh.command(
+        index,
+        Command::Put {
+            record: record.parse().unwrap(),
+            fields: fields(pairs),
+        },
+    )
+}
+
+fn version(mesh: &mut Harness, index: usize) -> Option<u64> {
+    mesh.status(index).policy.map(|policy| policy.version)
+}
+
+fn quarantined(mesh: &Harness, index: usize) -> Vec<(String, crdt_schema::ChangeHash)> {
+    mesh.nodes[index].node.quarantined()
+}
+
+/// Runs anti-entropy until every node agrees (each pair syncs on its timer).
+fn settle(mesh: &mut Harness) {
+    mesh.run_until_quiet(10_000);
+    for _ in 0..3 {
+        mesh.advance(Duration::from_secs(40));
+    }
+}
+
+#[test]
+fn a_policy_applied_at_one_node_reaches_every_node_and_masters_alone_write_reference_data() {
+    let mut mesh = mesh(3);
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    assert_eq!(
+        apply(&mut mesh, HQ, standard(1)),
+        PolicyOffer::Adopted { version: 1 }
+    );
+    mesh.run_until_quiet(100);
+    for index in 0..3 {
+        assert_eq!(version(&mut mesh, index), Some(1), "node {index}");
+    }
+
+    mesh.put(HQ, "catalogue/aspirin", &[("price", FieldValue::Int(12))]);
+    mesh.run_until_quiet(100);
+    for index in [CLINIC1, CLINIC2] {
+        let view = mesh
+            .get(index, "catalogue/aspirin")
+            .expect("reached the clinic");
+        assert_eq!(view.fields["price"], FieldValue::Int(12));
+    }
+
+    let digest = mesh.digest(HQ);
+    let refused = try_put(
+        &mut mesh,
+        CLINIC1,
+        "catalogue/aspirin",
+        &[("price", FieldValue::Int(1))],
+    );
+    let Err(CommandError::Forbidden { version, reason }) = refused else {
+        panic!("a clinic's catalogue write must be refused: {refused:?}");
+    };
+    assert_eq!(version, 1);
+    assert!(matches!(reason, RejectReason::MayNotWrite { .. }));
+    let message = CommandError::Forbidden { version, reason }.to_string();
+    assert!(
+        message.contains("`clinic1` may not write `catalogue`") && message.contains("[master]"),
+        "{message}"
+    );
+    mesh.run_until_quiet(100);
+    assert!(mesh.converged());
+    assert_eq!(mesh.digest(HQ), digest, "nothing changed anywhere");
+
+    mesh.put(CLINIC1, "stock/aspirin", &[("count", FieldValue::Int(40))]);
+    mesh.run_until_quiet(100);
+    assert_eq!(
+        mesh.get(HQ, "stock/aspirin").unwrap().fields["count"],
+        FieldValue::Int(40)
+    );
+    assert!(mesh.converged());
+}
+
+#[test]
+fn older_foreign_and_tied_policies_resolve_the_same_way_everywhere() {
+    let mut mesh = mesh(2);
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    apply(&mut mesh, HQ, standard(2));
+    mesh.run_until_quiet(100);
+    assert_eq!(
+        apply(&mut mesh, CLINIC1, standard(1)),
+        PolicyOffer::Older { in_force: 2 }
+    );
+
+    // Signed by a key that is not the org's: refused with an error naming the problem.
+    let forged = Policy {
+        version: 9,
+        ..Policy::default()
+    }
+    .sign(&Identity::from_seed(4242));
+    let error = mesh
+        .command(HQ, Command::ApplyPolicy { signed: forged })
+        .unwrap_err();
+    assert!(error.to_string().contains("not signed by org"), "{error}");
+
+    // Two different policies of version 3, one applied on each side: both keep the one
+    // with the lower hash, and both raise the alarm.
+    let a = standard(3);
+    let b = policy(
+        3,
+        &[("hq", HQ, "master"), ("clinic1", CLINIC1, "master")],
+        &[],
+    );
+    let winner = if a.hash() < b.hash() { &a } else { &b }.hash();
+    mesh.disconnect(HQ, CLINIC1);
+    apply(&mut mesh, HQ, a);
+    apply(&mut mesh, CLINIC1, b);
+    mesh.connect(HQ, CLINIC1);
+    mesh.run_until_quiet(100);
+    for index in [HQ, CLINIC1] {
+        let status = mesh.status(index);
+        let policy = status.policy.expect("in force");
+        assert_eq!(policy.hash, hex(&winner), "node {index}");
+    }
+    let conflicts = [HQ, CLINIC1]
+        .iter()
+        .filter(|index| mesh.status(**index).policy.unwrap().conflict.is_some())
+        .count();
+    assert!(
+        conflicts >= 1,
+        "the side that lost the tie raises the alarm"
+    );
+}
+
+#[test]
+fn non_members_are_refused_and_listed() {
+    let mut mesh = mesh(4);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.put(HQ, "catalogue/aspirin", &[("price", FieldValue::Int(12))]);
+    // Node 3 is not in the policy.
+    mesh.connect(HQ, 3);
+    mesh.run_until_quiet(100);
+    assert!(mesh.get(3, "catalogue/aspirin").is_none());
+    let status = mesh.status(HQ);
+    assert_eq!(status.refused_connections.len(), 1);
+    assert_eq!(status.refused_connections[0].peer_id, node_id(3));
+    assert!(
+        status
+            .peers
+            .iter()
+            .all(|peer| peer.peer_id != node_id(3) || peer.state != mesh_core::PeerState::Connected)
+    );
+}
+
+/// A site member crafts a catalogue change with its own key and pushes it directly.
+fn forged_catalogue_change(author: usize, record: &str) -> VerifiedChange {
+    let identity = Identity::from_seed(author as u64 + 1);
+    let mut doc = RecordDoc::new(&identity.node_id());
+    let change = doc
+        .edit(
+            &Edit::Put(fields(&[("price", FieldValue::Int(0))])),
+            1_790_000_000_000,
+        )
+        .unwrap()
+        .unwrap();
+    VerifiedChange::sign(&identity, &org_id(), record.parse().unwrap(), change)
+}
+
+#[test]
+fn an_unauthorised_change_is_quarantined_everywhere_never_applied_and_the_author_told() {
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    let change = forged_catalogue_change(CLINIC1, "catalogue/aspirin");
+    let push = Message::Push {
+        changes: vec![EnvelopeBytes(change.envelope.as_bytes().to_vec())],
+    };
+    mesh.inject(CLINIC1, HQ, push.encode());
+    mesh.run_until_quiet(100);
+    assert!(mesh.get(HQ, "catalogue/aspirin").is_none(), "never applied");
+    let rows = match mesh.command(HQ, Command::Quarantine) {
+        Ok(Reply::Quarantine(rows)) => rows,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].author, node_id(CLINIC1));
+    assert_eq!(rows[0].author_name.as_deref(), Some("clinic1"));
+    assert!(matches!(rows[0].reason, RejectReason::MayNotWrite { .. }));
+    assert_eq!(mesh.status(HQ).counters.changes_rejected, 1);
+    // The author hears of it.
+    let own = mesh.status(CLINIC1).own_changes_rejected;
+    assert!(
+        own.iter()
+            .any(|row| row.rejected_by == node_id(HQ) && row.reason.contains("may not write")),
+        "{own:?}"
+    );
+
+    // Anti-entropy brings the same quarantine to every node, and nobody applies it.
+    settle(&mut mesh);
+    assert!(mesh.converged());
+    for index in 0..3 {
+        assert_eq!(
+            quarantined(&mesh, index),
+            quarantined(&mesh, HQ),
+            "node {index}"
+        );
+        assert!(
+            mesh.get(index, "catalogue/aspirin").is_none(),
+            "node {index}"
+        );
+    }
+}
+
+#[test]
+fn a_master_demoted_while_cut_off_loses_what_it_wrote_meanwhile_on_every_node() {
+    let mut mesh = mesh(3);
+    let v1 = policy(
+        1,
+        &[
+            ("hq", HQ, "master"),
+            ("clinic1", CLINIC1, "master"),
+            ("clinic2", CLINIC2, "site"),
+        ],
+        &[],
+    );
+    apply(&mut mesh, HQ, v1);
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // While master, clinic1 writes reference data that everybody sees.
+    mesh.put(CLINIC1, "catalogue/early", &[("price", FieldValue::Int(5))]);
+    mesh.run_until_quiet(100);
+
+    // Cut off, clinic1 keeps writing as a master; meanwhile hq demotes it.
+    mesh.disconnect(HQ, CLINIC1);
+    mesh.disconnect(CLINIC1, CLINIC2);
+    mesh.put(CLINIC1, "catalogue/late", &[("price", FieldValue::Int(99))]);
+    mesh.put(CLINIC1, "catalogue/early", &[("price", FieldValue::Int(6))]);
+    assert_eq!(
+        apply(&mut mesh, HQ, standard(2)),
+        PolicyOffer::Adopted { version: 2 }
+    );
+    mesh.run_until_quiet(100);
+
+    mesh.connect_all();
+    settle(&mut mesh);
+    assert!(mesh.converged(), "all digests equal");
+    for index in 0..3 {
+        assert_eq!(version(&mut mesh, index), Some(2));
+        assert!(
+            mesh.get(index, "catalogue/late").is_none(),
+            "node {index} must not show the demoted master's later write"
+        );
+        let early = mesh
+            .get(index, "catalogue/early")
+            .expect("endorsed history stays");
+        assert_eq!(early.fields["price"], FieldValue::Int(5), "node {index}");
+        assert_eq!(quarantined(&mesh, index).len(), 2, "node {index}");
+        assert_eq!(quarantined(&mesh, index), quarantined(&mesh, HQ));
+    }
+    let own = mesh.status(CLINIC1).own_changes_rejected;
+    assert!(
+        own.len() >= 2,
+        "the clinic sees its own rejected changes: {own:?}"
+    );
+    // And a write it tries now is refused at once.
+    assert!(matches!(
+        try_put(
+            &mut mesh,
+            CLINIC1,
+            "catalogue/new",
+            &[("price", FieldValue::Int(1))]
+        ),
+        Err(CommandError::Forbidden { version: 2, .. })
+    ));
+}
+
+#[test]
+fn a_revoked_node_keeps_what_a_member_built_on_and_nothing_after() {
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    mesh.put(CLINIC2, "stock/a", &[("count", FieldValue::Int(1))]);
+    mesh.run_until_quiet(100);
+    mesh.put(
+        HQ,
+        "stock/a",
+        &[("note", FieldValue::Str("checked".into()))],
+    );
+    mesh.run_until_quiet(100);
+    mesh.disconnect(CLINIC2, HQ);
+    mesh.disconnect(CLINIC2, CLINIC1);
+    mesh.put(CLINIC2, "stock/b", &[("count", FieldValue::Int(2))]);
+    apply(
+        &mut mesh,
+        HQ,
+        policy(
+            2,
+            &[("hq", HQ, "master"), ("clinic1", CLINIC1, "site")],
+            &[CLINIC2],
+        ),
+    );
+    mesh.run_until_quiet(100);
+    assert_eq!(
+        mesh.get(CLINIC1, "stock/a").unwrap().fields["count"],
+        FieldValue::Int(1),
+        "built on by hq, so part of accepted history"
+    );
+    // The revoked node cannot connect any more.
+    mesh.connect(CLINIC2, HQ);
+    mesh.run_until_quiet(100);
+    assert!(mesh.get(HQ, "stock/b").is_none());
+    assert!(!mesh.status(HQ).refused_connections.is_empty());
+}
+
+#[test]
+fn policy_and_quarantine_survive_a_restart() {
+    let mut mesh = mesh(2);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    let change = forged_catalogue_change(CLINIC1, "catalogue/x");
+    let push = Message::Push {
+        changes: vec![EnvelopeBytes(change.envelope.as_bytes().to_vec())],
+    };
+    mesh.inject(CLINIC1, HQ, push.encode());
+    mesh.run_until_quiet(100);
+    mesh.advance(Duration::from_secs(5));
+    let digest = mesh.digest(HQ);
+    let held = quarantined(&mesh, HQ);
+    assert_eq!(held.len(), 1);
+
+    let restore = mesh_core::Restore {
+        records: mesh.nodes[HQ].saved.values().cloned().collect(),
+        log: mesh.nodes[HQ].log.clone(),
+        policy: mesh.nodes[HQ].policy.clone(),
+    };
+    let mut restarted = mesh_core::Node::new(
+        Config {
+            org: org_id(),
+            ..Config::default()
+        },
+        Identity::from_seed(HQ as u64 + 1),
+        7,
+    );
+    restarted.handle(mesh.now, mesh_core::Input::Restore(restore));
+    assert_eq!(restarted.digest(), digest);
+    assert_eq!(restarted.quarantined(), held);
+    assert_eq!(restarted.policy().map(|policy| policy.version), Some(1));
+    assert!(!restarted.admits(&Identity::from_seed(77).node_id()));
+}
+
+#[test]
+fn verdicts_do_not_depend_on_arrival_order() {
+    // The same changes reach two fresh nodes in opposite orders; they end equal.
+    let sources: Vec<VerifiedChange> = vec![
+        forged_catalogue_change(CLINIC1, "catalogue/a"),
+        forged_catalogue_change(CLINIC2, "catalogue/b"),
+    ];
+    let mut digests = BTreeSet::new();
+    let mut quarantines = BTreeSet::new();
+    for reverse in [false, true] {
+        let mut mesh = mesh(3);
+        apply(&mut mesh, HQ, standard(1));
+        mesh.connect(HQ, CLINIC1);
+        mesh.run_until_quiet(100);
+        let mut order = sources.clone();
+        if reverse {
+            order.reverse();
+        }
+        for change in order {
+            let push = Message::Push {
+                changes: vec![EnvelopeBytes(change.envelope.as_bytes().to_vec())],
+            };
+            mesh.inject(CLINIC1, HQ, push.encode());
+            mesh.run_until_quiet(100);
+        }
+        digests.insert(mesh.digest(HQ).to_string());
+        quarantines.insert(format!("{:?}", quarantined(&mesh, HQ)));
+    }
+    assert_eq!(digests.len(), 1);
+    assert_eq!(quarantines.len(), 1);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
