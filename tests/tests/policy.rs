@@ -474,3 +474,97 @@ fn verdicts_do_not_depend_on_arrival_order() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
+
+#[test]
+fn a_change_that_breaks_the_policy_schema_is_refused_locally_and_quarantined_remotely() {
+    use crdt_schema::{CollectionSchema, FieldSchema, FieldType};
+    let mut policy = Policy {
+        version: 1,
+        members: [
+            (
+                "hq".to_owned(),
+                Member {
+                    node: node_id(HQ),
+                    roles: ["master".to_owned()].into(),
+                },
+            ),
+            (
+                "clinic1".to_owned(),
+                Member {
+                    node: node_id(CLINIC1),
+                    roles: ["site".to_owned()].into(),
+                },
+            ),
+        ]
+        .into(),
+        ..Policy::default()
+    };
+    policy.collections.insert(
+        "catalogue".to_owned(),
+        CollectionRule {
+            writers: ["master".to_owned()].into(),
+            schema: Some(CollectionSchema {
+                fields: [(
+                    "price".to_owned(),
+                    FieldSchema {
+                        field_type: FieldType::Integer,
+                        required: true,
+                    },
+                )]
+                .into(),
+                allow_other_fields: false,
+            }),
+            ..Default::default()
+        },
+    );
+    let mut mesh = mesh(2);
+    apply(&mut mesh, HQ, policy.sign(&org()));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+
+    let refused = try_put(
+        &mut mesh,
+        HQ,
+        "catalogue/a",
+        &[("price", FieldValue::Str("cheap".into()))],
+    );
+    assert!(
+        matches!(
+            refused,
+            Err(CommandError::Forbidden {
+                reason: RejectReason::Schema { .. },
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    mesh.put(HQ, "catalogue/b", &[("price", FieldValue::Int(3))]);
+
+    // The master's own key, but a change that breaks the schema, crafted outside its node.
+    let identity = Identity::from_seed(HQ as u64 + 1);
+    let mut doc = RecordDoc::new(&identity.node_id());
+    let change = doc
+        .edit(
+            &Edit::Put(fields(&[("colour", FieldValue::Str("red".into()))])),
+            1_790_000_000_000,
+        )
+        .unwrap()
+        .unwrap();
+    let change = VerifiedChange::sign(&identity, &org_id(), "catalogue/c".parse().unwrap(), change);
+    let push = Message::Push {
+        changes: vec![EnvelopeBytes(change.envelope.as_bytes().to_vec())],
+    };
+    mesh.inject(HQ, CLINIC1, push.encode());
+    mesh.run_until_quiet(100);
+    assert!(mesh.get(CLINIC1, "catalogue/c").is_none());
+    assert!(mesh.get(CLINIC1, "catalogue/b").is_some());
+    let rows = match mesh.command(CLINIC1, Command::Quarantine) {
+        Ok(Reply::Quarantine(rows)) => rows,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(rows.len(), 1);
+    assert!(
+        matches!(rows[0].reason, RejectReason::Schema { .. }),
+        "{rows:?}"
+    );
+}
