@@ -7,10 +7,10 @@
 //! different policies with the same version are ordered by their hash, the same way on
 //! every node, so the mesh cannot split over them.
 //!
-//! [`judge`] is the verdict on one change: a pure function of the policy, the change and
-//! the record it produces, so two honest nodes with the same policy and the same changes
-//! reach the same verdicts. (Wiring verdicts into the node core, quarantine and re-judging
-//! on a policy change come with the policy issue.)
+//! [`judge_author`] and [`judge_schema`] are the verdict on one change: pure functions of
+//! the policy, the change's author and collection, and the record as of the change, so two
+//! honest nodes with the same policy and the same changes reach the same verdicts. The node
+//! core (`mesh-core`'s `policy` module) applies them to every change it holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -19,6 +19,7 @@
 
 pub mod checkers;
 pub mod plan;
+pub mod policy;
 pub mod rng;
 pub mod scenario;
 pub mod world;

@@ -9,7 +9,8 @@
 //!
 //! Fault knobs override the seed's draw: `--drop-rate F`, `--corrupt-rate F`,
 //! `--partitions BOOL`, `--crashes BOOL`, `--pauses BOOL`, `--clock-skew BOOL`,
-//! `--bandwidth BYTES_PER_S`, `--offline-node BOOL`, `--write-rate PER_S`, `--latency MIN..MAX`
+//! `--bandwidth BYTES_PER_S`, `--offline-node BOOL`, `--policy BOOL` (the policy workload with
+//! a byzantine node, see `policy.rs`), `--write-rate PER_S`, `--latency MIN..MAX`
 //! and `--disk-latency MIN..MAX` (ms), `--sync-interval S`. `--duration S` sets the fault phase, `--heal-bound S` the time allowed to converge,
 //! `--jobs N` how many seeds run at once. Exit code 0 if every seed passed, 1 otherwise,
 //! 2 for bad arguments.
@@ -242,6 +243,7 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
             "--clock-skew" => args.knobs.clock_skew = Some(boolean(&value()?)?),
             "--bandwidth" => args.knobs.bandwidth = Some(number(&value()?)?),
             "--offline-node" => args.knobs.offline_node = Some(boolean(&value()?)?),
+            "--policy" => args.knobs.policy = Some(boolean(&value()?)?),
             "--write-rate" => args.knobs.write_rate = Some(float(&value()?)?),
             "--latency" => args.knobs.latency_ms = Some(range(&value()?)?),
             "--disk-latency" => args.knobs.disk_latency_ms = Some(range(&value()?)?),

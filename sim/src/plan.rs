@@ -52,6 +52,8 @@ pub struct Knobs {
     pub disk_latency_ms: Option<(u64, u64)>,
     /// The nodes' anti-entropy interval, in seconds.
     pub sync_interval_s: Option<u64>,
+    /// Run the policy workload with a byzantine node (needs at least three nodes).
+    pub policy: Option<bool>,
 }
 
 /// The fault mix of one run, drawn from the seed and the knobs.
@@ -127,6 +129,7 @@ impl Options {
         flag("clock-skew", knobs.clock_skew.map(|v| v.to_string()));
         flag("bandwidth", knobs.bandwidth.map(|v| v.to_string()));
         flag("offline-node", knobs.offline_node.map(|v| v.to_string()));
+        flag("policy", knobs.policy.map(|v| v.to_string()));
         flag("write-rate", knobs.write_rate.map(|v| v.to_string()));
         flag(
             "latency",

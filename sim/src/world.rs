@@ -20,6 +20,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
 
+use crdt_schema::policy::Policy;
 use crdt_schema::{ChangeHash, FieldValue, Identity, NodeId, RecordId};
 use mesh_core::storage::{Restore, SavedRecord, StorageRequest};
 use mesh_core::{
@@ -28,6 +29,7 @@ use mesh_core::{
 
 use crate::checkers::{Checkers, Failure};
 use crate::plan::{FaultPlan, Options};
+use crate::policy::{PolicyPlay, REFERENCE, reference_offender};
 use crate::rng::SimRng;
 
 /// Virtual time in milliseconds since the start of the run.
@@ -52,6 +54,12 @@ pub trait SimNode {
     fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool;
     /// Queue lengths, for the bound checkers.
     fn queues(&self) -> Queues;
+    /// The policy the node enforces.
+    fn policy(&self) -> Option<Policy>;
+    /// The changes of a record's accepted document: (hash, author, dependencies).
+    fn record_changes(&mut self, record: &RecordId) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)>;
+    /// Every quarantined change, as (record, change).
+    fn quarantined(&self) -> Vec<(String, ChangeHash)>;
 }
 
 impl SimNode for Node {
@@ -68,11 +76,24 @@ impl SimNode for Node {
     }
 
     fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
-        Node::holds_change(self, record, hash)
+        // A later policy may have quarantined an acknowledged write; it is still held.
+        Node::holds_change(self, record, hash) || Node::holds_quarantined(self, record, hash)
     }
 
     fn queues(&self) -> Queues {
         Node::queues(self)
+    }
+
+    fn policy(&self) -> Option<Policy> {
+        Node::policy(self).cloned()
+    }
+
+    fn record_changes(&mut self, record: &RecordId) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)> {
+        Node::record_changes(self, record)
+    }
+
+    fn quarantined(&self) -> Vec<(String, ChangeHash)> {
+        Node::quarantined(self)
     }
 }
 
@@ -155,6 +176,12 @@ enum Event {
     PartitionStart,
     PartitionEnd,
     Heal,
+    /// Head office applies policy `version`.
+    PolicyChange {
+        version: u64,
+    },
+    /// The byzantine node sends a crafted message.
+    Byzantine,
 }
 
 /// Something a paused node receives when it resumes.
@@ -252,6 +279,10 @@ pub struct World<'a> {
     bytes: u64,
     trace_hash: u64,
     trace: Vec<String>,
+    /// The policy workload, with `--policy`.
+    play: Option<PolicyPlay>,
+    /// Reference records that changed on honest nodes during the current input.
+    to_check: Vec<(usize, RecordId)>,
 }
 
 const COLLECTIONS: [&str; 3] = ["stock", "visits", "catalogue"];
@@ -274,9 +305,14 @@ impl<'a> World<'a> {
         assert!(options.nodes >= 1, "a world needs a node");
         let mut slots = Vec::with_capacity(options.nodes);
         let mut index_of = BTreeMap::new();
-        for index in 0..options.nodes {
-            let identity =
-                Identity::from_seed(options.seed.wrapping_mul(1000).wrapping_add(index as u64));
+        let identities: Vec<Identity> = (0..options.nodes)
+            .map(|index| {
+                Identity::from_seed(options.seed.wrapping_mul(1000).wrapping_add(index as u64))
+            })
+            .collect();
+        let play = (options.knobs.policy == Some(true) && options.nodes >= 3)
+            .then(|| PolicyPlay::new(options.seed, &identities));
+        for (index, identity) in identities.into_iter().enumerate() {
             let id = identity.node_id();
             index_of.insert(id, index);
             let skew_ms = match plan.clock_skew_max_ms {
@@ -287,6 +323,9 @@ impl<'a> World<'a> {
                 name: format!("node-{index}"),
                 sync_interval: plan.sync_interval,
                 sync_stall_timeout: plan.sync_stall_timeout,
+                org: play
+                    .as_ref()
+                    .map_or_else(Default::default, |play| play.org_id),
                 ..Config::default()
             };
             let node = factory(config.clone(), identity.clone(), rng.next_u64());
@@ -337,6 +376,8 @@ impl<'a> World<'a> {
             bytes: 0,
             trace_hash: 0xcbf2_9ce4_8422_2325,
             trace: Vec::new(),
+            play,
+            to_check: Vec::new(),
         }
     }
 
@@ -552,6 +593,24 @@ impl<'a> World<'a> {
     }
 
     fn start(&mut self) {
+        if let Some(play) = &self.play {
+            // Every node starts with the org's first policy, as `mesh init --org` plus
+            // `mesh policy apply` leaves it.
+            let stored = play.stored(1);
+            let end = self.options.duration.as_millis() as Ms;
+            for node in 0..self.slots.len() {
+                self.slots[node].disk.policy = Some(stored.clone());
+                let restore = Restore {
+                    policy: Some(stored.clone()),
+                    ..Restore::default()
+                };
+                self.input(node, Input::Restore(restore));
+            }
+            self.schedule(end / 3, Event::PolicyChange { version: 2 });
+            self.schedule(end * 2 / 3, Event::PolicyChange { version: 3 });
+            let at = self.rng.exponential_ms(3000.0);
+            self.schedule(at, Event::Byzantine);
+        }
         for a in 0..self.slots.len() {
             for b in a + 1..self.slots.len() {
                 self.schedule(0, Event::Connect { a, b });
@@ -680,6 +739,14 @@ impl<'a> World<'a> {
             Event::PartitionStart => self.partition_start(),
             Event::PartitionEnd => self.partition_end(),
             Event::Heal => self.heal(),
+            Event::PolicyChange { version } => {
+                if let Some(play) = &mut self.play {
+                    play.issued = version;
+                    let signed = play.signed(version);
+                    self.command(0, Command::ApplyPolicy { signed });
+                }
+            }
+            Event::Byzantine => self.byzantine(),
         }
     }
 
@@ -724,6 +791,7 @@ impl<'a> World<'a> {
             return self.fail("timer-not-advanced", message);
         }
         self.arm_timer(node);
+        self.check_reference_data();
         let Some(core) = self.slots[node].node.as_ref() else {
             return;
         };
@@ -817,6 +885,25 @@ impl<'a> World<'a> {
                 }
             }
             Effect::Emit(event) => {
+                if let Some(play) = &self.play
+                    && !play.is_byzantine(node)
+                {
+                    match &event {
+                        mesh_core::Event::RecordChanged { record, .. }
+                            if record.collection() == REFERENCE =>
+                        {
+                            self.to_check.push((node, record.clone()));
+                        }
+                        mesh_core::Event::PolicyAdopted { .. } => {
+                            for id in 0..self.plan.records_per_collection {
+                                let record = RecordId::new(REFERENCE, &format!("r{id}"))
+                                    .expect("valid names");
+                                self.to_check.push((node, record));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 if self.options.verbose {
                     self.trace
                         .push(format!("{:>8}   node {node}: {event:?}", self.now));
@@ -1257,23 +1344,103 @@ impl<'a> World<'a> {
         self.reconnect_all();
     }
 
+    // ----- the byzantine node and the reference-data checker -----
+
+    fn byzantine(&mut self) {
+        let Some(play) = &self.play else { return };
+        if self.healing {
+            return;
+        }
+        let byzantine = play.byzantine;
+        let records = self.plan.records_per_collection;
+        let time_ms = (EPOCH_MS + self.now) as i64;
+        let (what, bytes) = play.attack(&mut self.rng, records, time_ms);
+        let target = self.rng.index(self.slots.len() - 1);
+        if self.options.verbose {
+            self.trace.push(format!(
+                "{:>8}   node {byzantine} (byzantine) sends node {target}: {what}",
+                self.now
+            ));
+        }
+        self.send(byzantine, target, bytes);
+        let next = self.rng.exponential_ms(3000.0);
+        self.schedule(self.now + next, Event::Byzantine);
+    }
+
+    /// No honest node shows reference data that no master wrote or built on.
+    fn check_reference_data(&mut self) {
+        let checks = std::mem::take(&mut self.to_check);
+        let Some(play) = &self.play else { return };
+        let first = play.policy(1);
+        for (node, record) in checks {
+            let Some(core) = self.slots[node].node.as_mut() else {
+                continue;
+            };
+            let policy = core.policy().unwrap_or_else(|| first.clone());
+            let changes = core.record_changes(&record);
+            if let Some((hash, author)) = reference_offender(&policy, &changes) {
+                let message = format!(
+                    "node {node} shows change {hash} to {record} by {author}, which no master of policy version {} wrote or built on",
+                    policy.version
+                );
+                return self.fail("reference-written-by-non-master", message);
+            }
+        }
+    }
+
+    /// Whether a node takes part in convergence: every node but the byzantine one.
+    fn honest(&self, node: usize) -> bool {
+        self.play
+            .as_ref()
+            .is_none_or(|play| !play.is_byzantine(node))
+    }
+
     // ----- checks -----
 
     fn converged(&mut self) -> bool {
         let Some(first) = self.slots[0].node.as_ref().map(|node| node.digest()) else {
             return false;
         };
-        let all_equal = self.slots.iter().all(|slot| {
-            slot.node
-                .as_ref()
-                .is_some_and(|node| node.digest() == first)
+        let all_equal = self.slots.iter().enumerate().all(|(index, slot)| {
+            !self.honest(index)
+                || slot
+                    .node
+                    .as_ref()
+                    .is_some_and(|node| node.digest() == first)
         });
         if !all_equal {
             return false;
         }
+        // Equal digests: every honest node holds the same quarantine.
+        let quarantine = self.slots[0].node.as_ref().map(|node| node.quarantined());
+        for (index, slot) in self.slots.iter().enumerate() {
+            if !self.honest(index) {
+                continue;
+            }
+            let held = slot.node.as_ref().map(|node| node.quarantined());
+            if held != quarantine {
+                let message = format!(
+                    "node {index} and node 0 have equal digests but different quarantines: {} and {} changes",
+                    held.map_or(0, |held| held.len()),
+                    quarantine.as_ref().map_or(0, Vec::len)
+                );
+                self.checkers.fail(Failure {
+                    checker: "quarantine-diverged",
+                    message,
+                    at_ms: self.now,
+                });
+                return false;
+            }
+        }
         // Equal digests: every acknowledged write must be on every node.
         for (record, hash, writer) in &self.checkers.acked {
+            if !self.honest(*writer) {
+                continue;
+            }
             for (index, slot) in self.slots.iter().enumerate() {
+                if !self.honest(index) {
+                    continue;
+                }
                 let node = slot.node.as_ref().expect("all alive when equal");
                 if !node.holds_change(record, hash) {
                     let message = format!(

@@ -23,6 +23,18 @@ macro_rules! delegate_checks {
         fn queues(&self) -> Queues {
             self.$core.queues()
         }
+        fn policy(&self) -> Option<crdt_schema::policy::Policy> {
+            self.$core.policy().cloned()
+        }
+        fn record_changes(
+            &mut self,
+            record: &RecordId,
+        ) -> Vec<(ChangeHash, crdt_schema::NodeId, Vec<ChangeHash>)> {
+            self.$core.record_changes(record)
+        }
+        fn quarantined(&self) -> Vec<(String, ChangeHash)> {
+            self.$core.quarantined()
+        }
     };
 }
 
@@ -251,5 +263,64 @@ fn the_same_seed_replays_bit_for_bit() {
     assert_ne!(
         first.trace_hash, other.trace_hash,
         "different seeds give different runs"
+    );
+}
+
+/// A node whose verdict accepts everything: it drops the policy it starts with and every
+/// policy it is given or sent, so it never rejects a change.
+struct IgnoresPolicy(Node);
+
+impl SimNode for IgnoresPolicy {
+    fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        match input {
+            Input::Restore(mut restore) => {
+                restore.policy = None;
+                self.0.handle(now, Input::Restore(restore))
+            }
+            Input::Command {
+                command: mesh_core::Command::ApplyPolicy { .. },
+                ..
+            } => Vec::new(),
+            Input::MessageReceived { bytes, .. }
+                if matches!(
+                    mesh_core::wire::Message::decode(&bytes),
+                    Ok(mesh_core::wire::Message::Policy { .. })
+                ) =>
+            {
+                Vec::new()
+            }
+            input => self.0.handle(now, input),
+        }
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.0.next_deadline()
+    }
+    delegate_checks!(0);
+}
+
+fn ignores_policy(config: Config, identity: Identity, seed: u64) -> Box<dyn SimNode> {
+    Box::new(IgnoresPolicy(Node::new(config, identity, seed)))
+}
+
+#[test]
+fn a_verdict_that_accepts_everything_is_caught() {
+    // The byzantine node writes reference data it may not write; a node that applies it
+    // shows a value no master wrote.
+    let knobs = Knobs {
+        policy: Some(true),
+        ..Knobs::default()
+    };
+    let broken = sweep(0..SEEDS, 10, &knobs, &ignores_policy);
+    let caught = failures(&broken, "reference-written-by-non-master");
+    assert!(
+        !caught.is_empty(),
+        "no seed caught the broken verdict: {:?}",
+        broken.iter().map(|o| &o.failure).collect::<Vec<_>>()
+    );
+    let real = sweep(0..SEEDS, 10, &knobs, &sim::real_node);
+    assert!(
+        real.iter().all(|outcome| outcome.failure.is_none()),
+        "the real core fails: {:?}",
+        real.iter().map(|o| &o.failure).collect::<Vec<_>>()
     );
 }

@@ -968,6 +968,28 @@ impl Node {
                 } => {
                     let changed = change.is_some();
                     let change_hash = change.as_ref().map(VerifiedChange::hash);
+                    let forbidden = change.as_ref().and_then(|change| {
+                        let entry = self.records.entry(record.as_str())?;
+                        let held = entry.quarantine.get(&change.hash())?;
+                        Some(held.reason.clone())
+                    });
+                    if let Some(reason) = forbidden {
+                        // A newer policy arrived while the append was in flight and forbids
+                        // this write: it is durable, but in quarantine, never applied.
+                        let key = record.as_str();
+                        if let Some(entry) = self.records.entry_mut(key) {
+                            entry.unacked.remove(&change_hash.expect("a change exists"));
+                        }
+                        self.records.refresh_item(key);
+                        if let Some(command) = command {
+                            let version = self.policy().map_or(0, |policy| policy.version);
+                            self.complete(
+                                command,
+                                Err(CommandError::Forbidden { version, reason }),
+                            );
+                        }
+                        continue;
+                    }
                     if let Some(change) = change {
                         let key = record.as_str();
                         let deps = change.change.deps().to_vec();
@@ -1421,7 +1443,9 @@ impl Node {
                 let ready: Vec<ChangeHash> = entry
                     .quarantine
                     .iter()
-                    .filter(|(hash, _)| !known.contains(hash) && !sent.contains(hash))
+                    .filter(|(hash, _)| {
+                        !known.contains(hash) && !sent.contains(hash) && !unacked.contains(hash)
+                    })
                     .filter(|(_, held)| {
                         held.change.deps().iter().all(|dep| {
                             !entry.quarantine.contains_key(dep)

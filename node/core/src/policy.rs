@@ -478,6 +478,15 @@ impl Node {
         }
         for (hash, quarantined) in &old_quarantine {
             held.insert(*hash, (quarantined.change.clone(), quarantined.author));
+            // Released from quarantine, a change needs its signature beside the document.
+            let envelope = &quarantined.envelope;
+            if let Some(signature) = envelope
+                .len()
+                .checked_sub(crdt_schema::change::SIGNATURE_LEN)
+                .and_then(|start| <[u8; 64]>::try_from(&envelope[start..]).ok())
+            {
+                signatures.insert(*hash, signature);
+            }
         }
         let mut envelopes: BTreeMap<ChangeHash, Vec<u8>> = BTreeMap::new();
         for change in extra {
@@ -487,8 +496,8 @@ impl Node {
             held.insert(hash, (change.change, change.author));
         }
 
-        // The direct verdict on each change. Local changes still awaiting their append
-        // were judged when they were made; they are judged again once durable.
+        // The direct verdict on each change, local ones awaiting their append included: a
+        // policy that arrived meanwhile may forbid them (their write then fails).
         let in_force = self.policy.in_force.as_ref();
         let full = in_force
             .filter(|in_force| in_force.policy.has_schema(&collection))
@@ -502,12 +511,10 @@ impl Node {
         for (hash, (_, author)) in &held {
             let mut verdict = match in_force {
                 None => Ok(()),
-                Some(_) if unacked.contains(hash) => Ok(()),
                 Some(in_force) => policy::judge_author(&in_force.policy, author, &collection),
             };
             if verdict.is_ok()
                 && let (Some(full), Some(in_force)) = (&full, in_force)
-                && !unacked.contains(hash)
             {
                 verdict = schema_verdict(&in_force.policy, &collection, full, hash);
             }
@@ -570,10 +577,22 @@ impl Node {
             let (envelope, rejected_at) = match old_quarantine.get(hash) {
                 Some(old) => (old.envelope.clone(), old.rejected_at),
                 None => {
-                    let envelope = envelopes.get(hash).cloned().unwrap_or_else(|| {
-                        Envelope::encode(&record, change.raw_bytes(), &signatures[hash])
-                            .into_bytes()
-                    });
+                    let envelope = match (envelopes.get(hash), signatures.get(hash)) {
+                        (Some(envelope), _) => envelope.clone(),
+                        (None, Some(signature)) => {
+                            Envelope::encode(&record, change.raw_bytes(), signature).into_bytes()
+                        }
+                        // A local change still awaiting its append: its signature is not
+                        // stored yet; ed25519 signs deterministically, so sign it again.
+                        (None, None) => VerifiedChange::sign(
+                            &self.identity,
+                            &self.config.org,
+                            record.clone(),
+                            change.clone(),
+                        )
+                        .envelope
+                        .into_bytes(),
+                    };
                     rejudged.rejected.push((*hash, *author, reason.clone()));
                     (envelope, now)
                 }
@@ -690,6 +709,26 @@ impl Node {
                     rejected_by: self.node_id(),
                     rejected_at: held.rejected_at,
                 })
+            })
+            .collect()
+    }
+
+    /// The changes of a record's accepted document: (hash, author, dependencies). For
+    /// checkers that judge what a node shows independently of the node.
+    pub fn record_changes(
+        &mut self,
+        record: &crdt_schema::RecordId,
+    ) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)> {
+        if self.records.entry(record.as_str()).is_none() {
+            return Vec::new();
+        }
+        self.records
+            .doc_mut(record.as_str())
+            .changes_after(&[])
+            .iter()
+            .filter_map(|change| {
+                let author = NodeId::from_slice(change.actor_id().to_bytes()).ok()?;
+                Some((change.hash(), author, change.deps().to_vec()))
             })
             .collect()
     }

@@ -340,6 +340,21 @@ impl Entry {
     /// What this node holds of the record, as peers compare it: the durable heads plus
     /// the quarantined changes no other quarantined change builds on.
     pub fn advertised(&self) -> Vec<ChangeHash> {
+        if self
+            .quarantine
+            .keys()
+            .any(|hash| self.unacked.contains(hash))
+        {
+            // A local change forbidden while its append is in flight is not announced
+            // before it is durable.
+            let durable: BTreeMap<ChangeHash, Quarantined> = self
+                .quarantine
+                .iter()
+                .filter(|(hash, _)| !self.unacked.contains(hash))
+                .map(|(hash, held)| (*hash, held.clone()))
+                .collect();
+            return advertised(&self.heads, &durable);
+        }
         advertised(&self.heads, &self.quarantine)
     }
 }

@@ -1,0 +1,221 @@
+//! The policy workload and the byzantine node (`--policy`).
+//!
+//! The org signs version 1 before the run: node 0 is head office (`master`), node 1 is a
+//! second master, the others are sites; every node starts with it. Catalogue is written by
+//! masters only, stock by everyone. During the fault phase head office demotes node 1
+//! (version 2), then promotes it again and revokes the byzantine node (version 3), each
+//! applied at node 0 while faults go on.
+//!
+//! The last node is byzantine: a member with the `site` role whose own core is honest, but
+//! which also crafts messages directly: changes with forged signatures, catalogue writes
+//! signed with its own key, changes replayed into another record, old policies, policies
+//! signed by a key that is not the org's, and garbage.
+//!
+//! The checker `reference-written-by-non-master` runs at every record change on every
+//! honest node: every change in a catalogue record's accepted document must be written by
+//! a master of the node's policy or be built on by such a change. It judges independently
+//! of the core's own verdict code.
+
+use std::collections::BTreeSet;
+
+use crdt_schema::policy::{CollectionRule, Member, Policy, SignedPolicy};
+use crdt_schema::{
+    ChangeHash, Edit, Envelope, FieldValue, Identity, NodeId, OrgId, RecordDoc, RecordId,
+    VerifiedChange,
+};
+use mesh_core::wire::{EnvelopeBytes, Message};
+
+use crate::rng::SimRng;
+
+/// The collection only masters may write.
+pub const REFERENCE: &str = "catalogue";
+
+/// The org, the policies it signs and the byzantine node.
+pub struct PolicyPlay {
+    org: Identity,
+    /// The org id every node trusts.
+    pub org_id: OrgId,
+    nodes: Vec<NodeId>,
+    /// The byzantine node's index.
+    pub byzantine: usize,
+    byzantine_identity: Identity,
+    /// The latest policy issued.
+    pub issued: u64,
+}
+
+impl PolicyPlay {
+    /// The play for `identities` (at least three nodes).
+    pub fn new(seed: u64, identities: &[Identity]) -> PolicyPlay {
+        let org = Identity::from_seed(seed.wrapping_mul(1000).wrapping_add(999));
+        let org_id = OrgId::from_bytes(*org.node_id().as_bytes());
+        let byzantine = identities.len() - 1;
+        PolicyPlay {
+            org_id,
+            org,
+            nodes: identities.iter().map(Identity::node_id).collect(),
+            byzantine,
+            byzantine_identity: identities[byzantine].clone(),
+            issued: 1,
+        }
+    }
+
+    /// Policy `version`: 1 at the start, 2 demotes node 1, 3 promotes it again and
+    /// revokes the byzantine node.
+    pub fn policy(&self, version: u64) -> Policy {
+        let mut members = std::collections::BTreeMap::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            let master = index == 0 || (index == 1 && version != 2 && index != self.byzantine);
+            members.insert(
+                format!("node-{index}"),
+                Member {
+                    node: *node,
+                    roles: [if master { "master" } else { "site" }.to_owned()].into(),
+                },
+            );
+        }
+        let revoked = match version {
+            3 => [self.nodes[self.byzantine]].into(),
+            _ => BTreeSet::new(),
+        };
+        let rule = |writers: &[&str]| CollectionRule {
+            writers: writers.iter().map(|role| (*role).to_owned()).collect(),
+            ..Default::default()
+        };
+        Policy {
+            version,
+            members,
+            revoked,
+            collections: [
+                (REFERENCE.to_owned(), rule(&["master"])),
+                ("stock".to_owned(), rule(&["master", "site"])),
+                ("visits".to_owned(), rule(&["master", "site"])),
+            ]
+            .into(),
+        }
+    }
+
+    /// Policy `version`, signed by the org.
+    pub fn signed(&self, version: u64) -> SignedPolicy {
+        self.policy(version).sign(&self.org)
+    }
+
+    /// The signed policy as nodes store it.
+    pub fn stored(&self, version: u64) -> Vec<u8> {
+        serde_json::to_vec(&self.signed(version)).expect("policies serialise")
+    }
+
+    /// Whether `node` is excluded from the honest set's checks.
+    pub fn is_byzantine(&self, node: usize) -> bool {
+        node == self.byzantine
+    }
+
+    /// One crafted message from the byzantine node, and what it is.
+    pub fn attack(&self, rng: &mut SimRng, records: u32, time_ms: i64) -> (&'static str, Vec<u8>) {
+        let record = RecordId::new(REFERENCE, &format!("r{}", rng.range(0, u64::from(records))))
+            .expect("valid names");
+        let push = |envelope: Vec<u8>| {
+            Message::Push {
+                changes: vec![EnvelopeBytes(envelope)],
+            }
+            .encode()
+        };
+        let value = rng.range(0, 1000) as i64;
+        let own_change = |author: &NodeId| {
+            let mut doc = RecordDoc::new(author);
+            let fields = [("f0".to_owned(), Some(FieldValue::Int(value)))];
+            doc.edit(&Edit::Put(fields.into()), time_ms)
+                .expect("a fresh document takes an edit")
+                .expect("setting a field changes it")
+        };
+        match rng.range(0, 6) {
+            0 => {
+                // Claims head office's authorship; signed with its own key.
+                let change = own_change(&self.nodes[0]);
+                let signature = self.byzantine_identity.sign(b"not the signed message");
+                let envelope = Envelope::encode(&record, change.raw_bytes(), &signature);
+                ("forged signature", push(envelope.into_bytes()))
+            }
+            1 => {
+                let change = own_change(&self.byzantine_identity.node_id());
+                let signed =
+                    VerifiedChange::sign(&self.byzantine_identity, &self.org_id, record, change);
+                (
+                    "non-master reference write",
+                    push(signed.envelope.as_bytes().to_vec()),
+                )
+            }
+            2 => {
+                let change = own_change(&self.byzantine_identity.node_id());
+                let signed = VerifiedChange::sign(
+                    &self.byzantine_identity,
+                    &self.org_id,
+                    record,
+                    change.clone(),
+                );
+                let other = RecordId::new("stock", "replayed").expect("valid names");
+                let replayed =
+                    Envelope::encode(&other, change.raw_bytes(), &signed.signature()).into_bytes();
+                ("change replayed into another record", push(replayed))
+            }
+            3 => (
+                "old policy",
+                Message::Policy {
+                    signed: self.stored(1),
+                }
+                .encode(),
+            ),
+            4 => {
+                let forged = self.policy(self.issued + 10).sign(&self.byzantine_identity);
+                (
+                    "policy signed by a non-org key",
+                    Message::Policy {
+                        signed: serde_json::to_vec(&forged).expect("policies serialise"),
+                    }
+                    .encode(),
+                )
+            }
+            _ => {
+                let length = value as usize % 64 + 1;
+                (
+                    "garbage",
+                    (0..length).map(|_| rng.range(0, 256) as u8).collect(),
+                )
+            }
+        }
+    }
+}
+
+/// Checks that every change of a reference record's accepted document was written by a
+/// master of `policy` or is built on by such a change; returns the first offender.
+pub fn reference_offender(
+    policy: &Policy,
+    changes: &[(ChangeHash, NodeId, Vec<ChangeHash>)],
+) -> Option<(ChangeHash, NodeId)> {
+    let master = |author: &NodeId| {
+        !policy.revoked.contains(author)
+            && policy.members.values().any(|member| {
+                member.node == *author
+                    && member
+                        .roles
+                        .iter()
+                        .any(|role| policy.collections[REFERENCE].writers.contains(role))
+            })
+    };
+    let mut vouched: BTreeSet<ChangeHash> = BTreeSet::new();
+    let mut stack: Vec<ChangeHash> = changes
+        .iter()
+        .filter(|(_, author, _)| master(author))
+        .map(|(hash, _, _)| *hash)
+        .collect();
+    while let Some(hash) = stack.pop() {
+        if vouched.insert(hash)
+            && let Some((_, _, deps)) = changes.iter().find(|(held, _, _)| *held == hash)
+        {
+            stack.extend(deps.iter().copied());
+        }
+    }
+    changes
+        .iter()
+        .find(|(hash, _, _)| !vouched.contains(hash))
+        .map(|(hash, author, _)| (*hash, *author))
+}
