@@ -12,23 +12,7 @@ use common::*;
 use serde_json::Value;
 
 fn init_member(dir: &Path, name: &str, org: &str) -> String {
-    mesh_ok(
-        dir,
-        &[
-            "init",
-            "--name",
-            name,
-            "--api",
-            "127.0.0.1:0",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--org",
-            org,
-        ],
-    )
-    .trim()
-    .to_owned()
+    init_with(dir, name, &["--org", org])
 }
 
 /// Writes and signs a policy; returns the signed file.

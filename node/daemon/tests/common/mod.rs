@@ -60,19 +60,23 @@ pub fn mesh_ok(dir: &Path, args: &[&str]) -> String {
 }
 
 pub fn init(dir: &Path, name: &str) {
-    mesh_ok(
-        dir,
-        &[
-            "init",
-            "--name",
-            name,
-            "--api",
-            "127.0.0.1:0",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-        ],
-    );
+    init_with(dir, name, &[]);
+}
+
+/// `mesh init` on loopback without mDNS, plus `extra` arguments; returns the node id.
+pub fn init_with(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "init",
+        "--name",
+        name,
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+    ];
+    args.extend_from_slice(extra);
+    mesh_ok(dir, &args).trim().to_owned()
 }
 
 /// Polls `check` until it returns `Some` or the deadline passes.
