@@ -13,7 +13,6 @@
 //! `[version u8 = 1][record len u16][record utf-8][change len u32][change][signature 64]`.
 
 use automerge::{Change, ChangeHash};
-use ed25519_dalek::Signature;
 use sha2::Digest as _;
 
 use crate::identity::{Identity, NodeId, OrgId};
@@ -247,18 +246,185 @@ impl ParsedEnvelope {
         } = self;
         let (author, key) = keys.key(change.actor_id().to_bytes())?;
         let message = signed_message(org, &record, &change.hash());
-        key.verify_strict(&message, &Signature::from_bytes(&signature))
-            .map_err(|_| VerifyError::Signature {
+        let valid = crate::verify::prepare(&key, &message, &signature)
+            .is_some_and(|prepared| crate::verify::check_one(&prepared));
+        if !valid {
+            return Err(VerifyError::Signature {
                 record: record.to_string(),
                 author: author.to_string(),
                 hash: change.hash().to_string(),
-            })?;
+            });
+        }
         Ok(VerifiedChange {
             record,
             author,
             change,
             envelope,
         })
+    }
+}
+
+impl ParsedEnvelope {
+    /// Like [`ParsedEnvelope::verify`], but first asks `cache` whether these exact bytes
+    /// already passed verification for `org`, and records them when they pass now. The
+    /// cache holds only digests of envelopes that passed a real check, so a hit is as good
+    /// as a verification.
+    pub fn verify_cached(
+        self,
+        org: &OrgId,
+        keys: &mut KeyCache,
+        cache: &VerifiedCache,
+    ) -> Result<VerifiedChange, VerifyError> {
+        let digest = cache.digest(org, self.envelope.as_bytes());
+        if cache.contains(&digest) {
+            let author = NodeId::from_slice(self.change.actor_id().to_bytes())
+                .map_err(|_| VerifyError::Author)?;
+            let ParsedEnvelope {
+                record,
+                change,
+                envelope,
+                ..
+            } = self;
+            return Ok(VerifiedChange {
+                record,
+                author,
+                change,
+                envelope,
+            });
+        }
+        let verified = self.verify(org, keys)?;
+        cache.insert(digest);
+        Ok(verified)
+    }
+}
+
+/// Verifies many envelopes at once (one multiscalar multiplication for all; see
+/// `verify.rs`), skipping those `cache` already holds. Each result is exactly what
+/// [`ParsedEnvelope::verify`] would give for that envelope alone.
+pub fn verify_all(
+    org: &OrgId,
+    keys: &mut KeyCache,
+    cache: Option<&VerifiedCache>,
+    parsed: Vec<ParsedEnvelope>,
+) -> Vec<Result<VerifiedChange, VerifyError>> {
+    struct Pending {
+        index: usize,
+        parsed: ParsedEnvelope,
+        author: NodeId,
+        prepared: Option<crate::verify::Prepared>,
+        digest: Option<[u8; 32]>,
+    }
+    let mut results: Vec<Option<Result<VerifiedChange, VerifyError>>> =
+        (0..parsed.len()).map(|_| None).collect();
+    let mut pending = Vec::new();
+    for (index, parsed) in parsed.into_iter().enumerate() {
+        let digest = cache.map(|cache| cache.digest(org, parsed.envelope.as_bytes()));
+        if let (Some(cache), Some(digest)) = (cache, &digest)
+            && cache.contains(digest)
+        {
+            results[index] = Some(parsed.verify_cached(org, keys, cache));
+            continue;
+        }
+        let (author, key) = match keys.key(parsed.change.actor_id().to_bytes()) {
+            Ok(found) => found,
+            Err(error) => {
+                results[index] = Some(Err(error));
+                continue;
+            }
+        };
+        let message = signed_message(org, &parsed.record, &parsed.change.hash());
+        let prepared = crate::verify::prepare(&key, &message, &parsed.signature);
+        pending.push(Pending {
+            index,
+            parsed,
+            author,
+            prepared,
+            digest,
+        });
+    }
+    // One check for the whole batch; if it fails, each signature alone finds the bad ones.
+    let all_prepared = pending.iter().all(|item| item.prepared.is_some());
+    let batch_ok = all_prepared && {
+        let items: Vec<&crate::verify::Prepared> = pending
+            .iter()
+            .filter_map(|item| item.prepared.as_ref())
+            .collect();
+        crate::verify::check_batch_refs(&items)
+    };
+    for item in pending {
+        let valid = batch_ok || item.prepared.as_ref().is_some_and(crate::verify::check_one);
+        let ParsedEnvelope {
+            record,
+            change,
+            envelope,
+            ..
+        } = item.parsed;
+        results[item.index] = Some(if valid {
+            if let (Some(cache), Some(digest)) = (cache, item.digest) {
+                cache.insert(digest);
+            }
+            Ok(VerifiedChange {
+                record,
+                author: item.author,
+                change,
+                envelope,
+            })
+        } else {
+            Err(VerifyError::Signature {
+                record: record.to_string(),
+                author: item.author.to_string(),
+                hash: change.hash().to_string(),
+            })
+        });
+    }
+    results
+        .into_iter()
+        .map(|result| result.expect("every envelope got a result"))
+        .collect()
+}
+
+/// Digests of envelopes that passed verification, shared by every node holding a clone:
+/// nodes in one process (the simulator's, a benchmark's) need not check the same bytes
+/// twice, since a signature check is a pure function of the bytes and the org. Bounded by
+/// [`VERIFIED_CACHE_MAX`]; past it the cache starts afresh.
+#[derive(Clone, Default, Debug)]
+pub struct VerifiedCache(std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<[u8; 32]>>>);
+
+/// Most digests a [`VerifiedCache`] holds.
+pub const VERIFIED_CACHE_MAX: usize = 1 << 20;
+
+impl VerifiedCache {
+    fn digest(&self, org: &OrgId, bytes: &[u8]) -> [u8; 32] {
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(org.as_bytes());
+        hasher.update(bytes);
+        hasher.finalize().into()
+    }
+
+    fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.0
+            .lock()
+            .map(|set| set.contains(digest))
+            .unwrap_or(false)
+    }
+
+    fn insert(&self, digest: [u8; 32]) {
+        if let Ok(mut set) = self.0.lock() {
+            if set.len() >= VERIFIED_CACHE_MAX {
+                set.clear();
+            }
+            set.insert(digest);
+        }
+    }
+
+    /// How many digests it holds.
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|set| set.len()).unwrap_or(0)
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -20,9 +20,12 @@ pub mod identity;
 pub mod policy;
 pub mod record;
 pub mod schema;
+mod verify;
 
 pub use automerge::{Change, ChangeHash};
-pub use change::{Envelope, KeyCache, ParsedEnvelope, VerifiedChange, VerifyError};
+pub use change::{
+    Envelope, KeyCache, ParsedEnvelope, VerifiedCache, VerifiedChange, VerifyError, verify_all,
+};
 pub use identity::{Identity, NodeId, OrgId};
 pub use record::{Edit, FieldValue, RecordDoc, RecordId, RecordView};
 pub use schema::{CollectionSchema, FieldSchema, FieldType, SchemaError};

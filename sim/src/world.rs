@@ -312,6 +312,9 @@ impl<'a> World<'a> {
             .collect();
         let play = (options.knobs.policy == Some(true) && options.nodes >= 3)
             .then(|| PolicyPlay::new(options.seed, &identities));
+        // A signature check is a pure function of the bytes: the nodes of one world share
+        // their results, so each envelope is verified once per world, not once per node.
+        let verified_cache = crdt_schema::VerifiedCache::default();
         for (index, identity) in identities.into_iter().enumerate() {
             let id = identity.node_id();
             index_of.insert(id, index);
@@ -326,6 +329,7 @@ impl<'a> World<'a> {
                 org: play
                     .as_ref()
                     .map_or_else(Default::default, |play| play.org_id),
+                verified_cache: Some(verified_cache.clone()),
                 ..Config::default()
             };
             let node = factory(config.clone(), identity.clone(), rng.next_u64());

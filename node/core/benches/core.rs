@@ -137,8 +137,16 @@ fn edit(c: &mut Criterion) {
 
 /// 10,000 changes: 1,000 records edited 10 times each by another node.
 fn remote_changes() -> (Vec<Vec<u8>>, Vec<Vec<automerge::Change>>) {
+    remote_changes_for(crdt_schema::OrgId::default())
+}
+
+fn remote_changes_for(org: crdt_schema::OrgId) -> (Vec<Vec<u8>>, Vec<Vec<automerge::Change>>) {
     let author = Identity::from_seed(2);
-    let mut node = Node::new(Config::default(), author, 2);
+    let config = Config {
+        org,
+        ..Config::default()
+    };
+    let mut node = Node::new(config, author, 2);
     let now = Instant::from_millis(1_790_000_000_000);
     let mut envelopes = Vec::new();
     let mut id = 0;
@@ -169,7 +177,6 @@ fn remote_changes() -> (Vec<Vec<u8>>, Vec<Vec<automerge::Change>>) {
             }
         }
     }
-    let org = crdt_schema::OrgId::default();
     let mut per_record: BTreeMap<String, Vec<automerge::Change>> = BTreeMap::new();
     for envelope in &envelopes {
         let verified = crdt_schema::Envelope::from_bytes(envelope.clone())
@@ -261,6 +268,125 @@ fn apply_remote(c: &mut Criterion) {
     group.finish();
 }
 
+/// The policy issue's figure: 10,000 remote changes verified, judged under a policy and
+/// applied, against the same changes whose signatures were checked beforehand (a shared
+/// cache of verified envelopes answers instead), in the same run.
+fn verify_judge_apply(c: &mut Criterion) {
+    use crdt_schema::policy::{CollectionRule, Member, Policy};
+    let mut group = c.benchmark_group("verify_judge_apply_10k");
+    group.throughput(Throughput::Elements(10_000));
+    group.sample_size(10);
+    let org = Identity::from_seed(9000);
+    let org_id = crdt_schema::OrgId::from_bytes(*org.node_id().as_bytes());
+    let (envelopes, _) = remote_changes_for(org_id);
+    let sender = Identity::from_seed(2).node_id();
+    let member = |seed: u64, role: &str| Member {
+        node: Identity::from_seed(seed).node_id(),
+        roles: [role.to_owned()].into(),
+    };
+    let policy = Policy {
+        version: 1,
+        members: [
+            ("hq".to_owned(), member(1, "master")),
+            ("clinic".to_owned(), member(2, "site")),
+        ]
+        .into(),
+        collections: [(
+            "stock".to_owned(),
+            CollectionRule {
+                writers: ["master".to_owned(), "site".to_owned()].into(),
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..Policy::default()
+    }
+    .sign(&org);
+    let now = Instant::from_millis(1_790_000_000_000);
+    let messages: Vec<Vec<u8>> = envelopes
+        .chunks(1000)
+        .map(|chunk| {
+            Message::Push {
+                changes: chunk.iter().cloned().map(EnvelopeBytes).collect(),
+            }
+            .encode()
+        })
+        .collect();
+    let setup = |cache: Option<crdt_schema::VerifiedCache>| {
+        let config = Config {
+            org: org_id,
+            verified_cache: cache,
+            ..Config::default()
+        };
+        let mut node = Node::new(config, Identity::from_seed(1), 1);
+        let effects = node.handle(
+            now,
+            Input::Command {
+                id: CommandId(1),
+                command: Command::ApplyPolicy {
+                    signed: policy.clone(),
+                },
+            },
+        );
+        assert!(
+            effects
+                .iter()
+                .any(|effect| matches!(effect, Effect::Complete { result: Ok(_), .. }))
+        );
+        node.handle(now, Input::PeerConnected { peer: sender });
+        let hello = Message::Hello {
+            name: "bench".into(),
+            scope: None,
+            policy: node.status().policy.map(|_| mesh_core::wire::PolicyTag {
+                version: 1,
+                hash: policy.hash(),
+            }),
+        }
+        .encode();
+        node.handle(
+            now,
+            Input::MessageReceived {
+                from: sender,
+                bytes: hello,
+            },
+        );
+        node
+    };
+    let run = |mut node: Node| {
+        for message in &messages {
+            let effects = node.handle(
+                now,
+                Input::MessageReceived {
+                    from: sender,
+                    bytes: message.clone(),
+                },
+            );
+            for effect in effects {
+                if let Effect::Storage { op, .. } = effect {
+                    node.handle(now, Input::StorageDone { op, result: Ok(()) });
+                }
+            }
+        }
+        assert_eq!(node.status().counters.changes_applied, 10_000);
+        node
+    };
+    group.bench_function("verified", |b| {
+        b.iter_batched(|| setup(None), run, BatchSize::PerIteration);
+    });
+    // Check every signature once, outside the measurement; the runs then find them checked.
+    let checked = crdt_schema::VerifiedCache::default();
+    run(setup(Some(checked.clone())));
+    assert_eq!(checked.len(), 10_000);
+    group.bench_function("signatures_checked_beforehand", |b| {
+        b.iter_batched(
+            || setup(Some(checked.clone())),
+            run,
+            BatchSize::PerIteration,
+        );
+    });
+    group.finish();
+}
+
 /// The floor under every figure above: one ed25519 signature per change made, one
 /// verification per change received.
 fn signature(c: &mut Criterion) {
@@ -292,5 +418,5 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = create, edit, apply_remote, signature }
+criterion_group! { name = benches; config = config(); targets = create, edit, apply_remote, verify_judge_apply, signature }
 criterion_main!(benches);

@@ -27,6 +27,10 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// How many Automerge documents stay loaded. Default: [`crate::limits::LOADED_DOCUMENTS_MAX`].
     pub loaded_documents_max: usize,
+    /// Signature checks shared with other nodes in the same process (the simulator's nodes,
+    /// a benchmark's baseline): envelopes any of them verified are not verified again.
+    /// Default: `None`, every envelope is verified. The daemon never sets it.
+    pub verified_cache: Option<crdt_schema::VerifiedCache>,
 }
 
 impl Default for Config {
@@ -40,6 +44,7 @@ impl Default for Config {
             sync_stall_timeout: Duration::from_secs(10),
             checkpoint_interval: Duration::from_secs(1),
             loaded_documents_max: crate::limits::LOADED_DOCUMENTS_MAX,
+            verified_cache: None,
         }
     }
 }

@@ -1246,67 +1246,97 @@ impl Node {
             .all(|dep| self.is_known(key, dep))
     }
 
-    /// The one place every remote change enters: verification, then (once a policy is in
-    /// force) the verdict, then routing to the pipeline or the pending set. Returns false
-    /// if the change was refused, which costs the sender its connection.
-    pub(crate) fn admit_change(&mut self, from: NodeId, bytes: Vec<u8>, origin: Origin) -> bool {
+    /// The one place remote changes enter, a message's worth at a time: duplicates are
+    /// dropped by hash, the rest are parsed and verified together (one batch check), then
+    /// routed in order to the pipeline or the pending set; the policy's verdict comes once
+    /// they are durable. Returns false if any change was refused, which costs the sender
+    /// its connection (the valid changes before and after it are still admitted).
+    pub(crate) fn admit_changes(
+        &mut self,
+        from: NodeId,
+        envelopes: Vec<Vec<u8>>,
+        origin: Origin,
+    ) -> bool {
         if let Some(peer) = self.peers.get_mut(&from) {
-            peer.counters.changes_received += 1;
+            peer.counters.changes_received += envelopes.len() as u64;
         }
-        let rejected = |node: &mut Node, error: crdt_schema::VerifyError| {
-            node.counters.changes_rejected += 1;
-            if let Some(peer) = node.peers.get_mut(&from) {
-                peer.counters.rejected += 1;
+        let mut all_valid = true;
+        let mut parsed_all = Vec::new();
+        let mut seen: BTreeSet<(String, ChangeHash)> = BTreeSet::new();
+        for bytes in envelopes {
+            let envelope = Envelope::from_bytes(bytes);
+            // A change already held is recognised by its hash before anything else: in a
+            // mesh every change arrives from several peers, and verifying costs more than
+            // anything else a node does with it.
+            if let Some((key, hash)) = envelope.claimed_identity() {
+                let key = key.to_owned();
+                if self.is_known(&key, &hash) || self.pending.contains_key(&(key, hash)) {
+                    self.counters.changes_duplicate += 1;
+                    continue;
+                }
             }
-            node.emit(Event::ChangeRejected {
-                from,
-                reason: error.to_string(),
-            });
-            false
-        };
-        let envelope = Envelope::from_bytes(bytes);
-        if let Some((key, hash)) = envelope.claimed_identity() {
-            let key = key.to_owned();
-            if self.is_known(&key, &hash) || self.pending.contains_key(&(key, hash)) {
+            let parsed = match envelope.parse() {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    self.change_refused(from, &error);
+                    all_valid = false;
+                    continue;
+                }
+            };
+            if !self.config.replicates(parsed.record.collection()) {
+                continue;
+            }
+            let id = (parsed.record.as_str().to_owned(), parsed.hash());
+            if self.is_known(&id.0, &id.1) || self.pending.contains_key(&id) || !seen.insert(id) {
                 self.counters.changes_duplicate += 1;
-                return true;
+                continue;
+            }
+            parsed_all.push(parsed);
+        }
+        let verified = crdt_schema::verify_all(
+            &self.config.org,
+            &mut self.keys,
+            self.config.verified_cache.as_ref(),
+            parsed_all,
+        );
+        for result in verified {
+            let change = match result {
+                Ok(change) => change,
+                Err(error) => {
+                    self.change_refused(from, &error);
+                    all_valid = false;
+                    continue;
+                }
+            };
+            let key = change.record.as_str().to_owned();
+            if !self.quarantine_has_room(&key)
+                && self
+                    .author_verdict(&change.author, change.record.collection())
+                    .is_err()
+            {
+                // A member flooding one record with changes it may not make: held no further.
+                self.counters.changes_dropped += 1;
+                continue;
+            }
+            if self.deps_known(&key, &change) {
+                self.enqueue_remote(from, change, origin);
+            } else {
+                self.hold_pending(from, change, origin);
             }
         }
-        let parsed = match envelope.parse() {
-            Ok(parsed) => parsed,
-            Err(error) => return rejected(self, error),
-        };
-        if !self.config.replicates(parsed.record.collection()) {
-            return true;
+        all_valid
+    }
+
+    /// Counts and reports a change that failed parsing or verification.
+    fn change_refused(&mut self, from: NodeId, error: &crdt_schema::VerifyError) {
+        self.counters.changes_rejected += 1;
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.counters.rejected += 1;
         }
-        // A change already held is recognised by its hash before its signature is checked:
-        // in a mesh every change arrives from several peers, and verifying costs more than
-        // anything else a node does with it.
-        let key = parsed.record.as_str().to_owned();
-        let hash = parsed.hash();
-        if self.is_known(&key, &hash) || self.pending.contains_key(&(key.clone(), hash)) {
-            self.counters.changes_duplicate += 1;
-            return true;
-        }
-        let change = match parsed.verify(&self.config.org, &mut self.keys) {
-            Ok(change) => change,
-            Err(error) => return rejected(self, error),
-        };
-        if !self.quarantine_has_room(&key)
-            && self
-                .author_verdict(&change.author, change.record.collection())
-                .is_err()
-        {
-            // A member flooding one record with changes it may not make: held no further.
-            self.counters.changes_dropped += 1;
-            return true;
-        }
-        if self.deps_known(&key, &change) {
-            self.enqueue_remote(from, change, origin);
-        } else {
-            self.hold_pending(from, change, origin);
-        }
-        true
+        self.emit(Event::ChangeRejected {
+            from,
+            reason: error.to_string(),
+        });
     }
 
     fn enqueue_remote(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {

@@ -260,13 +260,9 @@ impl Node {
             }
             _ if !has_hello => self.reject_message(from, "message before hello".into()),
             Message::Push { changes } => {
-                for envelope in changes {
-                    if !self.admit_change(from, envelope.0, Origin::Push) {
-                        return self.reject_message(
-                            from,
-                            "pushed a change that failed verification".into(),
-                        );
-                    }
+                let envelopes = changes.into_iter().map(|envelope| envelope.0).collect();
+                if !self.admit_changes(from, envelopes, Origin::Push) {
+                    self.reject_message(from, "pushed a change that failed verification".into());
                 }
             }
             Message::Announce { record, heads } => self.announced(from, &record, &heads),
@@ -555,10 +551,9 @@ impl Node {
             id: session,
             initiator,
         };
-        for envelope in changes {
-            if !self.admit_change(from, envelope.0, origin) {
-                return self.reject_message(from, "sent a change that failed verification".into());
-            }
+        let envelopes = changes.into_iter().map(|envelope| envelope.0).collect();
+        if !self.admit_changes(from, envelopes, origin) {
+            self.reject_message(from, "sent a change that failed verification".into());
         }
     }
 
