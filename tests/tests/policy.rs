@@ -268,7 +268,7 @@ fn an_unauthorised_change_is_quarantined_everywhere_never_applied_and_the_author
     mesh.run_until_quiet(100);
     assert!(mesh.get(HQ, "catalogue/aspirin").is_none(), "never applied");
     let rows = match mesh.command(HQ, Command::Quarantine) {
-        Ok(Reply::Quarantine(rows)) => rows,
+        Ok(Reply::Quarantine { held, .. }) => held,
         other => panic!("{other:?}"),
     };
     assert_eq!(rows.len(), 1);
@@ -559,7 +559,7 @@ fn a_change_that_breaks_the_policy_schema_is_refused_locally_and_quarantined_rem
     assert!(mesh.get(CLINIC1, "catalogue/c").is_none());
     assert!(mesh.get(CLINIC1, "catalogue/b").is_some());
     let rows = match mesh.command(CLINIC1, Command::Quarantine) {
-        Ok(Reply::Quarantine(rows)) => rows,
+        Ok(Reply::Quarantine { held, .. }) => held,
         other => panic!("{other:?}"),
     };
     assert_eq!(rows.len(), 1);
@@ -567,4 +567,28 @@ fn a_change_that_breaks_the_policy_schema_is_refused_locally_and_quarantined_rem
         matches!(rows[0].reason, RejectReason::Schema { .. }),
         "{rows:?}"
     );
+}
+
+#[test]
+fn a_change_with_a_bad_signature_is_not_held_but_listed_as_refused() {
+    let mut mesh = mesh(2);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    let change = forged_catalogue_change(CLINIC1, "catalogue/aspirin");
+    let mut bytes = change.envelope.as_bytes().to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let push = Message::Push {
+        changes: vec![EnvelopeBytes(bytes)],
+    };
+    mesh.inject(CLINIC1, HQ, push.encode());
+    mesh.run_until_quiet(100);
+    let Ok(Reply::Quarantine { held, refused }) = mesh.command(HQ, Command::Quarantine) else {
+        panic!("quarantine answers");
+    };
+    assert!(held.is_empty(), "a bad signature is never held");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].from, node_id(CLINIC1));
+    assert!(refused[0].reason.contains("bad signature"), "{refused:?}");
 }

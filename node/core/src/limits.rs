@@ -61,6 +61,8 @@ pub const HISTORY_ENTRIES_MAX: usize = 1000;
 pub const QUARANTINE_PER_RECORD_MAX: usize = 32;
 /// Most rejection receipts kept.
 pub const RECEIPTS_MAX: usize = 256;
+/// Most changes refused on arrival (bad signature, malformed) remembered for the operator.
+pub const REFUSED_CHANGES_MAX: usize = 256;
 /// Most refused peers remembered for status.
 pub const REFUSED_PEERS_MAX: usize = 256;
 /// Largest signed policy a peer may send, in bytes.

@@ -212,8 +212,13 @@ pub enum Reply {
     PolicyOffered(PolicyOffer),
     /// The policy in force, if any.
     Policy(Option<Box<PolicyView>>),
-    /// Quarantined changes.
-    Quarantine(Vec<QuarantineRow>),
+    /// Quarantined changes, and changes refused on arrival.
+    Quarantine {
+        /// Held, never applied: rejected by the policy.
+        held: Vec<QuarantineRow>,
+        /// Not held: failed parsing or verification (recent ones only).
+        refused: Vec<crate::policy::RefusedChange>,
+    },
 }
 
 /// Why a command failed.
@@ -805,8 +810,9 @@ impl Node {
                 self.complete(id, Ok(Reply::Policy(view)));
             }
             Command::Quarantine => {
-                let rows = self.quarantine_rows();
-                self.complete(id, Ok(Reply::Quarantine(rows)));
+                let held = self.quarantine_rows();
+                let refused = self.policy.refused_changes.clone();
+                self.complete(id, Ok(Reply::Quarantine { held, refused }));
             }
         }
     }
@@ -1329,6 +1335,7 @@ impl Node {
 
     /// Counts and reports a change that failed parsing or verification.
     fn change_refused(&mut self, from: NodeId, error: &crdt_schema::VerifyError) {
+        self.note_refused_change(from, error.to_string());
         self.counters.changes_rejected += 1;
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.counters.rejected += 1;

@@ -26,7 +26,9 @@ use crdt_schema::policy::{self, Policy, PolicyError, RejectReason, SignedPolicy}
 use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, VerifiedChange};
 use serde::Serialize;
 
-use crate::limits::{QUARANTINE_PER_RECORD_MAX, RECEIPTS_MAX, REFUSED_PEERS_MAX};
+use crate::limits::{
+    QUARANTINE_PER_RECORD_MAX, RECEIPTS_MAX, REFUSED_CHANGES_MAX, REFUSED_PEERS_MAX,
+};
 use crate::node::{Effect, Event, Node};
 use crate::records::Quarantined;
 use crate::status::PeerState;
@@ -52,6 +54,20 @@ pub(crate) struct PolicyState {
     pub(crate) receipts: Vec<Receipt>,
     /// Whether the policy must ride along with the next checkpoint.
     pub(crate) unsaved: bool,
+    /// Changes refused before they could be held (bad signature, malformed), newest last.
+    pub(crate) refused_changes: Vec<RefusedChange>,
+}
+
+/// A change refused on arrival: it failed parsing or verification, so it is not held, not
+/// judged and not passed on; only this record of it is kept, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefusedChange {
+    /// The peer that sent it.
+    pub from: NodeId,
+    /// Why, naming the record, claimed author and change where they could be read.
+    pub reason: String,
+    /// When.
+    pub at: Instant,
 }
 
 /// Two different policies with the same version.
@@ -661,6 +677,19 @@ impl Node {
             };
             self.send(author, &message);
         }
+    }
+
+    /// Keeps a bounded record of a change refused on arrival.
+    pub(crate) fn note_refused_change(&mut self, from: NodeId, reason: String) {
+        let refused = &mut self.policy.refused_changes;
+        if refused.len() >= REFUSED_CHANGES_MAX {
+            refused.remove(0);
+        }
+        refused.push(RefusedChange {
+            from,
+            reason,
+            at: self.now,
+        });
     }
 
     /// A peer says it rejected one of our changes.

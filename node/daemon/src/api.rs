@@ -15,7 +15,7 @@
 //! | `GET /v1/changes?collection=C` | follow record changes: one JSON line per change |
 //! | `GET /v1/policy` | the org policy in force; 404 if none |
 //! | `POST /v1/policy` | put a signed policy (the JSON `mesh policy sign` writes) in force |
-//! | `GET /v1/quarantine` | changes the policy rejected, with why |
+//! | `GET /v1/quarantine` | changes the policy rejected, with why, and recent changes refused on arrival |
 //!
 //! Every request needs `Authorization: Bearer <token>`; without it the answer is 401.
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status.
@@ -348,10 +348,10 @@ async fn apply_policy(
 }
 
 async fn quarantine(State(state): State<ApiState>) -> ApiResult {
-    let Reply::Quarantine(rows) = run(&state, Command::Quarantine).await? else {
+    let Reply::Quarantine { held, refused } = run(&state, Command::Quarantine).await? else {
         return Err(unexpected());
     };
-    Ok(axum::Json(json!({ "quarantine": rows })).into_response())
+    Ok(axum::Json(json!({ "quarantine": held, "refused": refused })).into_response())
 }
 
 /// Which changes a follower wants.

@@ -491,11 +491,8 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
         Commands::Quarantine { json } => {
             let rows = Client::connect(&dir)?.get("/v1/quarantine")?;
             print_or(json, &rows, |value| {
-                print_quarantine(
-                    value["quarantine"]
-                        .as_array()
-                        .map_or(&[][..], Vec::as_slice),
-                )
+                let list = |name: &str| value[name].as_array().cloned().unwrap_or_default();
+                print_quarantine(&list("quarantine"), &list("refused"));
             });
             Ok(())
         }
@@ -859,29 +856,41 @@ fn print_policy(view: &Value) {
     }
 }
 
-fn print_quarantine(rows: &[Value]) {
+fn print_quarantine(rows: &[Value], refused: &[Value]) {
     if rows.is_empty() {
         println!("quarantine is empty: every change held was accepted");
-        return;
-    }
-    println!("{:<28} {:<14} {:<18} reason", "record", "change", "author");
-    for row in rows {
-        let author = match row["author_name"].as_str() {
-            Some(name) => name.to_owned(),
-            None => format!("{}…", short(row["author"].as_str(), 14)),
-        };
+    } else {
+        println!("{:<28} {:<14} {:<18} reason", "record", "change", "author");
+        for row in rows {
+            let author = match row["author_name"].as_str() {
+                Some(name) => name.to_owned(),
+                None => format!("{}…", short(row["author"].as_str(), 14)),
+            };
+            println!(
+                "{:<28} {:<14} {:<18} {}",
+                row["record"].as_str().unwrap_or("?"),
+                format!("{}…", short(row["change"].as_str(), 12)),
+                author,
+                row["reason_text"].as_str().unwrap_or("?")
+            );
+        }
         println!(
-            "{:<28} {:<14} {:<18} {}",
-            row["record"].as_str().unwrap_or("?"),
-            format!("{}…", short(row["change"].as_str(), 12)),
-            author,
-            row["reason_text"].as_str().unwrap_or("?")
+            "{} changes in quarantine; they are never applied",
+            rows.len()
         );
     }
-    println!(
-        "{} changes in quarantine; they are never applied",
-        rows.len()
-    );
+    if !refused.is_empty() {
+        println!();
+        println!("refused on arrival (not held; the sender was disconnected):");
+        for row in refused.iter().rev().take(20) {
+            println!(
+                "  {:<12} from {}…: {}",
+                ago(row["at"].as_u64()),
+                short(row["from"].as_str(), 14),
+                row["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
 }
 
 fn print_peers(peers: &Value) {
