@@ -1,10 +1,11 @@
 //! The policy workload and the byzantine node (`--policy`).
 //!
 //! The org signs version 1 before the run: node 0 is head office (`master`), node 1 is a
-//! second master, the others are sites; every node starts with it. Catalogue is written by
-//! masters only, stock by everyone. During the fault phase head office demotes node 1
-//! (version 2), then promotes it again and revokes the byzantine node (version 3), each
-//! applied at node 0 while faults go on.
+//! second master, the others are sites, except node 2 (with four nodes or more), which is not
+//! a member yet; every node starts with it. Catalogue is written by masters only, stock by
+//! everyone. During the fault phase head office adds node 2 and demotes node 1 (version 2),
+//! then promotes node 1 again and revokes the byzantine node (version 3), each applied at
+//! node 0 while faults go on.
 //!
 //! The last node is byzantine: a member with the `site` role whose own core is honest, but
 //! which also crafts messages directly: changes with forged signatures, catalogue writes
@@ -64,6 +65,9 @@ impl PolicyPlay {
     pub fn policy(&self, version: u64) -> Policy {
         let mut members = std::collections::BTreeMap::new();
         for (index, node) in self.nodes.iter().enumerate() {
+            if version == 1 && Some(index) == self.newcomer() {
+                continue;
+            }
             let master = index == 0 || (index == 1 && version != 2 && index != self.byzantine);
             members.insert(
                 format!("node-{index}"),
@@ -102,6 +106,12 @@ impl PolicyPlay {
     /// The signed policy as nodes store it.
     pub fn stored(&self, version: u64) -> Vec<u8> {
         serde_json::to_vec(&self.signed(version)).expect("policies serialise")
+    }
+
+    /// The node that is not a member in version 1 and is added in version 2 (with at least
+    /// four nodes): refused by everyone until the new policy reaches them.
+    pub fn newcomer(&self) -> Option<usize> {
+        (self.nodes.len() >= 4).then_some(2)
     }
 
     /// Whether `node` is excluded from the honest set's checks.

@@ -743,6 +743,12 @@ impl<'a> World<'a> {
             Event::PartitionStart => self.partition_start(),
             Event::PartitionEnd => self.partition_end(),
             Event::Heal => self.heal(),
+            Event::PolicyChange { version }
+                if self.slots[0].node.is_none() || self.slots[0].paused =>
+            {
+                // Head office is down: the administrator tries again a little later.
+                self.schedule(self.now + 1000, Event::PolicyChange { version });
+            }
             Event::PolicyChange { version } => {
                 if let Some(play) = &mut self.play {
                     play.issued = version;

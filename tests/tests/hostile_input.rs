@@ -155,6 +155,7 @@ fn overlapping_reconciliation_ranges_are_refused() {
         session: 1,
         ranges: vec![range(""), range("a")],
         needs: vec![],
+        policy: None,
     };
     assert_refused(Message::SyncRequest(round).encode(), messages_rejected);
 }

@@ -283,8 +283,14 @@ impl Node {
                 reason,
             } => self.receipt_received(from, record, change, reason),
             Message::Need { needs } => self.answer_needs(from, needs),
-            Message::SyncRequest(round) => self.sync_request(from, round),
-            Message::SyncResponse(round) => self.sync_response(from, round),
+            Message::SyncRequest(round) => {
+                self.compare_policy(from, round.policy);
+                self.sync_request(from, round)
+            }
+            Message::SyncResponse(round) => {
+                self.compare_policy(from, round.policy);
+                self.sync_response(from, round)
+            }
             Message::SyncChanges {
                 session,
                 from_initiator,
@@ -427,6 +433,7 @@ impl Node {
                 session: id,
                 ranges: vec![root],
                 needs: vec![],
+                policy: None,
             },
             Vec::new(),
         );
@@ -445,7 +452,14 @@ impl Node {
     }
 
     /// Sends a round's changes in batches, then the round message itself.
-    fn send_round(&mut self, peer: NodeId, initiator: bool, round: Round, changes: Vec<Vec<u8>>) {
+    fn send_round(
+        &mut self,
+        peer: NodeId,
+        initiator: bool,
+        mut round: Round,
+        changes: Vec<Vec<u8>>,
+    ) {
+        round.policy = self.policy_tag();
         let session = round.session;
         let count = changes.len() as u64;
         let bytes: u64 = changes.iter().map(|change| change.len() as u64).sum();
@@ -615,6 +629,7 @@ impl Node {
                 session: id,
                 ranges: output.ranges,
                 needs: output.needs,
+                policy: None,
             };
             return self.send_round(peer, false, round, output.changes);
         }
@@ -628,6 +643,7 @@ impl Node {
                     session: id,
                     ranges: vec![root],
                     needs: vec![],
+                    policy: None,
                 };
                 return self.send_round(peer, true, round, Vec::new());
             }
@@ -656,6 +672,7 @@ impl Node {
             session: id,
             ranges: output.ranges,
             needs: output.needs,
+            policy: None,
         };
         self.send_round(peer, true, round, output.changes);
     }

@@ -115,6 +115,9 @@ pub struct Round {
     pub ranges: Vec<Range>,
     /// Records whose changes the sender lacks.
     pub needs: Vec<Need>,
+    /// The policy the sender enforces: a policy message lost on a connection that
+    /// stayed up is sent again at the next round, not only on the next hello.
+    pub policy: Option<PolicyTag>,
 }
 
 /// A key range `[lower, upper)` and what the sender knows of it.
@@ -288,6 +291,7 @@ mod tests {
                 },
             }],
             needs: vec![],
+            policy: None,
         });
         let bytes = message.encode();
         assert_eq!(Message::decode(&bytes), Ok(message));
