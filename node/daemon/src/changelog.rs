@@ -129,9 +129,9 @@ impl ChangeLog {
         if count == 0 {
             return Ok(());
         }
-        let kept = self.entries.split_off(count);
+        let kept = self.entries[count..].to_vec();
         let temporary = self.path.with_extension("log.compacting");
-        {
+        let written = (|| {
             let mut file = File::create(&temporary)?;
             file.write_all(MAGIC)?;
             for entry in &kept {
@@ -139,7 +139,12 @@ impl ChangeLog {
                 file.write_all(&crc32fast::hash(entry).to_le_bytes())?;
                 file.write_all(entry)?;
             }
-            file.sync_all()?;
+            file.sync_all()
+        })();
+        if let Err(error) = written {
+            // A full disk: the log stays as it was, and the half-written copy goes.
+            let _ = std::fs::remove_file(&temporary);
+            return Err(error);
         }
         std::fs::rename(&temporary, &self.path)?;
         sync_parent(&self.path)?;

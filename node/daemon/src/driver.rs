@@ -325,7 +325,14 @@ fn storage_thread(
             StorageJob::Append { op, envelopes } => (
                 op,
                 store.append(&envelopes).map_err(|error| {
-                    StorageError(format!("cannot append to the change log: {error}"))
+                    StorageError(match error.kind() {
+                        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                            format!(
+                                "the disk holding the change log is full ({error}); free some space and write again"
+                            )
+                        }
+                        _ => format!("cannot append to the change log: {error}"),
+                    })
                 }),
             ),
             StorageJob::Checkpoint {
