@@ -211,7 +211,7 @@ fn main() {
     );
     match (tcp_before, tcp_bytes(hub_port)) {
         (Some(before), Some(after)) => println!(
-            "  on the wire (TCP payload both ways: Noise, Yamux, stream negotiation, framing, acknowledgement): {} bytes per receiving peer",
+            "  on the wire (TCP payload both ways: Noise, Yamux, framing): {} bytes per receiving peer",
             (after - before) / peers.len() as u64
         ),
         _ => println!("  on the wire: not measured (needs `ss` from iproute2)"),

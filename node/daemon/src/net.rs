@@ -1,11 +1,14 @@
 //! Peers over libp2p: the only module that knows libp2p.
 //!
-//! TCP with Noise and Yamux; identify; connection limits; and one request-response protocol,
-//! `/mesh/messages/1`, that carries the core's messages. The core needs messages in order
-//! per connection (a round's changes before the round), and request-response runs each
-//! request on its own stream, so each peer has one request in flight at a time: messages
-//! that wait meanwhile travel together in the next request. A failed request means a lost
-//! message, which the core treats as a dropped connection, so the peer is disconnected.
+//! TCP with Noise and Yamux; identify; connection limits; a membership gate; and one
+//! long-lived stream per peer and direction, `/mesh/stream/1`, carrying the core's messages
+//! as `[length u32 BE][bytes]` frames. The core needs messages in order per connection (a
+//! round's changes before the round), which one stream gives for free, and a stream opened
+//! once costs no protocol negotiation per message: a one-field edit travels in about 250
+//! bytes. A writer task per peer drains that peer's queue into its stream (everything queued
+//! goes out in one write); a reader task per inbound stream hands frames to the driver. A
+//! failed write means lost messages, which the core treats as a dropped connection, so the
+//! peer is disconnected; frames of a stream that is not the peer's current one are dropped.
 //!
 //! The node's ed25519 key is the libp2p key, so a node id and a PeerId are the same text.
 
@@ -15,21 +18,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use crdt_schema::NodeId;
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::mdns;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
 };
 use mesh_core::limits::MESSAGE_BYTES_MAX;
+use tokio::sync::mpsc;
 
-const PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/messages/1");
-/// Most messages batched in one request.
-const BATCH_MESSAGES_MAX: usize = 256;
-/// Most bytes in one request: a batch never splits a message, so one full message always fits.
-const BATCH_BYTES_MAX: usize = MESSAGE_BYTES_MAX + 64 * 1024;
+const PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/stream/1");
+/// Most bytes one write to a stream gathers from the queue.
+const WRITE_BYTES_MAX: usize = 1024 * 1024;
 /// Most messages queued for one peer; past it the peer is too slow and is disconnected.
 const QUEUE_MESSAGES_MAX: usize = 16_384;
 /// Established connections, in all and per peer, and pending ones.
@@ -63,25 +64,48 @@ struct Behaviour {
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    messages: request_response::Behaviour<MessageCodec>,
+    streams: libp2p_stream::Behaviour,
 }
 
-#[derive(Default)]
+/// The queue of one connected peer, drained by its writer task.
 struct Outbox {
-    in_flight: Option<OutboundRequestId>,
-    queued: Vec<Vec<u8>>,
+    queue: mpsc::Sender<Vec<u8>>,
+    /// Which connection of the peer the writer serves.
+    generation: u64,
+}
+
+/// What the stream tasks tell the network.
+enum TaskEvent {
+    /// A reader task took a new inbound stream of the peer.
+    Opened { peer: PeerId, stream: u64 },
+    /// A frame arrived on an inbound stream.
+    Frame {
+        peer: PeerId,
+        stream: u64,
+        bytes: Vec<u8>,
+    },
+    /// A stream failed: messages were lost, so the connection must go.
+    Failed {
+        peer: PeerId,
+        generation: Option<u64>,
+        error: String,
+    },
 }
 
 /// The peer-to-peer side of a node.
 pub struct Net {
     swarm: Swarm<Behaviour>,
+    control: libp2p_stream::Control,
     outboxes: BTreeMap<PeerId, Outbox>,
+    next_generation: u64,
+    /// Each connected peer's current inbound stream; frames of any other are dropped.
+    inbound: BTreeMap<PeerId, u64>,
+    tasks_tx: mpsc::UnboundedSender<TaskEvent>,
+    tasks: mpsc::UnboundedReceiver<TaskEvent>,
     bootstrap: Vec<Multiaddr>,
     listening: BTreeSet<Multiaddr>,
     /// Which peer answered at each bootstrap address.
     dialed: BTreeMap<Multiaddr, PeerId>,
-    /// Messages that arrived in one request, handed to the core one at a time.
-    inbox: std::collections::VecDeque<(NodeId, Vec<u8>)>,
 }
 
 impl Net {
@@ -129,13 +153,7 @@ impl Net {
                     "/mesh/1.0.0".into(),
                     key.public(),
                 )),
-                messages: request_response::Behaviour::with_codec(
-                    MessageCodec,
-                    [(PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(30))
-                        .with_max_concurrent_streams(64),
-                ),
+                streams: libp2p_stream::Behaviour::new(),
             })
             .context("cannot build the network behaviour")?
             .with_swarm_config(|config| {
@@ -158,13 +176,23 @@ impl Net {
                 })
             })
             .collect::<anyhow::Result<Vec<Multiaddr>>>()?;
+        let mut control = swarm.behaviour().streams.new_control();
+        let incoming = control
+            .accept(PROTOCOL)
+            .context("the message protocol is registered twice")?;
+        let (tasks_tx, tasks) = mpsc::unbounded_channel();
+        tokio::spawn(accept_streams(incoming, tasks_tx.clone()));
         let mut net = Net {
             swarm,
+            control,
             outboxes: BTreeMap::new(),
+            next_generation: 0,
+            inbound: BTreeMap::new(),
+            tasks_tx,
+            tasks,
             bootstrap,
             listening: BTreeSet::new(),
             dialed: BTreeMap::new(),
-            inbox: Default::default(),
         };
         net.redial();
         Ok(net)
@@ -205,64 +233,65 @@ impl Net {
         self.swarm.behaviour_mut().members.set(members);
     }
 
-    /// Queues a message to a peer; sends it now if nothing is in flight to that peer.
+    /// Queues a message to a peer; its writer task sends it in order.
     pub fn send(&mut self, to: NodeId, bytes: Vec<u8>) {
-        let Ok(peer) = to.to_string().parse::<PeerId>() else {
+        let Some(peer) = peer_id(&to) else {
             return;
         };
-        let outbox = self.outboxes.entry(peer).or_default();
-        if outbox.queued.len() >= QUEUE_MESSAGES_MAX {
+        let Some(outbox) = self.outboxes.get(&peer) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = outbox.queue.try_send(bytes) {
             tracing::warn!(%peer, "peer is not keeping up; disconnecting");
             let _ = self.swarm.disconnect_peer_id(peer);
-            return;
         }
-        outbox.queued.push(bytes);
-        self.flush(peer);
     }
 
     /// Drops the connection to a peer.
     pub fn disconnect(&mut self, peer: NodeId) {
-        if let Ok(peer) = peer.to_string().parse::<PeerId>() {
+        if let Some(peer) = peer_id(&peer) {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
 
-    fn flush(&mut self, peer: PeerId) {
-        let Some(outbox) = self.outboxes.get_mut(&peer) else {
-            return;
-        };
-        if outbox.in_flight.is_some() || outbox.queued.is_empty() {
-            return;
-        }
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while let Some(next) = outbox.queued.first() {
-            if !batch.is_empty()
-                && (batch.len() == BATCH_MESSAGES_MAX || bytes + next.len() > BATCH_BYTES_MAX)
-            {
-                break;
-            }
-            bytes += next.len();
-            batch.push(outbox.queued.remove(0));
-        }
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .messages
-            .send_request(&peer, batch);
-        self.outboxes
-            .get_mut(&peer)
-            .expect("present above")
-            .in_flight = Some(id);
-    }
-
     /// The next event for the core.
     pub async fn next(&mut self) -> NetEvent {
-        if let Some((from, bytes)) = self.inbox.pop_front() {
-            return NetEvent::Message { from, bytes };
+        tokio::select! {
+            event = self.swarm.select_next_some() => self.handle(event),
+            Some(event) = self.tasks.recv() => self.task_event(event),
         }
-        let event = self.swarm.select_next_some().await;
-        self.handle(event)
+    }
+
+    fn task_event(&mut self, event: TaskEvent) -> NetEvent {
+        match event {
+            TaskEvent::Opened { peer, stream } => {
+                if self.outboxes.contains_key(&peer) {
+                    self.inbound.insert(peer, stream);
+                }
+                NetEvent::Nothing
+            }
+            TaskEvent::Frame {
+                peer,
+                stream,
+                bytes,
+            } => match (self.inbound.get(&peer) == Some(&stream), node_id(&peer)) {
+                (true, Some(from)) => NetEvent::Message { from, bytes },
+                _ => NetEvent::Nothing,
+            },
+            TaskEvent::Failed {
+                peer,
+                generation,
+                error,
+            } => {
+                let current = self.outboxes.get(&peer).map(|outbox| outbox.generation);
+                if generation.is_none() || generation == current {
+                    // Lost messages: the core expects the connection to drop with them.
+                    tracing::warn!(%peer, %error, "the message stream failed; reconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+                NetEvent::Nothing
+            }
+        }
     }
 
     fn handle(&mut self, event: SwarmEvent<BehaviourEvent>) -> NetEvent {
@@ -284,7 +313,18 @@ impl Net {
                 match (num_established.get(), node_id(&peer_id)) {
                     (1, Some(node)) => {
                         tracing::info!(peer = %peer_id, "peer connected");
-                        self.outboxes.insert(peer_id, Outbox::default());
+                        self.next_generation += 1;
+                        let generation = self.next_generation;
+                        let (queue, queued) = mpsc::channel(QUEUE_MESSAGES_MAX);
+                        tokio::spawn(write_stream(
+                            self.control.clone(),
+                            peer_id,
+                            generation,
+                            queued,
+                            self.tasks_tx.clone(),
+                        ));
+                        self.outboxes.insert(peer_id, Outbox { queue, generation });
+                        self.inbound.remove(&peer_id);
                         NetEvent::Connected(node)
                     }
                     (_, None) => {
@@ -301,10 +341,10 @@ impl Net {
                 ..
             } => {
                 self.outboxes.remove(&peer_id);
+                self.inbound.remove(&peer_id);
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 node_id(&peer_id).map_or(NetEvent::Nothing, NetEvent::Disconnected)
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Messages(event)) => self.message_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Members(membership::Refused(peer))) => {
                 tracing::warn!(%peer, "refused a connection from a node that is not a member");
                 node_id(&peer).map_or(NetEvent::Nothing, NetEvent::Refused)
@@ -326,134 +366,133 @@ impl Net {
             _ => NetEvent::Nothing,
         }
     }
-
-    fn message_event(&mut self, event: request_response::Event<Vec<Vec<u8>>, ()>) -> NetEvent {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .messages
-                        .send_response(channel, ());
-                    let Some(from) = node_id(&peer) else {
-                        return NetEvent::Nothing;
-                    };
-                    self.inbox
-                        .extend(request.into_iter().map(|bytes| (from, bytes)));
-                    match self.inbox.pop_front() {
-                        Some((from, bytes)) => NetEvent::Message { from, bytes },
-                        None => NetEvent::Nothing,
-                    }
-                }
-                request_response::Message::Response { request_id, .. } => {
-                    if let Some(outbox) = self.outboxes.get_mut(&peer)
-                        && outbox.in_flight == Some(request_id)
-                    {
-                        outbox.in_flight = None;
-                        self.flush(peer);
-                    }
-                    NetEvent::Nothing
-                }
-            },
-            request_response::Event::OutboundFailure { peer, error, .. } => {
-                // A lost message: the core expects the connection to drop with it.
-                tracing::warn!(%peer, %error, "a message to the peer was lost; reconnecting");
-                self.outboxes.remove(&peer);
-                let _ = self.swarm.disconnect_peer_id(peer);
-                NetEvent::Nothing
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "inbound message failed");
-                NetEvent::Nothing
-            }
-            request_response::Event::ResponseSent { .. } => NetEvent::Nothing,
-        }
-    }
 }
 
 fn node_id(peer: &PeerId) -> Option<NodeId> {
     peer.to_string().parse().ok()
 }
 
-/// Frames a batch of messages: `[count u32]` then `[length u32][bytes]` each, big-endian.
-#[derive(Clone, Default)]
-struct MessageCodec;
-
-impl request_response::Codec for MessageCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<Vec<u8>>;
-    type Response = ();
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<Vec<u8>>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        let count = read_u32(io).await? as usize;
-        if count > BATCH_MESSAGES_MAX {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{count} messages in one batch; the limit is {BATCH_MESSAGES_MAX}"),
-            ));
+/// Opens the stream to a peer and writes its queued messages into it, in order, as
+/// `[length u32 BE][bytes]` frames, everything waiting at once in one write.
+async fn write_stream(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    generation: u64,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+    events: mpsc::UnboundedSender<TaskEvent>,
+) {
+    let failed = |error: String| TaskEvent::Failed {
+        peer,
+        generation: Some(generation),
+        error,
+    };
+    let mut stream = match control.open_stream(peer, PROTOCOL).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            let _ = events.send(failed(format!("cannot open the message stream: {error}")));
+            return;
         }
-        let mut messages = Vec::with_capacity(count);
-        let mut total = 0usize;
-        for _ in 0..count {
-            let length = read_u32(io).await? as usize;
-            total += length;
-            if length > MESSAGE_BYTES_MAX || total > BATCH_BYTES_MAX {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("a {length}-byte message; the limit is {MESSAGE_BYTES_MAX}"),
-                ));
-            }
-            let mut bytes = vec![0; length];
-            io.read_exact(&mut bytes).await?;
-            messages.push(bytes);
+    };
+    let mut buffer = Vec::new();
+    while let Some(first) = queued.recv().await {
+        buffer.clear();
+        frame(&mut buffer, &first);
+        while buffer.len() < WRITE_BYTES_MAX
+            && let Ok(next) = queued.try_recv()
+        {
+            frame(&mut buffer, &next);
         }
-        Ok(messages)
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<()>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        let mut byte = [0u8; 1];
-        io.read_exact(&mut byte).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        messages: Vec<Vec<u8>>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        let mut buffer =
-            Vec::with_capacity(4 + messages.iter().map(|m| m.len() + 4).sum::<usize>());
-        buffer.extend_from_slice(&(messages.len() as u32).to_be_bytes());
-        for message in &messages {
-            buffer.extend_from_slice(&(message.len() as u32).to_be_bytes());
-            buffer.extend_from_slice(message);
+        let written = async {
+            stream.write_all(&buffer).await?;
+            stream.flush().await
+        };
+        if let Err(error) = written.await {
+            let _ = events.send(failed(error.to_string()));
+            return;
         }
-        io.write_all(&buffer).await?;
-        io.close().await
     }
+    // The peer disconnected: its queue was dropped.
+    let _ = stream.close().await;
+}
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, (): ()) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        io.write_all(&[1]).await?;
-        io.close().await
+fn frame(buffer: &mut Vec<u8>, message: &[u8]) {
+    buffer.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    buffer.extend_from_slice(message);
+}
+
+/// Takes every inbound message stream and starts a reader for it.
+async fn accept_streams(
+    mut incoming: libp2p_stream::IncomingStreams,
+    events: mpsc::UnboundedSender<TaskEvent>,
+) {
+    let mut next_stream = 0u64;
+    while let Some((peer, stream)) = incoming.next().await {
+        next_stream += 1;
+        tokio::spawn(read_stream(peer, next_stream, stream, events.clone()));
     }
 }
 
-async fn read_u32<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<u32> {
+/// Reads frames from one inbound stream until it ends; a frame over the size limit or a
+/// broken stream fails it.
+async fn read_stream(
+    peer: PeerId,
+    stream_id: u64,
+    mut stream: libp2p::Stream,
+    events: mpsc::UnboundedSender<TaskEvent>,
+) {
+    if events
+        .send(TaskEvent::Opened {
+            peer,
+            stream: stream_id,
+        })
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        let length = match read_u32(&mut stream).await {
+            Ok(length) => length as usize,
+            // The peer closed the stream or the connection went: nothing was lost that the
+            // connection's own close does not report.
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return,
+            Err(error) => {
+                let _ = events.send(TaskEvent::Failed {
+                    peer,
+                    generation: None,
+                    error: error.to_string(),
+                });
+                return;
+            }
+        };
+        if length > MESSAGE_BYTES_MAX {
+            let _ = events.send(TaskEvent::Failed {
+                peer,
+                generation: None,
+                error: format!("a {length}-byte message; the limit is {MESSAGE_BYTES_MAX}"),
+            });
+            return;
+        }
+        let mut bytes = vec![0; length];
+        if let Err(error) = stream.read_exact(&mut bytes).await {
+            let _ = events.send(TaskEvent::Failed {
+                peer,
+                generation: None,
+                error: error.to_string(),
+            });
+            return;
+        }
+        let frame = TaskEvent::Frame {
+            peer,
+            stream: stream_id,
+            bytes,
+        };
+        if events.send(frame).is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_u32<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<u32> {
     let mut bytes = [0u8; 4];
     io.read_exact(&mut bytes).await?;
     Ok(u32::from_be_bytes(bytes))
