@@ -247,6 +247,9 @@ fn main() -> ExitCode {
 
 /// Where a node listens for peers unless told otherwise.
 const LISTEN_DEFAULT: &str = "/ip4/0.0.0.0/tcp/4001";
+/// With QUIC built in, the node also listens on the same port over UDP.
+#[cfg(feature = "quic")]
+const LISTEN_QUIC_DEFAULT: &str = "/ip4/0.0.0.0/udp/4001/quic-v1";
 
 fn data_dir(given: Option<PathBuf>) -> anyhow::Result<DataDir> {
     if let Some(dir) = given {
@@ -310,7 +313,10 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
         } => {
             let name = name.unwrap_or_else(|| "node".to_owned());
             let listen = if listen.is_empty() {
-                vec![LISTEN_DEFAULT.to_owned()]
+                let mut defaults = vec![LISTEN_DEFAULT.to_owned()];
+                #[cfg(feature = "quic")]
+                defaults.push(LISTEN_QUIC_DEFAULT.to_owned());
+                defaults
             } else {
                 listen
             };

@@ -1,6 +1,6 @@
 //! Peers over libp2p: the only module that knows libp2p.
 //!
-//! TCP with Noise and Yamux; identify; connection limits; a membership gate; and one
+//! TCP with Noise and Yamux (and QUIC with the `quic` cargo feature); identify; connection limits; a membership gate; and one
 //! long-lived stream per peer and direction, `/mesh/stream/1`, carrying the core's messages
 //! as `[length u32 BE][bytes]` frames. The core needs messages in order per connection (a
 //! round's changes before the round), which one stream gives for free, and a stream opened
@@ -124,14 +124,19 @@ impl Net {
             .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER_MAX))
             .with_max_pending_incoming(Some(PENDING_CONNECTIONS_MAX))
             .with_max_pending_outgoing(Some(PENDING_CONNECTIONS_MAX));
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        let builder = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(
                 tcp::Config::default().nodelay(true),
                 noise::Config::new,
                 yamux::Config::default,
             )
-            .context("cannot set up TCP with Noise and Yamux")?
+            .context("cannot set up TCP with Noise and Yamux")?;
+        // QUIC (`--features quic`): listen on `/ip4/…/udp/PORT/quic-v1` addresses too. It
+        // pulls in quinn and ring, about 40% more to a clean build, so it is opt-in.
+        #[cfg(feature = "quic")]
+        let builder = builder.with_quic();
+        let mut swarm = builder
             .with_behaviour(|key| Behaviour {
                 members: membership::Behaviour::default(),
                 limits: connection_limits::Behaviour::new(limits),
