@@ -245,11 +245,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where a node listens for peers unless told otherwise.
-const LISTEN_DEFAULT: &str = "/ip4/0.0.0.0/tcp/4001";
-/// With QUIC built in, the node also listens on the same port over UDP.
-#[cfg(feature = "quic")]
-const LISTEN_QUIC_DEFAULT: &str = "/ip4/0.0.0.0/udp/4001/quic-v1";
+/// Where a node listens for peers unless told otherwise; with QUIC built in, also on the
+/// same port over UDP.
+const LISTEN_DEFAULTS: &[&str] = &[
+    "/ip4/0.0.0.0/tcp/4001",
+    #[cfg(feature = "quic")]
+    "/ip4/0.0.0.0/udp/4001/quic-v1",
+];
 
 fn data_dir(given: Option<PathBuf>) -> anyhow::Result<DataDir> {
     if let Some(dir) = given {
@@ -313,10 +315,10 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
         } => {
             let name = name.unwrap_or_else(|| "node".to_owned());
             let listen = if listen.is_empty() {
-                let mut defaults = vec![LISTEN_DEFAULT.to_owned()];
-                #[cfg(feature = "quic")]
-                defaults.push(LISTEN_QUIC_DEFAULT.to_owned());
-                defaults
+                LISTEN_DEFAULTS
+                    .iter()
+                    .map(|addr| (*addr).to_owned())
+                    .collect()
             } else {
                 listen
             };
