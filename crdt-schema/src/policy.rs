@@ -115,6 +115,16 @@ pub enum RejectReason {
         /// The roles that may.
         writers: Vec<String>,
     },
+    /// The change does not continue its author's chain: its sequence number is not one more
+    /// than the author's latest change in its history, another change of the author has the
+    /// same number (a forked chain), or it builds on such a change. Automerge cannot apply
+    /// it, with or without a policy.
+    BrokenHistory {
+        /// The author.
+        author: NodeId,
+        /// Its sequence number.
+        seq: u64,
+    },
     /// The record the change produces breaks the collection's schema.
     Schema {
         /// The collection.
@@ -306,6 +316,10 @@ impl fmt::Display for RejectReason {
                 f,
                 "member `{member}` may not write `{collection}`: the policy lets only roles [{}] write it",
                 writers.join(", ")
+            ),
+            RejectReason::BrokenHistory { author, seq } => write!(
+                f,
+                "change {seq} of {author} does not continue its author's chain (a gap, a fork, or built on one)"
             ),
             RejectReason::Schema { collection, errors } => {
                 write!(

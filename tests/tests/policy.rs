@@ -592,3 +592,64 @@ fn a_change_with_a_bad_signature_is_not_held_but_listed_as_refused() {
     assert_eq!(refused[0].from, node_id(CLINIC1));
     assert!(refused[0].reason.contains("bad signature"), "{refused:?}");
 }
+
+#[test]
+fn changes_that_break_their_authors_chain_never_crash_a_node_and_are_quarantined_alike() {
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // clinic1 may write stock, and crafts with its own key: two different first changes of
+    // one record (a forked chain), and a change claiming to be its fifth on a fresh record.
+    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
+    let make = |value: i64| {
+        let mut doc = RecordDoc::new(&identity.node_id());
+        doc.edit(
+            &Edit::Put(fields(&[("count", FieldValue::Int(value))])),
+            1_790_000_000_000,
+        )
+        .unwrap()
+        .unwrap()
+    };
+    let (first, second) = (make(1), make(2));
+    let mut expanded = make(3).decode();
+    expanded.seq = 5;
+    expanded.hash = None;
+    let gap: automerge::Change = expanded.into();
+    let sign = |record: &str, change: automerge::Change| {
+        VerifiedChange::sign(&identity, &org_id(), record.parse().unwrap(), change)
+    };
+    let crafted = [
+        sign("stock/forked", first),
+        sign("stock/forked", second),
+        sign("stock/gap", gap),
+    ];
+    for change in &crafted {
+        let push = Message::Push {
+            changes: vec![EnvelopeBytes(change.envelope.as_bytes().to_vec())],
+        };
+        mesh.inject(CLINIC1, HQ, push.encode());
+        mesh.run_until_quiet(100);
+    }
+    settle(&mut mesh);
+    assert!(mesh.converged());
+    for index in 0..3 {
+        assert!(mesh.get(index, "stock/forked").is_none(), "node {index}");
+        assert!(mesh.get(index, "stock/gap").is_none(), "node {index}");
+        let held: Vec<_> = quarantined(&mesh, index)
+            .into_iter()
+            .map(|(_, hash)| hash)
+            .collect();
+        for change in &crafted {
+            assert!(held.contains(&change.hash()), "node {index}");
+        }
+    }
+    let Ok(Reply::Quarantine { held, .. }) = mesh.command(HQ, Command::Quarantine) else {
+        panic!("quarantine answers");
+    };
+    assert!(
+        held.iter()
+            .all(|row| matches!(row.reason, RejectReason::BrokenHistory { .. })),
+        "{held:?}"
+    );
+}

@@ -874,6 +874,8 @@ impl Node {
             }
         };
         let change = change.map(|change| {
+            self.records
+                .note_seq(&key, self.identity.node_id(), change.seq());
             let change =
                 VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
             let entry = self.records.entry_mut(&key).expect("created above");
@@ -890,6 +892,8 @@ impl Node {
 
     /// Queues a change this node made by itself (not for a command) for the next append.
     pub(crate) fn queue_own_change(&mut self, record: RecordId, change: crdt_schema::Change) {
+        self.records
+            .note_seq(record.as_str(), self.identity.node_id(), change.seq());
         let change = VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
         if let Some(entry) = self.records.entry_mut(record.as_str()) {
             entry.unacked.insert(change.hash());

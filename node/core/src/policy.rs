@@ -415,10 +415,23 @@ impl Node {
             .records
             .entry(key)
             .expect("the caller created the record");
-        let direct = entry.quarantine.is_empty()
+        let mut direct = entry.quarantine.is_empty()
             && new
                 .iter()
                 .all(|change| self.author_verdict(&change.author, &collection).is_ok());
+        if direct {
+            // Each change must continue its author's chain in the document: Automerge
+            // panics on a gap and refuses a duplicate. Anything else is judged whole.
+            let mut seqs = self.records.author_seqs(key);
+            for change in &new {
+                let latest = seqs.entry(change.author).or_default();
+                if change.change.seq() != *latest + 1 {
+                    direct = false;
+                    break;
+                }
+                *latest = change.change.seq();
+            }
+        }
         if !direct {
             return self.rejudge_record(key, new);
         }
@@ -439,13 +452,17 @@ impl Node {
         };
         for change in &new {
             let hash = change.hash();
-            assert!(
-                self.records.doc_mut(key).has_change(&hash),
-                "a change whose dependencies were checked is applied, not queued"
-            );
+            if !self.records.doc_mut(key).has_change(&hash) {
+                // Queued by Automerge for a missing dependency: cannot happen for changes
+                // whose dependencies were checked; judge the record whole rather than trust it.
+                self.records.entry_mut(key).expect("exists").author_seqs = None;
+                return self.rejudge_record(key, Vec::new());
+            }
             let deps = change.change.deps().to_vec();
             self.records
                 .mark_durable(key, hash, &deps, change.signature());
+            self.records
+                .note_seq(key, change.author, change.change.seq());
             rejudged.accepted.insert(hash);
         }
         self.records.refresh_deleted(key);
@@ -512,6 +529,10 @@ impl Node {
             held.insert(hash, (change.change, change.author));
         }
 
+        // Changes that do not continue their author's chain, and everything built on them:
+        // Automerge cannot apply them, so no verdict can accept them.
+        let broken = broken_history(&held);
+
         // The direct verdict on each change, local ones awaiting their append included: a
         // policy that arrived meanwhile may forbid them (their write then fails).
         let in_force = self.policy.in_force.as_ref();
@@ -519,15 +540,23 @@ impl Node {
             .filter(|in_force| in_force.policy.has_schema(&collection))
             .map(|_| {
                 let mut full = RecordDoc::new(&me);
-                // Every held change's dependencies are held, so all apply.
-                let _ = full.apply(held.values().map(|(change, _)| change.clone()).collect());
+                // Every sound held change's dependencies are held and sound, so all apply.
+                let sound = held
+                    .iter()
+                    .filter(|(hash, _)| !broken.contains_key(*hash))
+                    .map(|(_, (change, _))| change.clone())
+                    .collect();
+                let _ = full.apply(sound);
                 full
             });
         let mut verdicts: BTreeMap<ChangeHash, Result<(), RejectReason>> = BTreeMap::new();
         for (hash, (_, author)) in &held {
-            let mut verdict = match in_force {
-                None => Ok(()),
-                Some(in_force) => policy::judge_author(&in_force.policy, author, &collection),
+            let mut verdict = match (broken.get(hash), in_force) {
+                (Some(reason), _) => Err(reason.clone()),
+                (None, None) => Ok(()),
+                (None, Some(in_force)) => {
+                    policy::judge_author(&in_force.policy, author, &collection)
+                }
             };
             if verdict.is_ok()
                 && let (Some(full), Some(in_force)) = (&full, in_force)
@@ -561,17 +590,29 @@ impl Node {
             .map(|hash| held[hash].0.clone())
             .collect();
         let changed = leaves || !joins.is_empty();
-        if leaves {
+        // An accepted set is closed under dependencies, with every author's chain whole and
+        // unforked, so it applies; if Automerge still refuses, keep the record as it was.
+        let applied = if leaves {
             let mut rebuilt = RecordDoc::new(&me);
-            rebuilt
-                .apply(accepted.iter().map(|hash| held[hash].0.clone()).collect())
-                .expect("an accepted set is closed under dependencies, so it applies");
-            self.records.replace_doc(key, rebuilt);
+            let result = rebuilt.apply(accepted.iter().map(|hash| held[hash].0.clone()).collect());
+            if result.is_ok() {
+                self.records.replace_doc(key, rebuilt);
+            }
+            result
         } else if !joins.is_empty() {
-            self.records
-                .doc_mut(key)
-                .apply(joins)
-                .expect("an accepted set is closed under dependencies, so it applies");
+            let result = self.records.doc_mut(key).apply(joins);
+            self.records.entry_mut(key).expect("exists").author_seqs = None;
+            result
+        } else {
+            Ok(())
+        };
+        if let Err(error) = applied {
+            self.counters.changes_rejected += 1;
+            self.emit(Event::ChangeRejected {
+                from: me,
+                reason: format!("automerge refused the accepted changes of {key}: {error}"),
+            });
+            return Rejudged::default();
         }
 
         // The quarantine: everything held and not accepted.
@@ -795,6 +836,82 @@ impl Node {
             conflict: self.policy.conflict.clone(),
         })
     }
+}
+
+/// The held changes that do not continue their author's chain, with why: a sequence number
+/// that is not one more than the author's latest in the change's own history, a number two
+/// held changes of one author share (a fork), or a dependency that is itself broken. A pure
+/// function of the held set.
+fn broken_history(
+    held: &BTreeMap<ChangeHash, (Change, NodeId)>,
+) -> BTreeMap<ChangeHash, RejectReason> {
+    let reason = |change: &Change, author: &NodeId| RejectReason::BrokenHistory {
+        author: *author,
+        seq: change.seq(),
+    };
+    let mut broken: BTreeMap<ChangeHash, RejectReason> = BTreeMap::new();
+    let mut by_position: BTreeMap<(NodeId, u64), Vec<ChangeHash>> = BTreeMap::new();
+    for (hash, (change, author)) in held {
+        by_position
+            .entry((*author, change.seq()))
+            .or_default()
+            .push(*hash);
+    }
+    for hashes in by_position.values().filter(|hashes| hashes.len() > 1) {
+        for hash in hashes {
+            let (change, author) = &held[hash];
+            broken.insert(*hash, reason(change, author));
+        }
+    }
+    // Dependencies first (Kahn's order); each change learns its authors' latest numbers in
+    // its own history.
+    let mut waiting: BTreeMap<ChangeHash, usize> = BTreeMap::new();
+    let mut dependants: BTreeMap<ChangeHash, Vec<ChangeHash>> = BTreeMap::new();
+    for (hash, (change, _)) in held {
+        let deps: Vec<ChangeHash> = change
+            .deps()
+            .iter()
+            .filter(|dep| held.contains_key(*dep))
+            .copied()
+            .collect();
+        waiting.insert(*hash, deps.len());
+        for dep in deps {
+            dependants.entry(dep).or_default().push(*hash);
+        }
+    }
+    let mut ready: Vec<ChangeHash> = waiting
+        .iter()
+        .filter(|(_, count)| **count == 0)
+        .map(|(hash, _)| *hash)
+        .collect();
+    let mut latest: BTreeMap<ChangeHash, BTreeMap<NodeId, u64>> = BTreeMap::new();
+    while let Some(hash) = ready.pop() {
+        let (change, author) = &held[&hash];
+        let mut history: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut dep_broken = false;
+        for dep in change.deps().iter().filter(|dep| held.contains_key(*dep)) {
+            dep_broken |= broken.contains_key(dep);
+            for (who, seq) in latest.get(dep).into_iter().flatten() {
+                let entry = history.entry(*who).or_default();
+                *entry = (*entry).max(*seq);
+            }
+        }
+        let before = history.get(author).copied().unwrap_or(0);
+        if dep_broken || change.seq() != before + 1 {
+            broken.insert(hash, reason(change, author));
+        }
+        let own = history.entry(*author).or_default();
+        *own = (*own).max(change.seq());
+        latest.insert(hash, history);
+        for next in dependants.get(&hash).into_iter().flatten() {
+            let count = waiting.get_mut(next).expect("counted above");
+            *count -= 1;
+            if *count == 0 {
+                ready.push(*next);
+            }
+        }
+    }
+    broken
 }
 
 /// Whether the record as of `hash` (the change and its history) follows the collection's

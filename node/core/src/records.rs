@@ -35,6 +35,9 @@ pub struct Entry {
     /// Durable, validly signed changes the policy rejects: never applied, never pushed,
     /// but held and reconciled so that every honest node judges the same set.
     pub quarantine: BTreeMap<ChangeHash, Quarantined>,
+    /// The latest sequence number of each author in the document, once computed: what a
+    /// new change must continue (Automerge panics on a gap).
+    pub author_seqs: Option<BTreeMap<NodeId, u64>>,
     /// Changed since the last checkpoint.
     pub dirty: bool,
     body: Body,
@@ -141,6 +144,7 @@ impl Records {
                 signatures: BTreeMap::new(),
                 unacked: BTreeSet::new(),
                 quarantine: BTreeMap::new(),
+                author_seqs: Some(BTreeMap::new()),
                 dirty: true,
                 body: Body::Loaded(Box::new(doc)),
                 last_used: 0,
@@ -187,6 +191,7 @@ impl Records {
                 signatures,
                 unacked: BTreeSet::new(),
                 quarantine,
+                author_seqs: None,
                 dirty: false,
                 body: Body::Saved(document),
                 last_used: 0,
@@ -225,6 +230,7 @@ impl Records {
     /// Replaces the record's document (after dropping changes that failed to persist).
     pub fn replace_doc(&mut self, key: &str, doc: RecordDoc) {
         let entry = self.entries.get_mut(key).expect("record exists");
+        entry.author_seqs = None;
         entry.body = Body::Loaded(Box::new(doc));
         self.touch(key);
     }
@@ -261,6 +267,36 @@ impl Records {
     /// Keys of every record, in order.
     pub fn keys(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
+    }
+
+    /// Notes that the document now holds `seq` of `author` (a change applied or made).
+    pub fn note_seq(&mut self, key: &str, author: NodeId, seq: u64) {
+        if let Some(entry) = self.entries.get_mut(key)
+            && let Some(seqs) = entry.author_seqs.as_mut()
+        {
+            let latest = seqs.entry(author).or_default();
+            *latest = (*latest).max(seq);
+        }
+    }
+
+    /// The latest sequence number of each author in the document (computed once, then
+    /// kept up to date).
+    pub fn author_seqs(&mut self, key: &str) -> BTreeMap<NodeId, u64> {
+        if let Some(seqs) = &self.entries.get(key).expect("record exists").author_seqs {
+            return seqs.clone();
+        }
+        let mut seqs: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for change in self.doc_mut(key).changes_after(&[]) {
+            if let Ok(author) = NodeId::from_slice(change.actor_id().to_bytes()) {
+                let latest = seqs.entry(author).or_default();
+                *latest = (*latest).max(change.seq());
+            }
+        }
+        self.entries
+            .get_mut(key)
+            .expect("record exists")
+            .author_seqs = Some(seqs.clone());
+        seqs
     }
 
     /// Refreshes the cached tombstone flag from the document.
