@@ -1222,10 +1222,18 @@ impl Node {
             .expect("changes taken from a valid document apply to an empty one");
         let entry = self.records.entry_mut(key).expect("record exists");
         entry.unacked.retain(|hash| !undone.contains(hash));
-        if entry.heads.is_empty() && entry.unacked.is_empty() {
+        // A write a newer policy forbade while its append was in flight waits in quarantine;
+        // the append failed, so it was never durable and must not be held either.
+        let quarantined = entry.quarantine.len();
+        entry.quarantine.retain(|hash, _| !undone.contains(hash));
+        let quarantine_changed = entry.quarantine.len() != quarantined;
+        if entry.heads.is_empty() && entry.unacked.is_empty() && entry.quarantine.is_empty() {
             self.records.remove_empty(key);
         } else {
             self.records.replace_doc(key, rebuilt);
+            if quarantine_changed {
+                self.records.refresh_item(key);
+            }
         }
     }
 

@@ -101,6 +101,19 @@ pub fn start(
     let peers: Vec<String> = config.peers.iter().chain(extra_peers).cloned().collect();
     let net = Net::start(identity.secret_bytes(), &config.listen, &peers, config.mdns)?;
     let (store, restore, report) = Store::open(dir)?;
+    if let Some(stored) = &restore.policy {
+        // Starting without the policy would open the node to every key: refuse instead.
+        let org = config.core_config()?.org;
+        serde_json::from_slice::<crdt_schema::policy::SignedPolicy>(stored)
+            .map_err(|error| anyhow::anyhow!("{error}"))
+            .and_then(|signed| signed.verify(&org).map_err(anyhow::Error::from))
+            .with_context(|| {
+                format!(
+                    "the policy stored in the data directory {} is damaged or not the org's; the node will not start open without it: restore the data directory, or move its db directory away and apply the policy again",
+                    dir.root().display()
+                )
+            })?;
+    }
     if report.truncated_bytes > 0 {
         tracing::warn!(
             bytes = report.truncated_bytes,

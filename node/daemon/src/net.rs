@@ -84,12 +84,22 @@ enum TaskEvent {
         stream: u64,
         bytes: Vec<u8>,
     },
-    /// A stream failed: messages were lost, so the connection must go.
+    /// A stream failed or ended: messages may be lost, so the connection must go (unless
+    /// the stream is no longer the peer's current one).
     Failed {
         peer: PeerId,
-        generation: Option<u64>,
+        stream: StreamOf,
         error: String,
     },
+}
+
+/// Which stream a task served.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamOf {
+    /// The writer of this connection generation.
+    Writer(u64),
+    /// The inbound stream with this number.
+    Reader(u64),
 }
 
 /// The peer-to-peer side of a node.
@@ -270,7 +280,12 @@ impl Net {
     fn task_event(&mut self, event: TaskEvent) -> NetEvent {
         match event {
             TaskEvent::Opened { peer, stream } => {
-                if self.outboxes.contains_key(&peer) {
+                // Readers start in any order; the newest stream of a connected peer wins.
+                let newer = self
+                    .inbound
+                    .get(&peer)
+                    .is_none_or(|current| stream > *current);
+                if self.outboxes.contains_key(&peer) && newer {
                     self.inbound.insert(peer, stream);
                 }
                 NetEvent::Nothing
@@ -285,11 +300,17 @@ impl Net {
             },
             TaskEvent::Failed {
                 peer,
-                generation,
+                stream,
                 error,
             } => {
-                let current = self.outboxes.get(&peer).map(|outbox| outbox.generation);
-                if generation.is_none() || generation == current {
+                let current = match stream {
+                    StreamOf::Writer(generation) => self
+                        .outboxes
+                        .get(&peer)
+                        .is_some_and(|outbox| outbox.generation == generation),
+                    StreamOf::Reader(id) => self.inbound.get(&peer) == Some(&id),
+                };
+                if current {
                     // Lost messages: the core expects the connection to drop with them.
                     tracing::warn!(%peer, %error, "the message stream failed; reconnecting");
                     let _ = self.swarm.disconnect_peer_id(peer);
@@ -388,7 +409,7 @@ async fn write_stream(
 ) {
     let failed = |error: String| TaskEvent::Failed {
         peer,
-        generation: Some(generation),
+        stream: StreamOf::Writer(generation),
         error,
     };
     let mut stream = match control.open_stream(peer, PROTOCOL).await {
@@ -455,35 +476,29 @@ async fn read_stream(
         return;
     }
     loop {
+        let failed = |error: String| TaskEvent::Failed {
+            peer,
+            stream: StreamOf::Reader(stream_id),
+            error,
+        };
         let length = match read_u32(&mut stream).await {
             Ok(length) => length as usize,
-            // The peer closed the stream or the connection went: nothing was lost that the
-            // connection's own close does not report.
-            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return,
+            // Ended or broken: if this is still the peer's current stream (its connection
+            // is still up), messages may have been lost with it.
             Err(error) => {
-                let _ = events.send(TaskEvent::Failed {
-                    peer,
-                    generation: None,
-                    error: error.to_string(),
-                });
+                let _ = events.send(failed(error.to_string()));
                 return;
             }
         };
         if length > MESSAGE_BYTES_MAX {
-            let _ = events.send(TaskEvent::Failed {
-                peer,
-                generation: None,
-                error: format!("a {length}-byte message; the limit is {MESSAGE_BYTES_MAX}"),
-            });
+            let _ = events.send(failed(format!(
+                "a {length}-byte message; the limit is {MESSAGE_BYTES_MAX}"
+            )));
             return;
         }
         let mut bytes = vec![0; length];
         if let Err(error) = stream.read_exact(&mut bytes).await {
-            let _ = events.send(TaskEvent::Failed {
-                peer,
-                generation: None,
-                error: error.to_string(),
-            });
+            let _ = events.send(failed(error.to_string()));
             return;
         }
         let frame = TaskEvent::Frame {
