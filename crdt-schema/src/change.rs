@@ -223,14 +223,20 @@ impl Envelope {
 /// An envelope whose framing and change parsed, but whose signature is not yet checked.
 pub struct ParsedEnvelope {
     /// The record the envelope names (unverified).
-    pub record: RecordId,
-    /// The parsed change (unverified authorship).
-    pub change: Change,
+    record: RecordId,
+    /// The parsed change (unverified authorship). Private, like the record: what is
+    /// verified must be exactly what was parsed from the envelope's bytes.
+    change: Change,
     signature: [u8; SIGNATURE_LEN],
     envelope: Envelope,
 }
 
 impl ParsedEnvelope {
+    /// The record the envelope names (not yet verified).
+    pub fn record(&self) -> &RecordId {
+        &self.record
+    }
+
     /// The change's hash, computed from the bytes received.
     pub fn hash(&self) -> ChangeHash {
         self.change.hash()

@@ -653,3 +653,115 @@ fn changes_that_break_their_authors_chain_never_crash_a_node_and_are_quarantined
         "{held:?}"
     );
 }
+
+#[test]
+fn a_member_flooding_one_record_with_forbidden_changes_cannot_stall_honest_sync() {
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // clinic1 crafts 100 different first changes of one catalogue record (100 concurrent
+    // heads), all in one push: more than a record may hold in quarantine, and more heads
+    // than a reconciliation message may list for one record.
+    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
+    let flood: Vec<EnvelopeBytes> = (0..100)
+        .map(|value| {
+            let mut doc = RecordDoc::new(&identity.node_id());
+            let change = doc
+                .edit(
+                    &Edit::Put(fields(&[("price", FieldValue::Int(value))])),
+                    1_790_000_000_000,
+                )
+                .unwrap()
+                .unwrap();
+            let signed = VerifiedChange::sign(
+                &identity,
+                &org_id(),
+                "catalogue/flood".parse().unwrap(),
+                change,
+            );
+            EnvelopeBytes(signed.envelope.as_bytes().to_vec())
+        })
+        .collect();
+    mesh.inject(CLINIC1, HQ, Message::Push { changes: flood }.encode());
+    mesh.run_until_quiet(1000);
+    // Honest writes made afterwards still reach every node, and the mesh converges.
+    try_put(
+        &mut mesh,
+        HQ,
+        "catalogue/after",
+        &[("price", FieldValue::Int(7))],
+    )
+    .unwrap();
+    try_put(
+        &mut mesh,
+        CLINIC2,
+        "stock/after",
+        &[("count", FieldValue::Int(3))],
+    )
+    .unwrap();
+    settle(&mut mesh);
+    assert!(mesh.converged(), "honest nodes converge despite the flood");
+    for index in 0..3 {
+        assert!(mesh.get(index, "catalogue/after").is_some(), "node {index}");
+        assert!(mesh.get(index, "stock/after").is_some(), "node {index}");
+        assert!(mesh.get(index, "catalogue/flood").is_none(), "node {index}");
+        let held = quarantined(&mesh, index).len();
+        assert!(
+            held <= mesh_core::limits::QUARANTINE_PER_RECORD_MAX,
+            "node {index} holds {held} quarantined changes of one record"
+        );
+    }
+    for index in 0..3 {
+        assert_eq!(
+            mesh.status(index).counters.messages_rejected,
+            0,
+            "node {index} refused no honest message"
+        );
+    }
+}
+
+#[test]
+fn an_applied_policy_is_acknowledged_only_once_it_is_durable() {
+    let mut mesh = mesh(1);
+    mesh.storage_mode = mesh_tests::StorageMode::Manual;
+    let id = mesh.command_async(
+        HQ,
+        Command::ApplyPolicy {
+            signed: standard(1),
+        },
+    );
+    assert!(
+        mesh.completion(id).is_none(),
+        "not answered before it is saved"
+    );
+    assert_eq!(version(&mut mesh, HQ), Some(1), "but in force at once");
+    // The checkpoint carrying it fails (a full disk): the command says so.
+    mesh.complete_storage(HQ, Err("no space left on device".into()));
+    match mesh.completion(id) {
+        Some(Err(CommandError::Storage(message))) => {
+            assert!(message.contains("could not be saved"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(mesh.nodes[HQ].policy.is_none());
+
+    // Applied again, it is answered when the checkpoint holding it completes.
+    let id = mesh.command_async(
+        HQ,
+        Command::ApplyPolicy {
+            signed: standard(2),
+        },
+    );
+    assert!(mesh.completion(id).is_none());
+    mesh.complete_all_storage();
+    assert!(matches!(
+        mesh.completion(id),
+        Some(Ok(Reply::PolicyOffered(PolicyOffer::Adopted {
+            version: 2
+        })))
+    ));
+    let saved: SignedPolicy = serde_json::from_slice(mesh.nodes[HQ].policy.as_ref().unwrap())
+        .expect("the saved policy parses");
+    assert_eq!(saved.verify(&org_id()).unwrap().version, 2);
+}

@@ -423,8 +423,12 @@ pub struct Node {
     pub(crate) policy: PolicyState,
     /// Records re-judged while local changes awaited their append; judged again after.
     pub(crate) rejudge_after_ack: BTreeSet<String>,
-    /// The checkpoint carrying the policy, so a failure can retry it.
-    policy_checkpoint: Option<StorageOpId>,
+    /// The checkpoint carrying the policy, so a failure can retry it, and the `ApplyPolicy`
+    /// commands it answers once durable.
+    policy_checkpoint: Option<(StorageOpId, Vec<(CommandId, PolicyOffer)>)>,
+    /// `ApplyPolicy` commands whose policy is in force but not yet in a checkpoint: they
+    /// are answered only when it is durable, so an acknowledged policy survives a crash.
+    policy_unsaved_commands: Vec<(CommandId, PolicyOffer)>,
 }
 
 impl Node {
@@ -454,6 +458,7 @@ impl Node {
             policy: PolicyState::default(),
             rejudge_after_ack: BTreeSet::new(),
             policy_checkpoint: None,
+            policy_unsaved_commands: Vec::new(),
         }
     }
 
@@ -798,13 +803,24 @@ impl Node {
                 }
                 _ => self.complete(id, Err(CommandError::NotFound(record))),
             },
-            Command::ApplyPolicy { signed } => {
-                let result = self
-                    .offer_policy(signed, None)
-                    .map(Reply::PolicyOffered)
-                    .map_err(|error| CommandError::Policy(error.to_string()));
-                self.complete(id, result);
-            }
+            Command::ApplyPolicy { signed } => match self.offer_policy(signed, None) {
+                Ok(offer @ PolicyOffer::Adopted { .. }) => {
+                    // Answered once the policy is durable: save it now rather than at the
+                    // next checkpoint.
+                    self.policy_unsaved_commands.push((id, offer));
+                    if self.checkpoint_in_flight.is_none() {
+                        self.checkpoint();
+                    } else {
+                        self.checkpoint_due = Some(self.now);
+                    }
+                }
+                result => {
+                    let result = result
+                        .map(Reply::PolicyOffered)
+                        .map_err(|error| CommandError::Policy(error.to_string()));
+                    self.complete(id, result);
+                }
+            },
             Command::ShowPolicy => {
                 let view = self.policy_view().map(Box::new);
                 self.complete(id, Ok(Reply::Policy(view)));
@@ -938,11 +954,27 @@ impl Node {
     fn storage_done(&mut self, op: StorageOpId, result: Result<(), StorageError>) {
         if let Some((checkpoint, keys)) = self.checkpoint_in_flight.take_if(|(id, _)| *id == op) {
             debug_assert_eq!(checkpoint, op);
-            if let Err(error) = result {
-                self.counters.storage_errors += 1;
-                if self.policy_checkpoint == Some(op) {
+            let answered = self
+                .policy_checkpoint
+                .take_if(|(saved, _)| *saved == op)
+                .map(|(_, commands)| commands);
+            if let Some(commands) = answered {
+                for (id, offer) in commands {
+                    let reply = match &result {
+                        Ok(()) => Ok(Reply::PolicyOffered(offer)),
+                        Err(error) => Err(CommandError::Storage(format!(
+                            "the policy is in force but could not be saved ({}); it is saved again at the next checkpoint, or apply it again",
+                            error.0
+                        ))),
+                    };
+                    self.complete(id, reply);
+                }
+                if result.is_err() {
                     self.policy.unsaved = true;
                 }
+            }
+            if let Err(error) = result {
+                self.counters.storage_errors += 1;
                 for key in keys {
                     if let Some(entry) = self.records.entry_mut(&key) {
                         entry.dirty = true;
@@ -1301,10 +1333,10 @@ impl Node {
                     continue;
                 }
             };
-            if !self.config.replicates(parsed.record.collection()) {
+            if !self.config.replicates(parsed.record().collection()) {
                 continue;
             }
-            let id = (parsed.record.as_str().to_owned(), parsed.hash());
+            let id = (parsed.record().as_str().to_owned(), parsed.hash());
             if self.is_known(&id.0, &id.1) || self.pending.contains_key(&id) || !seen.insert(id) {
                 self.counters.changes_duplicate += 1;
                 continue;
@@ -1356,6 +1388,18 @@ impl Node {
             from,
             reason: error.to_string(),
         });
+    }
+
+    /// The remote changes of one record queued for, or in, a log append.
+    pub(crate) fn pipeline_remote_changes<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> impl Iterator<Item = &'a ChangeHash> + 'a {
+        self.pipeline
+            .remote
+            .range((key.to_owned(), ChangeHash([0; 32]))..)
+            .take_while(move |(record, _)| record == key)
+            .map(|(_, hash)| hash)
     }
 
     fn enqueue_remote(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {
@@ -1647,7 +1691,10 @@ impl Node {
                 policy,
             },
         });
-        self.policy_checkpoint = saved_policy.then_some(op);
+        if saved_policy {
+            let commands = std::mem::take(&mut self.policy_unsaved_commands);
+            self.policy_checkpoint = Some((op, commands));
+        }
         self.checkpoint_in_flight = Some((op, keys));
     }
 

@@ -691,11 +691,18 @@ impl Node {
     }
 
     /// Whether the record can take another quarantined change (a bound against a member
-    /// flooding one record with changes it may not make).
+    /// flooding one record with changes it may not make). Changes of the record still on
+    /// their way to the log count too, so one large message cannot overshoot the bound.
     pub(crate) fn quarantine_has_room(&self, key: &str) -> bool {
-        self.records
+        let held = self
+            .records
             .entry(key)
-            .is_none_or(|entry| entry.quarantine.len() < QUARANTINE_PER_RECORD_MAX)
+            .map_or(0, |entry| entry.quarantine.len());
+        let in_flight = self
+            .pipeline_remote_changes(key)
+            .take(QUARANTINE_PER_RECORD_MAX)
+            .count();
+        held + in_flight < QUARANTINE_PER_RECORD_MAX
     }
 
     /// Tells the author of a change this node rejected, if it is connected.

@@ -13,6 +13,7 @@ use crdt_schema::policy::RejectReason;
 use crdt_schema::{Change, ChangeHash, NodeId, RecordDoc, RecordId};
 
 use crate::digest::{Accumulator, ItemHash};
+use crate::limits::HEADS_PER_ITEM_MAX;
 use crate::time::Instant;
 
 /// Collections a reconciliation covers; `None` means all.
@@ -418,5 +419,66 @@ fn advertised(
         .collect();
     all.sort();
     all.dedup();
+    if all.len() > HEADS_PER_ITEM_MAX {
+        // Only a member flooding one record with changes it may not make gets here. Peers
+        // refuse a message listing more heads, so the accepted heads go first and the
+        // quarantine frontier fills the rest, smallest hashes first: the item stays a
+        // function of what is held, and honest sync never stalls on it.
+        let accepted: BTreeSet<ChangeHash> = heads.iter().copied().collect();
+        let (mut kept, frontier): (Vec<ChangeHash>, Vec<ChangeHash>) =
+            all.into_iter().partition(|hash| accepted.contains(hash));
+        let room = HEADS_PER_ITEM_MAX.saturating_sub(kept.len());
+        kept.extend(frontier.into_iter().take(room));
+        kept.truncate(HEADS_PER_ITEM_MAX);
+        kept.sort();
+        return kept;
+    }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crdt_schema::{Edit, FieldValue, Identity};
+
+    /// `count` different first changes of one record by one author: concurrent heads.
+    fn concurrent_changes(count: i64) -> Vec<Change> {
+        let author = Identity::from_seed(1).node_id();
+        (0..count)
+            .map(|value| {
+                let mut doc = RecordDoc::new(&author);
+                let fields = [("n".to_owned(), Some(FieldValue::Int(value)))].into();
+                doc.edit(&Edit::Put(fields), 0).unwrap().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn advertised_heads_never_exceed_what_a_message_may_list_and_keep_accepted_heads() {
+        let mut changes = concurrent_changes(100);
+        let accepted: Vec<ChangeHash> = changes.drain(..3).map(|change| change.hash()).collect();
+        let quarantine: BTreeMap<ChangeHash, Quarantined> = changes
+            .into_iter()
+            .map(|change| {
+                let held = Quarantined {
+                    envelope: Vec::new(),
+                    author: Identity::from_seed(1).node_id(),
+                    reason: RejectReason::NotAMember {
+                        author: Identity::from_seed(1).node_id(),
+                    },
+                    rejected_at: Instant::from_millis(0),
+                    change,
+                };
+                (held.change.hash(), held)
+            })
+            .collect();
+        let listed = advertised(&accepted, &quarantine);
+        assert_eq!(listed.len(), HEADS_PER_ITEM_MAX);
+        assert!(accepted.iter().all(|hash| listed.contains(hash)));
+        assert!(listed.is_sorted());
+        // The same held set gives the same list whatever order it was built in.
+        let mut reversed = accepted.clone();
+        reversed.reverse();
+        assert_eq!(advertised(&reversed, &quarantine), listed);
+    }
 }

@@ -243,3 +243,49 @@ fn head_office_masters_reference_data_and_a_demoted_clinic_loses_what_it_wrote_c
     assert!(text.contains("own changes rejected"), "{text}");
     drop(clinic1_daemon);
 }
+
+#[test]
+fn an_acknowledged_policy_survives_a_kill_and_a_node_will_not_start_open_without_it() {
+    let work = TempDir::new("policy-guard-work");
+    std::fs::create_dir_all(&work.0).unwrap();
+    let org_key = work.0.join("org.key");
+    let other_key = work.0.join("other.key");
+    let org = mesh_ok(
+        &work.0,
+        &["org", "init", "--out", org_key.to_str().unwrap()],
+    )
+    .trim()
+    .to_owned();
+    let other = mesh_ok(
+        &work.0,
+        &["org", "init", "--out", other_key.to_str().unwrap()],
+    )
+    .trim()
+    .to_owned();
+    let node = TempDir::new("policy-guard-node");
+    let node_id = init_member(&node.0, "hq", &org);
+    let v1 = sign(&work.0, 1, &[("hq", &node_id, "master")]);
+
+    // Killed right after the policy is acknowledged, the node restarts with it.
+    let mut daemon = start(&node.0);
+    mesh_ok(&node.0, &["policy", "apply", &v1]);
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let daemon = start(&node.0);
+    assert_eq!(status(&node.0)["policy"]["version"], 1);
+    drop(daemon);
+
+    // The stored policy is not the configured org's (the config was edited to trust
+    // another org): the node refuses to start rather than run open to every key.
+    let config_path = node.0.join("config.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config.contains(&org), "{config}");
+    std::fs::write(&config_path, config.replace(&org, &other)).unwrap();
+    let output = mesh(&node.0, &["node", "run"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("will not start open without it"),
+        "{stderr}"
+    );
+}
