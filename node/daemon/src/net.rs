@@ -37,6 +37,10 @@ const QUEUE_MESSAGES_MAX: usize = 16_384;
 const CONNECTIONS_MAX: u32 = 256;
 const CONNECTIONS_PER_PEER_MAX: u32 = 2;
 const PENDING_CONNECTIONS_MAX: u32 = 64;
+/// Most stream events (mostly received messages) waiting for the driver. A full queue
+/// stops the readers, and TCP flow control then slows the peers that send too much,
+/// instead of received messages piling up in memory.
+const TASK_EVENTS_MAX: usize = 64;
 
 /// What the network reports to the driver.
 #[derive(Debug)]
@@ -110,8 +114,8 @@ pub struct Net {
     next_generation: u64,
     /// Each connected peer's current inbound stream; frames of any other are dropped.
     inbound: BTreeMap<PeerId, u64>,
-    tasks_tx: mpsc::UnboundedSender<TaskEvent>,
-    tasks: mpsc::UnboundedReceiver<TaskEvent>,
+    tasks_tx: mpsc::Sender<TaskEvent>,
+    tasks: mpsc::Receiver<TaskEvent>,
     bootstrap: Vec<Multiaddr>,
     listening: BTreeSet<Multiaddr>,
     /// Which peer answered at each bootstrap address.
@@ -195,7 +199,7 @@ impl Net {
         let incoming = control
             .accept(PROTOCOL)
             .context("the message protocol is registered twice")?;
-        let (tasks_tx, tasks) = mpsc::unbounded_channel();
+        let (tasks_tx, tasks) = mpsc::channel(TASK_EVENTS_MAX);
         tokio::spawn(accept_streams(incoming, tasks_tx.clone()));
         let mut net = Net {
             swarm,
@@ -405,7 +409,7 @@ async fn write_stream(
     peer: PeerId,
     generation: u64,
     mut queued: mpsc::Receiver<Vec<u8>>,
-    events: mpsc::UnboundedSender<TaskEvent>,
+    events: mpsc::Sender<TaskEvent>,
 ) {
     let failed = |error: String| TaskEvent::Failed {
         peer,
@@ -415,7 +419,9 @@ async fn write_stream(
     let mut stream = match control.open_stream(peer, PROTOCOL).await {
         Ok(stream) => stream,
         Err(error) => {
-            let _ = events.send(failed(format!("cannot open the message stream: {error}")));
+            let _ = events
+                .send(failed(format!("cannot open the message stream: {error}")))
+                .await;
             return;
         }
     };
@@ -433,7 +439,7 @@ async fn write_stream(
             stream.flush().await
         };
         if let Err(error) = written.await {
-            let _ = events.send(failed(error.to_string()));
+            let _ = events.send(failed(error.to_string())).await;
             return;
         }
     }
@@ -449,7 +455,7 @@ fn frame(buffer: &mut Vec<u8>, message: &[u8]) {
 /// Takes every inbound message stream and starts a reader for it.
 async fn accept_streams(
     mut incoming: libp2p_stream::IncomingStreams,
-    events: mpsc::UnboundedSender<TaskEvent>,
+    events: mpsc::Sender<TaskEvent>,
 ) {
     let mut next_stream = 0u64;
     while let Some((peer, stream)) = incoming.next().await {
@@ -464,13 +470,14 @@ async fn read_stream(
     peer: PeerId,
     stream_id: u64,
     mut stream: libp2p::Stream,
-    events: mpsc::UnboundedSender<TaskEvent>,
+    events: mpsc::Sender<TaskEvent>,
 ) {
     if events
         .send(TaskEvent::Opened {
             peer,
             stream: stream_id,
         })
+        .await
         .is_err()
     {
         return;
@@ -486,19 +493,21 @@ async fn read_stream(
             // Ended or broken: if this is still the peer's current stream (its connection
             // is still up), messages may have been lost with it.
             Err(error) => {
-                let _ = events.send(failed(error.to_string()));
+                let _ = events.send(failed(error.to_string())).await;
                 return;
             }
         };
         if length > MESSAGE_BYTES_MAX {
-            let _ = events.send(failed(format!(
-                "a {length}-byte message; the limit is {MESSAGE_BYTES_MAX}"
-            )));
+            let _ = events
+                .send(failed(format!(
+                    "a {length}-byte message; the limit is {MESSAGE_BYTES_MAX}"
+                )))
+                .await;
             return;
         }
         let mut bytes = vec![0; length];
         if let Err(error) = stream.read_exact(&mut bytes).await {
-            let _ = events.send(failed(error.to_string()));
+            let _ = events.send(failed(error.to_string())).await;
             return;
         }
         let frame = TaskEvent::Frame {
@@ -506,7 +515,7 @@ async fn read_stream(
             stream: stream_id,
             bytes,
         };
-        if events.send(frame).is_err() {
+        if events.send(frame).await.is_err() {
             return;
         }
     }
