@@ -1,7 +1,9 @@
 //! Daemon benchmarks with real processes on loopback; prints its figures.
 //!
 //! `cargo bench -p mesh-daemon`. Measures, in one run on the same disk:
-//! - the disk's fdatasync rate (256-byte append + fdatasync, repeated);
+//! - the disk's fdatasync rate (256-byte write + fdatasync, repeated), appending and over a
+//!   preallocated file;
+//! - the API's round trip for a read;
 //! - durable acknowledged writes per second through the API, one writer and 16 at once;
 //! - message bytes a peer receives for a one-field edit of an 8-byte integer;
 //! - time from a write's acknowledgement on one node until two peers report the change
@@ -104,9 +106,17 @@ fn tcp_bytes(port: u16) -> Option<u64> {
     (output.status.success() && total > 0).then_some(total)
 }
 
-fn fdatasync_rate(dir: &Path) -> f64 {
+/// 256-byte writes each followed by fdatasync, for two seconds. `preallocated`: over a file
+/// written beforehand (the way fio measures a disk), else appending to a growing file (the
+/// way the change log writes).
+fn fdatasync_rate(dir: &Path, preallocated: bool) -> f64 {
     let path = dir.join(format!("mesh-bench-fsync-{}", std::process::id()));
     let mut file = std::fs::File::create(&path).unwrap();
+    if preallocated {
+        file.write_all(&vec![0u8; 64 << 20]).unwrap();
+        file.sync_all().unwrap();
+        std::io::Seek::rewind(&mut file).unwrap();
+    }
     let started = Instant::now();
     let mut count = 0u64;
     while started.elapsed() < Duration::from_secs(2) {
@@ -122,8 +132,10 @@ fn fdatasync_rate(dir: &Path) -> f64 {
 fn main() {
     // `cargo bench` passes --bench; anything else (a filter) is ignored: this runs everything.
     println!("mesh daemon benchmarks (release build, loopback)");
-    let fsync = fdatasync_rate(&std::env::temp_dir());
-    println!("disk fdatasync rate: {fsync:.0}/s");
+    let fsync = fdatasync_rate(&std::env::temp_dir(), false);
+    println!("disk fdatasync rate, appending: {fsync:.0}/s");
+    let fsync_preallocated = fdatasync_rate(&std::env::temp_dir(), true);
+    println!("disk fdatasync rate, over a preallocated file: {fsync_preallocated:.0}/s");
 
     let hub = node("hub", &[]);
     let agent = new_agent();
@@ -139,8 +151,24 @@ fn main() {
     }
     let single = writes as f64 / started.elapsed().as_secs_f64();
     println!(
-        "durable writes, 1 writer: {single:.0}/s ({:.2}x the fdatasync rate)",
-        single / fsync
+        "durable writes, 1 writer: {single:.0}/s ({:.2}x the appending fdatasync rate, {:.2}x the preallocated one)",
+        single / fsync,
+        single / fsync_preallocated
+    );
+    // The API's own round trip, without a write: one client reading one record.
+    let reads = 1000;
+    let started = Instant::now();
+    for _ in 0..reads {
+        let response = agent
+            .get(format!("{}/v1/records/single/r0", hub.base))
+            .header("Authorization", format!("Bearer {}", hub.token))
+            .call()
+            .expect("get");
+        assert_eq!(response.status(), 200);
+    }
+    println!(
+        "API round trip of a read, 1 client: {:.0} µs",
+        started.elapsed().as_secs_f64() * 1e6 / reads as f64
     );
 
     let writers = 16;
