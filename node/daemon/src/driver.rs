@@ -62,8 +62,9 @@ impl Handle {
     }
 }
 
-/// How often unconnected bootstrap peers are dialled again.
-const REDIAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often the driver looks for bootstrap peers to dial again; each address has its own
+/// exponential backoff (see `net.rs`).
+const REDIAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What woke the driver.
 enum Wake {
@@ -182,7 +183,6 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         mut done: mpsc::UnboundedReceiver<(StorageOpId, Result<(), StorageError>)>,
     ) -> anyhow::Result<()> {
-        // Redialling bootstrap peers on a timer is the reconnect backoff.
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         loop {
             let now = self.clock.now();
@@ -213,7 +213,10 @@ impl Driver {
                     self.input(Input::StorageDone { op, result });
                 }
                 Wake::Net(event) => self.network(event),
-                Wake::Redial => self.net.redial(),
+                Wake::Redial => {
+                    let now = self.clock.now().as_millis();
+                    self.net.redial(now);
+                }
                 Wake::Tick => self.input(Input::Tick),
             }
         }

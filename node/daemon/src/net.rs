@@ -120,6 +120,43 @@ pub struct Net {
     listening: BTreeSet<Multiaddr>,
     /// Which peer answered at each bootstrap address.
     dialed: BTreeMap<Multiaddr, PeerId>,
+    /// When each bootstrap address may be dialled again.
+    backoff: BTreeMap<Multiaddr, Backoff>,
+}
+
+/// First and longest wait between dials of a bootstrap address that does not answer.
+const REDIAL_DELAY_MIN_MS: u64 = 1_000;
+const REDIAL_DELAY_MAX_MS: u64 = 30_000;
+
+/// Exponential backoff for one bootstrap address: the wait doubles after each dial, up to
+/// [`REDIAL_DELAY_MAX_MS`], and starts again from the minimum once the peer connects or
+/// drops (a peer that just went away is most likely back soon).
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    next_ms: u64,
+    delay_ms: u64,
+}
+
+impl Backoff {
+    /// Whether the address may be dialled at `now_ms`; if so, notes the dial and doubles
+    /// the wait before the next.
+    fn dial_due(&mut self, now_ms: u64) -> bool {
+        if self.next_ms > now_ms {
+            return false;
+        }
+        self.next_ms = now_ms + self.delay_ms;
+        self.delay_ms = (self.delay_ms * 2).min(REDIAL_DELAY_MAX_MS);
+        true
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            next_ms: 0,
+            delay_ms: REDIAL_DELAY_MIN_MS,
+        }
+    }
 }
 
 impl Net {
@@ -212,8 +249,9 @@ impl Net {
             bootstrap,
             listening: BTreeSet::new(),
             dialed: BTreeMap::new(),
+            backoff: BTreeMap::new(),
         };
-        net.redial();
+        net.redial(0);
         Ok(net)
     }
 
@@ -222,9 +260,9 @@ impl Net {
         self.listening.iter().map(ToString::to_string).collect()
     }
 
-    /// Dials every bootstrap address whose peer is not connected. Called on start and on a
-    /// timer, which is the reconnect backoff.
-    pub fn redial(&mut self) {
+    /// Dials every bootstrap address whose peer is not connected and whose backoff has
+    /// passed (`now_ms`: the clock in milliseconds). Called on start and on a timer.
+    pub fn redial(&mut self, now_ms: u64) {
         let connected: BTreeSet<PeerId> = self.swarm.connected_peers().copied().collect();
         for address in self.bootstrap.clone() {
             let known = address.iter().find_map(|part| match part {
@@ -235,6 +273,14 @@ impl Net {
             if known
                 .or(learned)
                 .is_some_and(|peer| connected.contains(&peer))
+            {
+                continue;
+            }
+            if !self
+                .backoff
+                .entry(address.clone())
+                .or_default()
+                .dial_due(now_ms)
             {
                 continue;
             }
@@ -339,6 +385,7 @@ impl Net {
             } => {
                 if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.dialed.insert(address.clone(), peer_id);
+                    self.backoff.remove(address);
                 }
                 match (num_established.get(), node_id(&peer_id)) {
                     (1, Some(node)) => {
@@ -372,6 +419,9 @@ impl Net {
             } => {
                 self.outboxes.remove(&peer_id);
                 self.inbound.remove(&peer_id);
+                for (address, _) in self.dialed.iter().filter(|(_, peer)| **peer == peer_id) {
+                    self.backoff.remove(address);
+                }
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 node_id(&peer_id).map_or(NetEvent::Nothing, NetEvent::Disconnected)
             }
@@ -658,5 +708,22 @@ mod membership {
             self.waker = Some(cx.waker().clone());
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redial_waits_double_up_to_the_longest() {
+        let mut backoff = Backoff::default();
+        let mut dials = Vec::new();
+        for second in 0..120u64 {
+            if backoff.dial_due(second * 1000) {
+                dials.push(second);
+            }
+        }
+        assert_eq!(dials, [0, 1, 3, 7, 15, 31, 61, 91]);
     }
 }
