@@ -750,10 +750,21 @@ impl<'a> World<'a> {
                 self.schedule(self.now + 1000, Event::PolicyChange { version });
             }
             Event::PolicyChange { version } => {
+                let in_force = self.slots[0]
+                    .node
+                    .as_ref()
+                    .and_then(|node| node.policy())
+                    .map_or(0, |policy| policy.version);
+                if in_force >= version {
+                    return;
+                }
                 if let Some(play) = &mut self.play {
                     play.issued = version;
                     let signed = play.signed(version);
                     self.command(0, Command::ApplyPolicy { signed });
+                    // Like an administrator, look again later: a crash before the policy
+                    // was saved (or its endorsements failing) means applying it again.
+                    self.schedule(self.now + 5000, Event::PolicyChange { version });
                 }
             }
             Event::Byzantine => self.byzantine(),
@@ -1420,6 +1431,21 @@ impl<'a> World<'a> {
         });
         if !all_equal {
             return false;
+        }
+        // The administrator's latest policy is in force on every honest node.
+        if let Some(play) = &self.play {
+            let issued = play.issued;
+            let everywhere = self.slots.iter().enumerate().all(|(index, slot)| {
+                !self.honest(index)
+                    || slot
+                        .node
+                        .as_ref()
+                        .and_then(|node| node.policy())
+                        .is_some_and(|policy| policy.version == issued)
+            });
+            if !everywhere {
+                return false;
+            }
         }
         // Equal digests: every honest node holds the same quarantine.
         let quarantine = self.slots[0].node.as_ref().map(|node| node.quarantined());

@@ -765,3 +765,83 @@ fn an_applied_policy_is_acknowledged_only_once_it_is_durable() {
         .expect("the saved policy parses");
     assert_eq!(saved.verify(&org_id()).unwrap().version, 2);
 }
+
+#[test]
+fn a_demotion_goes_in_force_only_once_its_endorsements_are_durable() {
+    let mut mesh = mesh(3);
+    let v1 = policy(
+        1,
+        &[
+            ("hq", HQ, "master"),
+            ("clinic1", CLINIC1, "master"),
+            ("clinic2", CLINIC2, "site"),
+        ],
+        &[],
+    );
+    apply(&mut mesh, HQ, v1);
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    mesh.put(CLINIC1, "catalogue/early", &[("price", FieldValue::Int(5))]);
+    mesh.run_until_quiet(100);
+
+    // The endorsement's append fails (a full disk): the demotion is not applied anywhere.
+    mesh.storage_mode = mesh_tests::StorageMode::Manual;
+    let id = mesh.command_async(
+        HQ,
+        Command::ApplyPolicy {
+            signed: standard(2),
+        },
+    );
+    assert_eq!(
+        version(&mut mesh, HQ),
+        Some(1),
+        "not in force before it is endorsed"
+    );
+    mesh.complete_storage(HQ, Err("no space left on device".into()));
+    match mesh.completion(id) {
+        Some(Err(CommandError::Storage(message))) => {
+            assert!(message.contains("was not applied"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    mesh.storage_mode = mesh_tests::StorageMode::Immediate;
+    mesh.complete_all_storage();
+    mesh.run_until_quiet(100);
+    for index in 0..3 {
+        assert_eq!(version(&mut mesh, index), Some(1), "node {index}");
+    }
+
+    // Applied again: the endorsement reaches the peers first, then the policy.
+    mesh.storage_mode = mesh_tests::StorageMode::Manual;
+    let id = mesh.command_async(
+        HQ,
+        Command::ApplyPolicy {
+            signed: standard(2),
+        },
+    );
+    assert_eq!(
+        mesh.in_flight(),
+        0,
+        "nothing leaves before the endorsement is durable"
+    );
+    mesh.complete_storage(HQ, Ok(()));
+    assert_eq!(version(&mut mesh, HQ), Some(2), "in force once endorsed");
+    assert!(
+        mesh.completion(id).is_none(),
+        "answered once the policy is saved"
+    );
+    mesh.complete_all_storage();
+    assert!(matches!(
+        mesh.completion(id),
+        Some(Ok(Reply::PolicyOffered(PolicyOffer::Adopted {
+            version: 2
+        })))
+    ));
+    mesh.storage_mode = mesh_tests::StorageMode::Immediate;
+    mesh.run_until_quiet(100);
+    for index in 0..3 {
+        assert_eq!(version(&mut mesh, index), Some(2), "node {index}");
+        let early = mesh.get(index, "catalogue/early").expect("endorsed");
+        assert_eq!(early.fields["price"], FieldValue::Int(5), "node {index}");
+    }
+}

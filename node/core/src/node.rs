@@ -618,7 +618,7 @@ impl Node {
         StorageOpId(self.next_op)
     }
 
-    fn complete(&mut self, id: CommandId, result: Result<Reply, CommandError>) {
+    pub(crate) fn complete(&mut self, id: CommandId, result: Result<Reply, CommandError>) {
         self.effects.push(Effect::Complete { id, result });
     }
 
@@ -803,24 +803,7 @@ impl Node {
                 }
                 _ => self.complete(id, Err(CommandError::NotFound(record))),
             },
-            Command::ApplyPolicy { signed } => match self.offer_policy(signed, None) {
-                Ok(offer @ PolicyOffer::Adopted { .. }) => {
-                    // Answered once the policy is durable: save it now rather than at the
-                    // next checkpoint.
-                    self.policy_unsaved_commands.push((id, offer));
-                    if self.checkpoint_in_flight.is_none() {
-                        self.checkpoint();
-                    } else {
-                        self.checkpoint_due = Some(self.now);
-                    }
-                }
-                result => {
-                    let result = result
-                        .map(Reply::PolicyOffered)
-                        .map_err(|error| CommandError::Policy(error.to_string()));
-                    self.complete(id, result);
-                }
-            },
+            Command::ApplyPolicy { signed } => self.apply_policy(id, signed),
             Command::ShowPolicy => {
                 let view = self.policy_view().map(Box::new);
                 self.complete(id, Ok(Reply::Policy(view)));
@@ -907,7 +890,23 @@ impl Node {
     }
 
     /// Queues a change this node made by itself (not for a command) for the next append.
-    pub(crate) fn queue_own_change(&mut self, record: RecordId, change: crdt_schema::Change) {
+    /// Answers `id` with `offer` once the policy in force is in a durable checkpoint, and
+    /// starts that checkpoint now rather than at the next interval.
+    pub(crate) fn answer_when_policy_saved(&mut self, id: CommandId, offer: PolicyOffer) {
+        self.policy_unsaved_commands.push((id, offer));
+        if self.checkpoint_in_flight.is_none() {
+            self.checkpoint();
+        } else {
+            self.checkpoint_due = Some(self.now);
+        }
+    }
+
+    /// Returns the change's hash.
+    pub(crate) fn queue_own_change(
+        &mut self,
+        record: RecordId,
+        change: crdt_schema::Change,
+    ) -> ChangeHash {
         self.records
             .note_seq(record.as_str(), self.identity.node_id(), change.seq());
         let change = VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
@@ -915,11 +914,13 @@ impl Node {
             entry.unacked.insert(change.hash());
         }
         self.last_local_change = Some(self.now);
+        let hash = change.hash();
         self.pipeline.queued.push(PipelineEntry::Local {
             command: None,
             record,
             change: Some(change),
         });
+        hash
     }
 
     // ----- the write pipeline -----
@@ -1001,6 +1002,7 @@ impl Node {
     fn append_done(&mut self, entries: Vec<PipelineEntry>) {
         let mut remote = Vec::new();
         let mut pushed: Vec<(Option<NodeId>, VerifiedChange)> = Vec::new();
+        let mut own_durable = Vec::new();
         for entry in entries {
             match entry {
                 PipelineEntry::Local {
@@ -1010,6 +1012,7 @@ impl Node {
                 } => {
                     let changed = change.is_some();
                     let change_hash = change.as_ref().map(VerifiedChange::hash);
+                    own_durable.extend(change_hash);
                     let forbidden = change.as_ref().and_then(|change| {
                         let entry = self.records.entry(record.as_str())?;
                         let held = entry.quarantine.get(&change.hash())?;
@@ -1117,6 +1120,8 @@ impl Node {
         });
         self.schedule_checkpoint();
         self.push_to_peers(pushed);
+        // After the push: peers get a policy's endorsements before the policy.
+        self.own_changes_durable(&own_durable);
         self.release_pending();
         self.resume_sessions();
     }
@@ -1230,6 +1235,8 @@ impl Node {
                 }
             }
         }
+        let lost: BTreeSet<ChangeHash> = undone.values().flatten().copied().collect();
+        self.own_changes_lost(&lost, &error.0);
         for (key, hashes) in undone {
             self.undo_local_changes(&key, &hashes);
         }

@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::limits::{
     QUARANTINE_PER_RECORD_MAX, RECEIPTS_MAX, REFUSED_CHANGES_MAX, REFUSED_PEERS_MAX,
 };
-use crate::node::{Effect, Event, Node};
+use crate::node::{CommandError, CommandId, Effect, Event, Node, Reply};
 use crate::records::Quarantined;
 use crate::status::PeerState;
 use crate::time::Instant;
@@ -56,6 +56,27 @@ pub(crate) struct PolicyState {
     pub(crate) unsaved: bool,
     /// Changes refused before they could be held (bad signature, malformed), newest last.
     pub(crate) refused_changes: Vec<RefusedChange>,
+    /// A policy applied here that waits for its endorsements to be durable.
+    pub(crate) endorsing: Option<Endorsing>,
+}
+
+/// A policy applied at this node that takes write rights away: it is put in force (and
+/// sent to peers, and saved) only once the endorsements of the history this node holds are
+/// durable, so a crash can never leave the mesh with the policy and without them.
+pub(crate) struct Endorsing {
+    signed: SignedPolicy,
+    version: u64,
+    command: CommandId,
+    /// Endorsement changes whose append has not completed yet.
+    waiting: BTreeSet<ChangeHash>,
+}
+
+/// What to do with an offered policy.
+enum OfferVerdict {
+    /// Put it in force.
+    Adopt(Box<InForce>),
+    /// Nothing to adopt; answer this.
+    Answer(PolicyOffer),
 }
 
 /// A change refused on arrival: it failed parsing or verification, so it is not held, not
@@ -244,15 +265,109 @@ impl Node {
     pub(crate) fn offer_policy(
         &mut self,
         signed: SignedPolicy,
-        from: Option<NodeId>,
+        from: NodeId,
     ) -> Result<PolicyOffer, PolicyError> {
+        match self.judge_offer(signed)? {
+            OfferVerdict::Answer(offer) => Ok(offer),
+            OfferVerdict::Adopt(in_force) => {
+                let version = in_force.policy.version;
+                self.adopt_policy(*in_force);
+                self.spread_policy(Some(from));
+                Ok(PolicyOffer::Adopted { version })
+            }
+        }
+    }
+
+    /// A policy handed to this node by its operator (`mesh policy apply`). If it takes
+    /// write rights away, the node first endorses the history it holds (see
+    /// [`Node::endorse_held_history`]) and adopts the policy once that is durable. The
+    /// command is answered once the policy is saved.
+    pub(crate) fn apply_policy(&mut self, id: CommandId, signed: SignedPolicy) {
+        if let Some(endorsing) = &self.policy.endorsing {
+            let version = endorsing.version;
+            let message = format!(
+                "policy version {version} is being applied (its endorsements are being saved); try again in a moment"
+            );
+            return self.complete(id, Err(CommandError::Policy(message)));
+        }
+        let in_force = match self.judge_offer(signed) {
+            Err(error) => return self.complete(id, Err(CommandError::Policy(error.to_string()))),
+            Ok(OfferVerdict::Answer(offer)) => {
+                return self.complete(id, Ok(Reply::PolicyOffered(offer)));
+            }
+            Ok(OfferVerdict::Adopt(in_force)) => in_force,
+        };
+        let waiting = self.endorse_held_history(&in_force.policy);
+        if waiting.is_empty() {
+            self.adopt_applied(id, *in_force);
+        } else {
+            self.policy.endorsing = Some(Endorsing {
+                version: in_force.policy.version,
+                signed: in_force.signed,
+                command: id,
+                waiting,
+            });
+        }
+    }
+
+    fn adopt_applied(&mut self, id: CommandId, in_force: InForce) {
+        let version = in_force.policy.version;
+        self.adopt_policy(in_force);
+        self.spread_policy(None);
+        self.answer_when_policy_saved(id, PolicyOffer::Adopted { version });
+    }
+
+    /// Own changes whose append completed: an applied policy whose endorsements are all
+    /// durable now goes in force (unless a newer one arrived meanwhile).
+    pub(crate) fn own_changes_durable(&mut self, hashes: &[ChangeHash]) {
+        let Some(endorsing) = &mut self.policy.endorsing else {
+            return;
+        };
+        for hash in hashes {
+            endorsing.waiting.remove(hash);
+        }
+        if !endorsing.waiting.is_empty() {
+            return;
+        }
+        let Endorsing {
+            signed, command, ..
+        } = self.policy.endorsing.take().expect("checked above");
+        match self.judge_offer(signed) {
+            Ok(OfferVerdict::Adopt(in_force)) => self.adopt_applied(command, *in_force),
+            Ok(OfferVerdict::Answer(offer)) => {
+                self.complete(command, Ok(Reply::PolicyOffered(offer)));
+            }
+            Err(error) => self.complete(command, Err(CommandError::Policy(error.to_string()))),
+        }
+    }
+
+    /// Own changes whose append failed: an applied policy waiting for them is not adopted.
+    pub(crate) fn own_changes_lost(&mut self, hashes: &BTreeSet<ChangeHash>, error: &str) {
+        let lost = self
+            .policy
+            .endorsing
+            .as_ref()
+            .is_some_and(|endorsing| !endorsing.waiting.is_disjoint(hashes));
+        if !lost {
+            return;
+        }
+        let endorsing = self.policy.endorsing.take().expect("checked above");
+        let message = format!(
+            "could not save the endorsements policy version {} needs ({error}); the policy was not applied: apply it again",
+            endorsing.version
+        );
+        self.complete(endorsing.command, Err(CommandError::Storage(message)));
+    }
+
+    /// Whether `signed` should be put in force here; records a same-version conflict.
+    fn judge_offer(&mut self, signed: SignedPolicy) -> Result<OfferVerdict, PolicyError> {
         let policy = signed.verify(&self.config.org)?;
         let hash = signed.hash();
         if let Some(current) = &self.policy.in_force {
             if current.hash == hash {
-                return Ok(PolicyOffer::Unchanged {
+                return Ok(OfferVerdict::Answer(PolicyOffer::Unchanged {
                     version: policy.version,
-                });
+                }));
             }
             if current.policy.version == policy.version {
                 let (kept, other) = match hash < current.hash {
@@ -266,22 +381,16 @@ impl Node {
                 });
             }
             if !policy::supersedes((&policy, &signed), (&current.policy, &current.signed)) {
-                return Ok(PolicyOffer::Older {
+                return Ok(OfferVerdict::Answer(PolicyOffer::Older {
                     in_force: current.policy.version,
-                });
+                }));
             }
         }
-        let version = policy.version;
-        if from.is_none() {
-            self.endorse_held_history(&policy);
-        }
-        self.adopt_policy(InForce {
+        Ok(OfferVerdict::Adopt(Box::new(InForce {
             policy,
             signed,
             hash,
-        });
-        self.spread_policy(from);
-        Ok(PolicyOffer::Adopted { version })
+        })))
     }
 
     /// Puts a policy in force: re-judges every record and drops peers that are no longer
@@ -309,7 +418,9 @@ impl Node {
     /// builds on everything it holds of it. What a valid member built on stays accepted, so
     /// the history this node has seen stays, while what the demoted or revoked author writes
     /// from now on (or wrote unseen, behind a partition) is rejected, the same on every node.
-    fn endorse_held_history(&mut self, new: &Policy) {
+    /// Returns the endorsement changes queued for the log.
+    fn endorse_held_history(&mut self, new: &Policy) -> BTreeSet<ChangeHash> {
+        let mut queued = BTreeSet::new();
         let me = self.node_id();
         let time_ms = i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX);
         for key in self.records.keys() {
@@ -338,9 +449,10 @@ impl Node {
                 continue;
             }
             if let Ok(Some(change)) = self.records.doc_mut(&key).endorse(new.version, time_ms) {
-                self.queue_own_change(record, change);
+                queued.insert(self.queue_own_change(record, change));
             }
         }
+        queued
     }
 
     /// Sends the policy in force to every connected peer but `except`.

@@ -270,7 +270,7 @@ impl Node {
                 let offered = serde_json::from_slice(&signed)
                     .map_err(|error| error.to_string())
                     .and_then(|signed| {
-                        self.offer_policy(signed, Some(from))
+                        self.offer_policy(signed, from)
                             .map_err(|error| error.to_string())
                     });
                 if let Err(reason) = offered {
