@@ -1472,6 +1472,14 @@ impl Node {
             }
             for id in ready {
                 let pending = self.pending.remove(&id).expect("listed above");
+                let forbidden = self
+                    .author_verdict(&pending.change.author, pending.change.record.collection())
+                    .is_err();
+                if forbidden && !self.quarantine_has_room(&id.0) {
+                    // The same bound as on arrival (see `admit_changes`).
+                    self.counters.changes_dropped += 1;
+                    continue;
+                }
                 self.enqueue_remote(pending.from, pending.change, pending.origin);
             }
         }
