@@ -27,8 +27,11 @@ use crate::schema::{CollectionSchema, SchemaError};
 /// Domain separation for policy signatures.
 const POLICY_CONTEXT: &[u8] = b"mesh/policy/v1";
 
-/// A policy as written and signed.
+/// A policy as written and signed. Unknown keys are refused, in the TOML an operator writes
+/// and in a signed policy alike: a typo (`writer` for `writers`) must not sign as an empty
+/// rule, and a node must not enforce a policy it only partly understands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Higher versions replace lower ones.
     pub version: u64,
@@ -45,6 +48,7 @@ pub struct Policy {
 
 /// One member node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Member {
     /// The node's id.
     pub node: NodeId,
@@ -55,6 +59,7 @@ pub struct Member {
 
 /// The rule of one collection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct CollectionRule {
     /// Roles whose members may write the collection.
     #[serde(default)]
@@ -81,9 +86,14 @@ pub struct SignedPolicy {
 pub enum PolicyError {
     /// The signature is not the pinned org key's.
     #[error(
-        "the policy is not signed by org {0}; only the org pinned at `mesh init` can sign policies"
+        "the policy's signature does not match org {0}: another org signed it, or the file was changed after signing; only the org pinned at `mesh init --org` can sign policies"
     )]
     NotSignedByOrg(String),
+    /// The node pins no org, so no policy can be verified.
+    #[error(
+        "this node trusts no org (it was made without `mesh init --org ORG_ID`), so it can accept no policy; set `org` in its config.toml to the org id printed by `mesh org init`"
+    )]
+    NoOrgPinned,
     /// The bytes are not a policy.
     #[error("the policy is malformed: {0}")]
     Malformed(String),
@@ -151,6 +161,20 @@ impl Policy {
 
     /// Checks names in the policy.
     pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.version == 0 {
+            return Err(PolicyError::Invalid(
+                "version must be at least 1 (a node without a policy is at version 0)".into(),
+            ));
+        }
+        let mut names_of_node: BTreeMap<&NodeId, &str> = BTreeMap::new();
+        for (name, member) in &self.members {
+            if let Some(other) = names_of_node.insert(&member.node, name) {
+                return Err(PolicyError::Invalid(format!(
+                    "members `{other}` and `{name}` have the same node id {}",
+                    member.node
+                )));
+            }
+        }
         for name in self.collections.keys() {
             crate::record::check_collection(name)
                 .map_err(|error| PolicyError::Invalid(error.to_string()))?;
@@ -163,6 +187,25 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Writer roles that no member holds, as (collection, role): not an error (a member may
+    /// get the role later), but usually a typo worth a warning.
+    pub fn roles_without_members(&self) -> Vec<(String, String)> {
+        let held: BTreeSet<&String> = self
+            .members
+            .values()
+            .flat_map(|member| &member.roles)
+            .collect();
+        self.collections
+            .iter()
+            .flat_map(|(collection, rule)| {
+                rule.writers
+                    .iter()
+                    .filter(|role| !held.contains(role))
+                    .map(move |role| (collection.clone(), role.clone()))
+            })
+            .collect()
     }
 
     /// The member whose node id is `node`, with its name.
@@ -187,6 +230,9 @@ impl Policy {
 impl SignedPolicy {
     /// Checks the org's signature and decodes the policy.
     pub fn verify(&self, org: &OrgId) -> Result<Policy, PolicyError> {
+        if *org == OrgId::default() {
+            return Err(PolicyError::NoOrgPinned);
+        }
         let key = VerifyingKey::from_bytes(org.as_bytes())
             .map_err(|_| PolicyError::NotSignedByOrg(org.to_string()))?;
         let signature: [u8; 64] = unhex(&self.signature)
@@ -501,4 +547,32 @@ mod tests {
             "exactly one of two same-version policies wins"
         );
     }
+
+    #[test]
+    fn typos_version_zero_and_shared_node_ids_are_refused() {
+        let typo = r#"{"version":1,"collections":{"catalogue":{"writer":["master"]}}}"#;
+        let error = serde_json::from_str::<Policy>(typo).unwrap_err().to_string();
+        assert!(error.contains("unknown field `writer`"), "{error}");
+        let mut zero = policy(1);
+        zero.version = 0;
+        assert!(zero.validate().unwrap_err().to_string().contains("at least 1"));
+        let mut shared = policy(1);
+        let node = shared.members.values().next().unwrap().node;
+        shared.members.insert(
+            "again".into(),
+            Member {
+                node,
+                roles: BTreeSet::new(),
+            },
+        );
+        let error = shared.validate().unwrap_err().to_string();
+        assert!(error.contains("the same node id"), "{error}");
+    }
+
+    #[test]
+    fn a_node_without_an_org_says_so_instead_of_blaming_the_signature() {
+        let error = policy(1).sign(&org()).verify(&OrgId::default()).unwrap_err();
+        assert_eq!(error, PolicyError::NoOrgPinned);
+    }
+
 }

@@ -50,6 +50,7 @@ pub struct FieldSchema {
 
 /// The schema of one collection.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CollectionSchema {
     /// The known fields.
     #[serde(default)]

@@ -189,7 +189,10 @@ fn older_foreign_and_tied_policies_resolve_the_same_way_everywhere() {
     let error = mesh
         .command(HQ, Command::ApplyPolicy { signed: forged })
         .unwrap_err();
-    assert!(error.to_string().contains("not signed by org"), "{error}");
+    assert!(
+        error.to_string().contains("signature does not match org"),
+        "{error}"
+    );
 
     // Two different policies of version 3, one applied on each side: both keep the one
     // with the lower hash, and both raise the alarm.
@@ -844,4 +847,40 @@ fn a_demotion_goes_in_force_only_once_its_endorsements_are_durable() {
         let early = mesh.get(index, "catalogue/early").expect("endorsed");
         assert_eq!(early.fields["price"], FieldValue::Int(5), "node {index}");
     }
+}
+
+#[test]
+fn a_policy_that_would_cut_off_the_node_applying_it_is_refused_there() {
+    let mut mesh = mesh(3);
+    let without_clinic2 = policy(
+        2,
+        &[("hq", HQ, "master"), ("clinic1", CLINIC1, "site")],
+        &[],
+    );
+    let error = mesh
+        .command(
+            CLINIC2,
+            Command::ApplyPolicy {
+                signed: without_clinic2.clone(),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("does not list this node as a member"),
+        "{error}"
+    );
+    let revoking = policy(2, &[("hq", HQ, "master")], &[CLINIC1]);
+    let error = mesh
+        .command(CLINIC1, Command::ApplyPolicy { signed: revoking })
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("revokes this node"), "{error}");
+    assert_eq!(version(&mut mesh, CLINIC2), None);
+    // Applied where it keeps its author a member, it is in force (and would reach clinic2
+    // from there, cutting it off as intended).
+    assert_eq!(
+        apply(&mut mesh, HQ, without_clinic2),
+        PolicyOffer::Adopted { version: 2 }
+    );
 }

@@ -297,6 +297,21 @@ impl Node {
             }
             Ok(OfferVerdict::Adopt(in_force)) => in_force,
         };
+        let me = self.node_id();
+        let excluded = if in_force.policy.revoked.contains(&me) {
+            Some("revokes this node")
+        } else if in_force.policy.member(&me).is_none() {
+            Some("does not list this node as a member")
+        } else {
+            None
+        };
+        if let Some(excluded) = excluded {
+            let message = format!(
+                "policy version {} {excluded} ({me}): applied here it would cut this node off from every peer; apply it at a node that stays a member",
+                in_force.policy.version
+            );
+            return self.complete(id, Err(CommandError::Policy(message)));
+        }
         let waiting = self.endorse_held_history(&in_force.policy);
         if waiting.is_empty() {
             self.adopt_applied(id, *in_force);

@@ -85,6 +85,10 @@ impl FileConfig {
         if self.sync_interval_secs == 0 {
             bail!("sync_interval_secs must be at least 1");
         }
+        check_api_address(&self.api)?;
+        for address in &self.listen {
+            check_listen_address(address)?;
+        }
         Ok(mesh_core::Config {
             name: self.name.clone(),
             org,
@@ -96,6 +100,41 @@ impl FileConfig {
             ..mesh_core::Config::default()
         })
     }
+}
+
+/// The API must stay on this machine: it is guarded by a token file, not by TLS.
+fn check_api_address(api: &str) -> anyhow::Result<()> {
+    let address: std::net::SocketAddr = api
+        .parse()
+        .with_context(|| format!("api `{api}` is not an address like 127.0.0.1:7710"))?;
+    if !address.ip().is_loopback() {
+        bail!(
+            "api `{api}` is not a loopback address: the API is for this machine only (127.0.0.1 or [::1]); peers connect on the listen addresses"
+        );
+    }
+    Ok(())
+}
+
+/// A listen address must be a multiaddr this build can listen on.
+fn check_listen_address(text: &str) -> anyhow::Result<()> {
+    let address: libp2p::Multiaddr = text.parse().with_context(|| {
+        format!("listen address `{text}` is not a multiaddr like /ip4/0.0.0.0/tcp/4001")
+    })?;
+    let quic = address
+        .iter()
+        .any(|part| matches!(part, libp2p::multiaddr::Protocol::QuicV1));
+    if quic && !cfg!(feature = "quic") {
+        bail!(
+            "listen address `{text}` needs QUIC, which this build of mesh lacks (build it with --features quic)"
+        );
+    }
+    let tcp = address
+        .iter()
+        .any(|part| matches!(part, libp2p::multiaddr::Protocol::Tcp(_)));
+    if !tcp && !quic {
+        bail!("listen address `{text}` names no transport: end it with /tcp/PORT");
+    }
+    Ok(())
 }
 
 /// What `mesh init` creates.
@@ -168,6 +207,16 @@ pub fn sign_policy(policy: &Path, org_key: &Path) -> anyhow::Result<String> {
     let policy: crdt_schema::policy::Policy = toml::from_str(&text)
         .with_context(|| format!("{} is not a valid policy", policy.display()))?;
     policy.validate()?;
+    for (collection, role) in policy.roles_without_members() {
+        eprintln!(
+            "warning: collection `{collection}` may be written by role `{role}`, which no member holds"
+        );
+    }
+    for (collection, rule) in &policy.collections {
+        if rule.writers.is_empty() {
+            eprintln!("warning: collection `{collection}` lists no writers: nobody may write it");
+        }
+    }
     let key = std::fs::read_to_string(org_key)
         .with_context(|| format!("cannot read {}", org_key.display()))?;
     let key = key.trim();

@@ -34,7 +34,7 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
         bail!("{} exists; give the demo an empty --dir", root.display());
     }
     let exe = std::env::current_exe().context("cannot find the mesh binary")?;
-    println!("starting 3 nodes on loopback in {}", root.display());
+    out!("starting 3 nodes on loopback in {}", root.display());
     let mut nodes: Vec<Node> = Vec::new();
     for name in NAMES {
         let dir = DataDir::new(root.join(name));
@@ -64,7 +64,7 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
         nodes.push(Node { name, dir, child });
         wait_api(&nodes.last().expect("pushed").dir)?;
     }
-    println!("writing records on each node ...");
+    out!("writing records on each node ...");
     let writes: [(&str, &str, Value); 3] = [
         (
             "catalogue",
@@ -88,7 +88,7 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
             &format!("/v1/records/{collection}/{id}"),
             fields,
         )?;
-        println!("  {:<9} wrote {collection}/{id}", node.name);
+        out!("  {:<9} wrote {collection}/{id}", node.name);
     }
     let started = wall_clock();
     loop {
@@ -97,7 +97,7 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
             .map(|node| status(&node.dir).map(|s| s["digest"].to_string()))
             .collect::<anyhow::Result<_>>()?;
         if digests.iter().all(|digest| digest == &digests[0]) {
-            println!(
+            out!(
                 "converged in {} ms: every node holds every record",
                 started.elapsed().as_millis()
             );
@@ -112,17 +112,17 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
         std::thread::sleep(Duration::from_millis(50));
     }
     print_table(&nodes)?;
-    println!("\nthe nodes keep running; try, in another terminal:");
+    out!("\nthe nodes keep running; try, in another terminal:");
     let mesh = exe.display();
     let (hq, clinic_1, clinic_2) = (
         nodes[0].dir.root().display(),
         nodes[1].dir.root().display(),
         nodes[2].dir.root().display(),
     );
-    println!("  {mesh} --data-dir {clinic_1} put stock clinic-1-aspirin count=39");
-    println!("  {mesh} --data-dir {hq} get stock clinic-1-aspirin");
-    println!("  {mesh} --data-dir {clinic_2} status");
-    println!(
+    out!("  {mesh} --data-dir {clinic_1} put stock clinic-1-aspirin count=39");
+    out!("  {mesh} --data-dir {hq} get stock clinic-1-aspirin");
+    out!("  {mesh} --data-dir {clinic_2} status");
+    out!(
         "{}",
         match duration {
             Some(duration) => format!("stopping in {} s (Ctrl-C stops sooner)", duration.as_secs()),
@@ -146,7 +146,7 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
     });
     drop(nodes);
     let _ = std::fs::remove_dir_all(&root);
-    println!("demo stopped");
+    out!("demo stopped");
     Ok(())
 }
 
@@ -200,10 +200,14 @@ fn status(dir: &DataDir) -> anyhow::Result<Value> {
 }
 
 fn print_table(nodes: &[Node]) -> anyhow::Result<()> {
-    println!(
+    out!(
         "
 {:<10} {:<10} {:>8} {:>10} {:>6}  data dir",
-        "node", "digest", "records", "syncs ok", "peers"
+        "node",
+        "digest",
+        "records",
+        "syncs ok",
+        "peers"
     );
     for node in nodes {
         let status = status(&node.dir)?;
@@ -216,7 +220,7 @@ fn print_table(nodes: &[Node]) -> anyhow::Result<()> {
                 .filter(|peer| peer["state"] == "connected")
                 .count()
         });
-        println!(
+        out!(
             "{:<10} {:<10} {:>8} {:>10} {:>6}  {}",
             node.name,
             &status["digest"].as_str().unwrap_or("?")[..8],

@@ -3,6 +3,20 @@
 //! `mesh init` creates a node in a data directory; `mesh node run` runs it in the
 //! foreground; every other command talks to the running daemon over its local API.
 
+/// `println!` that ends the program quietly when nobody reads stdout any more
+/// (`mesh status | head -1`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("cannot write to stdout: {error}");
+        }
+    }};
+}
+
 mod api;
 mod changelog;
 mod client;
@@ -72,7 +86,9 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
-    /// Set fields of a record: FIELD=VALUE (numbers, true/false, null removes, else text).
+    /// Set fields of a record: FIELD=VALUE, where VALUE is read as null (removes the field),
+    /// true/false, an integer, a decimal number, or else text; numbers written with a leading
+    /// zero (007) stay text. Use --json for exact types.
     Put {
         /// The collection.
         collection: String,
@@ -277,7 +293,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             command: OrgCommand::Init { out },
         } => {
             let org = config::create_org_key(&out)?;
-            println!("{org}");
+            out!("{org}");
             eprintln!("wrote the org key to {}; keep it offline", out.display());
             eprintln!("make nodes trust it with: mesh init --org {org}");
             Ok(())
@@ -332,7 +348,7 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                     mdns: !no_mdns,
                 },
             )?;
-            println!("{}", identity.node_id());
+            out!("{}", identity.node_id());
             eprintln!("created node `{name}` in {}", dir.root().display());
             eprintln!(
                 "start it with: mesh node run --data-dir {}",
@@ -372,14 +388,17 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                 let (name, value) = pair
                     .split_once('=')
                     .ok_or_else(|| anyhow!("`{pair}` is not FIELD=VALUE"))?;
-                object.insert(name.to_owned(), parse_value(value));
+                if object.contains_key(name) {
+                    return Err(anyhow!("field `{name}` is given twice").into());
+                }
+                object.insert(name.to_owned(), parse_value(value)?);
             }
             if object.is_empty() {
                 return Err(anyhow!("give fields as FIELD=VALUE or --json '{{...}}'").into());
             }
-            let path = format!("/v1/records/{collection}/{id}");
+            let path = record_path(&collection, &id)?;
             let written = Client::connect(&dir)?.send("PUT", &path, &Value::Object(object))?;
-            print_written(&written);
+            print_written(&written, "written");
             Ok(())
         }
         Commands::Get {
@@ -387,16 +406,17 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             id,
             json,
         } => {
-            let record = Client::connect(&dir)?.get(&format!("/v1/records/{collection}/{id}"))?;
+            let record = Client::connect(&dir)?.get(&record_path(&collection, &id)?)?;
             print_or(json, &record, print_record);
             Ok(())
         }
         Commands::List { collection, json } => {
+            crdt_schema::record::check_collection(&collection).map_err(anyhow::Error::from)?;
             let list = Client::connect(&dir)?.get(&format!("/v1/records/{collection}"))?;
             print_or(json, &list, |value| {
                 let records = value["records"].as_array().cloned().unwrap_or_default();
                 if records.is_empty() {
-                    println!("no live records in {collection}");
+                    out!("no live records in {collection}");
                 }
                 for record in &records {
                     print_record(record);
@@ -407,10 +427,10 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
         Commands::Delete { collection, id } => {
             let written = Client::connect(&dir)?.send(
                 "DELETE",
-                &format!("/v1/records/{collection}/{id}"),
+                &record_path(&collection, &id)?,
                 &Value::Null,
             )?;
-            print_written(&written);
+            print_written(&written, "deleted");
             Ok(())
         }
         Commands::Watch { collection } => {
@@ -430,9 +450,9 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                         let from = event["from"]
                             .as_str()
                             .map_or("here".to_owned(), |peer| format!("from {peer}"));
-                        println!("{record} changed {from}");
+                        out!("{record} changed {from}");
                     }
-                    None => println!("{line}"),
+                    None => out!("{line}"),
                 }
             })?;
             Ok(())
@@ -444,7 +464,7 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             command: SyncCommand::Abort,
         } => {
             let aborted = Client::connect(&dir)?.send("POST", "/v1/sync/abort", &json!({}))?;
-            println!(
+            out!(
                 "aborted {} sync session(s); what was applied stays",
                 aborted["sessions"]
             );
@@ -475,17 +495,31 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             })?;
             let offer = Client::connect(&dir)?.send("POST", "/v1/policy", &signed)?;
             match offer["outcome"].as_str() {
-                Some("adopted") => println!(
+                Some("adopted") => out!(
                     "policy version {} is in force and spreading to peers",
                     offer["version"]
                 ),
                 Some("unchanged") => {
-                    println!("policy version {} was already in force", offer["version"])
+                    out!("policy version {} was already in force", offer["version"])
                 }
-                _ => println!(
-                    "ignored: the node enforces a newer policy (version {}); raise `version` and sign again",
-                    offer["in_force"]
-                ),
+                _ => {
+                    let offered = signed["policy"]
+                        .as_str()
+                        .and_then(|policy| serde_json::from_str::<Value>(policy).ok())
+                        .map(|policy| policy["version"].clone());
+                    let message = if offered.as_ref() == Some(&offer["in_force"]) {
+                        format!(
+                            "not applied: a different policy of the same version {} is in force and wins the tie (the lower hash wins on every node; status shows the conflict); raise `version` and sign again",
+                            offer["in_force"]
+                        )
+                    } else {
+                        format!(
+                            "not applied: the node enforces a newer policy (version {}); raise `version` and sign again",
+                            offer["in_force"]
+                        )
+                    };
+                    return Err(anyhow!(message).into());
+                }
             }
             Ok(())
         }
@@ -513,7 +547,7 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             out,
         } => {
             let bytes = Client::connect(&dir)?
-                .get_bytes(&format!("/v1/records/{collection}/{id}/automerge"))?;
+                .get_bytes(&format!("{}/automerge", record_path(&collection, &id)?))?;
             std::fs::write(&out, &bytes)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             eprintln!("wrote {} bytes to {}", bytes.len(), out.display());
@@ -540,7 +574,7 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
         })
         .unwrap_or_default();
     if targets.is_empty() {
-        println!("no peer is connected; nothing to sync (see `mesh peers`)");
+        out!("no peer is connected; nothing to sync (see `mesh peers`)");
         return Ok(());
     }
     let bars = indicatif::MultiProgress::new();
@@ -601,7 +635,7 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
             })
             .count()
     });
-    println!(
+    out!(
         "received {} changes, applied {}, sent {}; in sync with {in_sync} peer{}",
         received - base.0,
         applied.saturating_sub(base.1),
@@ -611,18 +645,45 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn parse_value(text: &str) -> Value {
-    if text == "null" {
+/// The API path of a record, after checking its address: an id may hold any character but
+/// `/`, so it is percent-encoded (`a?b` must not become a query).
+fn record_path(collection: &str, id: &str) -> anyhow::Result<String> {
+    crdt_schema::RecordId::new(collection, id)?;
+    let id = percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC);
+    Ok(format!("/v1/records/{collection}/{id}"))
+}
+
+/// Reads a FIELD=VALUE value. Only what reads back the same becomes a number: `007` stays
+/// text (codes keep their zeros), as do `nan` and `inf`, which JSON cannot carry; an
+/// integer too large for 64 bits is refused rather than rounded.
+fn parse_value(text: &str) -> anyhow::Result<Value> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let integer = !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit());
+    let leading_zero = digits.len() > 1 && digits.starts_with('0') && !digits.starts_with("0.");
+    Ok(if text == "null" {
         Value::Null
-    } else if let Ok(number) = text.parse::<i64>() {
-        json!(number)
-    } else if let Ok(number) = text.parse::<f64>() {
-        json!(number)
     } else if text == "true" || text == "false" {
         json!(text == "true")
+    } else if leading_zero {
+        json!(text)
+    } else if integer {
+        let number: i64 = text.parse().map_err(|_| {
+            anyhow!(
+                "`{text}` does not fit a 64-bit integer; to store it as text, use --json '{{\"field\": \"{text}\"}}'"
+            )
+        })?;
+        json!(number)
+    } else if let Ok(number) = text.parse::<f64>() {
+        if number.is_finite() && text.bytes().any(|byte| byte.is_ascii_digit()) {
+            json!(number)
+        } else if number.is_finite() || text.bytes().any(|byte| byte.is_ascii_digit()) {
+            return Err(anyhow!("`{text}` is out of range for a number"));
+        } else {
+            json!(text)
+        }
     } else {
         json!(text)
-    }
+    })
 }
 
 fn run_daemon(dir: &DataDir, peers: &[String], json_logs: bool) -> anyhow::Result<()> {
@@ -630,6 +691,7 @@ fn run_daemon(dir: &DataDir, peers: &[String], json_logs: bool) -> anyhow::Resul
         tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json_logs {
         builder.json().init();
@@ -657,15 +719,28 @@ fn run_daemon(dir: &DataDir, peers: &[String], json_logs: bool) -> anyhow::Resul
             result = driver => result?,
             result = server.into_future() => result.context("the API server stopped")?,
             _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+            _ = terminated() => tracing::info!("stopping (SIGTERM)"),
         }
         let _ = std::fs::remove_file(dir.api_addr());
         Ok(())
     })
 }
 
+/// Resolves when the process is asked to terminate (SIGTERM: `kill`, systemd, Docker).
+async fn terminated() {
+    #[cfg(unix)]
+    if let Ok(mut signal) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        signal.recv().await;
+        return;
+    }
+    std::future::pending::<()>().await;
+}
+
 fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(value).expect("values serialise")
         );
@@ -674,14 +749,14 @@ fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
     }
 }
 
-fn print_written(written: &Value) {
+fn print_written(written: &Value, verb: &str) {
     match written["change"].as_str() {
-        Some(change) => println!(
-            "{} written (change {})",
+        Some(change) => out!(
+            "{} {verb} (change {})",
             written["record"].as_str().unwrap_or("?"),
             &change[..change.len().min(12)]
         ),
-        None => println!("{} unchanged", written["record"].as_str().unwrap_or("?")),
+        None => out!("{} unchanged", written["record"].as_str().unwrap_or("?")),
     }
 }
 
@@ -691,7 +766,7 @@ fn print_record(record: &Value) {
     } else {
         ""
     };
-    println!(
+    out!(
         "{}/{}{deleted}",
         record["collection"].as_str().unwrap_or("?"),
         record["id"].as_str().unwrap_or("?")
@@ -700,8 +775,8 @@ fn print_record(record: &Value) {
         let width = fields.keys().map(String::len).max().unwrap_or(0);
         for (name, value) in fields {
             match value.as_str() {
-                Some(text) => println!("  {name:width$}  {text}"),
-                None => println!("  {name:width$}  {value}"),
+                Some(text) => out!("  {name:width$}  {text}"),
+                None => out!("  {name:width$}  {value}"),
             }
         }
     }
@@ -724,12 +799,12 @@ fn mesh_now_ms() -> u64 {
 }
 
 fn print_status(status: &Value) {
-    println!(
+    out!(
         "node      {}  ({})",
         status["name"].as_str().unwrap_or("?"),
         status["node_id"].as_str().unwrap_or("?")
     );
-    println!("api       {}", status["api_addr"].as_str().unwrap_or("?"));
+    out!("api       {}", status["api_addr"].as_str().unwrap_or("?"));
     let records: BTreeMap<String, u64> =
         serde_json::from_value(status["records"].clone()).unwrap_or_default();
     let total: u64 = records.values().sum();
@@ -737,7 +812,7 @@ fn print_status(status: &Value) {
         .iter()
         .map(|(name, count)| format!("{name} {count}"))
         .collect();
-    println!(
+    out!(
         "records   {total}{}",
         if by_collection.is_empty() {
             String::new()
@@ -745,15 +820,15 @@ fn print_status(status: &Value) {
             format!("  ({})", by_collection.join(", "))
         }
     );
-    println!("digest    {}", status["digest"].as_str().unwrap_or("?"));
-    println!(
+    out!("digest    {}", status["digest"].as_str().unwrap_or("?"));
+    out!(
         "changed   {} here, {} from peers",
         ago(status["last_local_change"].as_u64()),
         ago(status["last_remote_change"].as_u64())
     );
-    println!("last sync {}", ago(status["last_sync"].as_u64()));
+    out!("last sync {}", ago(status["last_sync"].as_u64()));
     let counters = &status["counters"];
-    println!(
+    out!(
         "rejected  {} changes, {} messages; {} in quarantine",
         counters["changes_rejected"].as_u64().unwrap_or(0),
         counters["messages_rejected"].as_u64().unwrap_or(0),
@@ -761,12 +836,13 @@ fn print_status(status: &Value) {
     );
     match status["policy"].as_object() {
         Some(policy) => {
-            println!(
+            out!(
                 "policy    version {}, {} members",
-                policy["version"], policy["members"]
+                policy["version"],
+                policy["members"]
             );
             if let Some(conflict) = policy["conflict"].as_object() {
-                println!(
+                out!(
                     "  WARNING two different policies claim version {}: {}… is in force, {}… lost the tie; sign a higher version",
                     conflict["version"],
                     short(conflict["kept"].as_str(), 12),
@@ -774,16 +850,16 @@ fn print_status(status: &Value) {
                 );
             }
         }
-        None => println!("policy    none (every node key may connect and write)"),
+        None => out!("policy    none (every node key may connect and write)"),
     }
     let own = status["own_changes_rejected"]
         .as_array()
         .cloned()
         .unwrap_or_default();
     if !own.is_empty() {
-        println!("own changes rejected ({}):", own.len());
+        out!("own changes rejected ({}):", own.len());
         for row in own.iter().rev().take(5) {
-            println!(
+            out!(
                 "  {} {}…: {}",
                 row["record"].as_str().unwrap_or("?"),
                 short(row["change"].as_str(), 12),
@@ -796,9 +872,9 @@ fn print_status(status: &Value) {
         .cloned()
         .unwrap_or_default();
     if !refused.is_empty() {
-        println!("refused non-members:");
+        out!("refused non-members:");
         for row in &refused {
-            println!(
+            out!(
                 "  {} ({} attempts, last {})",
                 row["peer_id"].as_str().unwrap_or("?"),
                 row["attempts"],
@@ -811,19 +887,19 @@ fn print_status(status: &Value) {
 
 fn print_policy(view: &Value) {
     let policy = &view["policy"];
-    println!(
+    out!(
         "policy version {}  (hash {}…)",
         view["version"],
         short(view["hash"].as_str(), 16)
     );
-    println!("members");
+    out!("members");
     if let Some(members) = policy["members"].as_object() {
         for (name, member) in members {
             let roles: Vec<&str> = member["roles"]
                 .as_array()
                 .map(|roles| roles.iter().filter_map(Value::as_str).collect())
                 .unwrap_or_default();
-            println!(
+            out!(
                 "  {:<16} {:<24} {}",
                 name,
                 roles.join(","),
@@ -832,19 +908,19 @@ fn print_policy(view: &Value) {
         }
     }
     if let Some(revoked) = policy["revoked"].as_array().filter(|list| !list.is_empty()) {
-        println!("revoked");
+        out!("revoked");
         for node in revoked {
-            println!("  {}", node.as_str().unwrap_or("?"));
+            out!("  {}", node.as_str().unwrap_or("?"));
         }
     }
-    println!("collections (others: any member may write)");
+    out!("collections (others: any member may write)");
     if let Some(collections) = policy["collections"].as_object() {
         for (name, rule) in collections {
             let writers: Vec<&str> = rule["writers"]
                 .as_array()
                 .map(|roles| roles.iter().filter_map(Value::as_str).collect())
                 .unwrap_or_default();
-            println!(
+            out!(
                 "  {:<16} written by {}{}",
                 name,
                 writers.join(", "),
@@ -857,7 +933,7 @@ fn print_policy(view: &Value) {
         }
     }
     if let Some(conflict) = view["conflict"].as_object() {
-        println!(
+        out!(
             "WARNING another policy also claims version {}; the lower hash is in force",
             conflict["version"]
         );
@@ -866,15 +942,15 @@ fn print_policy(view: &Value) {
 
 fn print_quarantine(rows: &[Value], refused: &[Value]) {
     if rows.is_empty() {
-        println!("quarantine is empty: every change held was accepted");
+        out!("quarantine is empty: every change held was accepted");
     } else {
-        println!("{:<28} {:<14} {:<18} reason", "record", "change", "author");
+        out!("{:<28} {:<14} {:<18} reason", "record", "change", "author");
         for row in rows {
             let author = match row["author_name"].as_str() {
                 Some(name) => name.to_owned(),
                 None => format!("{}…", short(row["author"].as_str(), 14)),
             };
-            println!(
+            out!(
                 "{:<28} {:<14} {:<18} {}",
                 row["record"].as_str().unwrap_or("?"),
                 format!("{}…", short(row["change"].as_str(), 12)),
@@ -882,16 +958,16 @@ fn print_quarantine(rows: &[Value], refused: &[Value]) {
                 row["reason_text"].as_str().unwrap_or("?")
             );
         }
-        println!(
+        out!(
             "{} changes in quarantine; they are never applied",
             rows.len()
         );
     }
     if !refused.is_empty() {
-        println!();
-        println!("refused on arrival (not held; the sender was disconnected):");
+        out!();
+        out!("refused on arrival (not held; the sender was disconnected):");
         for row in refused.iter().rev().take(20) {
-            println!(
+            out!(
                 "  {:<12} from {}…: {}",
                 ago(row["at"].as_u64()),
                 short(row["from"].as_str(), 14),
@@ -904,17 +980,17 @@ fn print_quarantine(rows: &[Value], refused: &[Value]) {
 fn print_peers(peers: &Value) {
     let peers = peers.as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
-        println!("peers     none yet");
+        out!("peers     none yet");
         return;
     }
-    println!("peers");
+    out!("peers");
     for peer in &peers {
         let id = peer["peer_id"].as_str().unwrap_or("?");
         let label = match peer["name"].as_str() {
             Some(name) => format!("{name} ({}…)", &id[..id.len().min(14)]),
             None => id.to_owned(),
         };
-        println!(
+        out!(
             "  {:<30} {:<12} last sync {:<12} behind ~{}",
             label,
             peer["state"].as_str().unwrap_or("?"),
@@ -926,12 +1002,17 @@ fn print_peers(peers: &Value) {
 
 fn print_history(rows: &[Value], total: usize) {
     if rows.is_empty() {
-        println!("no sync sessions yet");
+        out!("no sync sessions yet");
         return;
     }
-    println!(
+    out!(
         "{:<14} {:<10} {:<10} {:>8} {:>8} {:>10}  peer",
-        "started", "took", "status", "received", "sent", "bytes"
+        "started",
+        "took",
+        "status",
+        "received",
+        "sent",
+        "bytes"
     );
     for row in rows {
         let started = row["started"].as_u64();
@@ -939,7 +1020,7 @@ fn print_history(rows: &[Value], total: usize) {
             .as_u64()
             .unwrap_or(0)
             .saturating_sub(started.unwrap_or(0));
-        println!(
+        out!(
             "{:<14} {:<10} {:<10} {:>8} {:>8} {:>10}  {}",
             ago(started),
             format!("{took} ms"),
@@ -950,11 +1031,52 @@ fn print_history(rows: &[Value], total: usize) {
             row["peer"].as_str().unwrap_or("?")
         );
     }
-    println!("{} of {total} sessions", rows.len());
+    out!("{} of {total} sessions", rows.len());
 }
 
 /// The first `len` characters of an id, for tables.
 fn short(text: Option<&str>, len: usize) -> &str {
     let text = text.unwrap_or("?");
     text.get(..len).unwrap_or(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_back_as_typed_and_never_become_a_removal() {
+        let read = |text: &str| parse_value(text).unwrap();
+        assert_eq!(read("12"), json!(12));
+        assert_eq!(read("-3"), json!(-3));
+        assert_eq!(read("1.5"), json!(1.5));
+        assert_eq!(read("0.25"), json!(0.25));
+        assert_eq!(read("0"), json!(0));
+        assert_eq!(read("true"), json!(true));
+        assert_eq!(read("null"), Value::Null);
+        assert_eq!(read("007"), json!("007"), "codes keep their zeros");
+        assert_eq!(read("nan"), json!("nan"));
+        assert_eq!(read("-inf"), json!("-inf"));
+        assert_eq!(read("Infinity"), json!("Infinity"));
+        assert_eq!(read("Aspirin 500"), json!("Aspirin 500"));
+        assert_eq!(read(""), json!(""));
+        let error = parse_value("99999999999999999999").unwrap_err().to_string();
+        assert!(error.contains("does not fit a 64-bit integer"), "{error}");
+        assert!(parse_value("1e400").is_err());
+    }
+
+    #[test]
+    fn record_paths_escape_the_id_and_refuse_bad_addresses() {
+        assert_eq!(
+            record_path("stock", "important?old").unwrap(),
+            "/v1/records/stock/important%3Fold"
+        );
+        assert_eq!(
+            record_path("stock", "a b#c%").unwrap(),
+            "/v1/records/stock/a%20b%23c%25"
+        );
+        assert!(record_path("stock", "a/b").is_err());
+        assert!(record_path("stock", "").is_err());
+        assert!(record_path("Stock", "a").is_err());
+    }
 }
