@@ -551,11 +551,18 @@ mod tests {
     #[test]
     fn typos_version_zero_and_shared_node_ids_are_refused() {
         let typo = r#"{"version":1,"collections":{"catalogue":{"writer":["master"]}}}"#;
-        let error = serde_json::from_str::<Policy>(typo).unwrap_err().to_string();
+        let error = serde_json::from_str::<Policy>(typo)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("unknown field `writer`"), "{error}");
         let mut zero = policy(1);
         zero.version = 0;
-        assert!(zero.validate().unwrap_err().to_string().contains("at least 1"));
+        assert!(
+            zero.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
         let mut shared = policy(1);
         let node = shared.members.values().next().unwrap().node;
         shared.members.insert(
@@ -571,8 +578,10 @@ mod tests {
 
     #[test]
     fn a_node_without_an_org_says_so_instead_of_blaming_the_signature() {
-        let error = policy(1).sign(&org()).verify(&OrgId::default()).unwrap_err();
+        let error = policy(1)
+            .sign(&org())
+            .verify(&OrgId::default())
+            .unwrap_err();
         assert_eq!(error, PolicyError::NoOrgPinned);
     }
-
 }

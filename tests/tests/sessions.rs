@@ -248,3 +248,22 @@ fn the_same_scenario_gives_the_same_effects_bit_for_bit() {
     }
     assert_eq!(run(), run());
 }
+
+#[test]
+fn changes_learned_by_reconciliation_reach_the_other_peers_without_waiting_an_interval() {
+    // A star: nodes 1 and 2 know only node 0. Node 1 writes while cut off, then reconnects:
+    // its session with node 0 brings the change there, and node 0 passes it on to node 2
+    // at once rather than at its next 30 s sync.
+    let mut mesh = Harness::new(3);
+    mesh.connect(0, 2);
+    mesh.run_until_quiet(100);
+    mesh.put(1, "stock/late", &[("count", FieldValue::Int(1))]);
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(100);
+    assert!(mesh.get(0, "stock/late").is_some());
+    mesh.advance(Duration::from_millis(500));
+    assert!(
+        mesh.get(2, "stock/late").is_some(),
+        "node 2 has the change well before the sync interval"
+    );
+}

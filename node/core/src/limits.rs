@@ -53,6 +53,9 @@ pub const PEERS_MAX: usize = 1024;
 pub const SYNC_ROUNDS_MAX: u32 = 64;
 /// Most messages deferred in one session while its changes are made durable.
 pub const SESSION_DEFERRED_MAX: usize = 64;
+/// After a session brings new changes, how soon the node syncs with its other peers (a
+/// short wait gathers several sessions' news into one round).
+pub const SYNC_FOLLOW_UP_DELAY: Duration = Duration::from_millis(50);
 /// Entries kept in the in-memory sync history.
 pub const HISTORY_ENTRIES_MAX: usize = 1000;
 

@@ -1422,6 +1422,7 @@ impl Node {
             && let Some(session) = self.session_mut(from, id, initiator)
         {
             session.pipelined += 1;
+            session.changes_new += 1;
             counted = true;
         }
         self.pipeline.queued.push(PipelineEntry::Remote {

@@ -48,6 +48,8 @@ pub(crate) struct Session {
     deferred: VecDeque<Round>,
     /// Whether changes moved since the last root comparison.
     exchanged: bool,
+    /// Changes this session brought that the node did not hold.
+    pub(crate) changes_new: u64,
     changes_received: u64,
     changes_sent: u64,
     bytes_received: u64,
@@ -98,6 +100,7 @@ impl Session {
             pipelined: 0,
             deferred: VecDeque::new(),
             exchanged: false,
+            changes_new: 0,
             changes_received: 0,
             changes_sent: 0,
             bytes_received: 0,
@@ -886,6 +889,17 @@ impl Node {
         }
         if entry.outbound.is_none() && entry.inbound.is_none() {
             entry.next_sync_at = Some(now + interval + jitter);
+        }
+        if session.changes_new > 0 {
+            // Changes learned by reconciliation are not pushed on (only pushes are
+            // relayed), so the other peers would wait for their next interval: sync with
+            // them soon instead. Only new changes trigger this, so it dies out.
+            let soon = now + SYNC_FOLLOW_UP_DELAY;
+            for (id, other) in self.peers.iter_mut() {
+                if *id != peer && other.state == PeerState::Connected && other.scope.is_some() {
+                    other.next_sync_at = Some(other.next_sync_at.map_or(soon, |at| at.min(soon)));
+                }
+            }
         }
         match outcome {
             SyncOutcome::Completed => {
