@@ -100,8 +100,10 @@ pub fn start(
 )> {
     let identity = crate::config::identity(dir)?;
     let peers: Vec<String> = config.peers.iter().chain(extra_peers).cloned().collect();
-    let net = Net::start(identity.secret_bytes(), &config.listen, &peers, config.mdns)?;
+    // Storage first: it holds the data directory's lock, so a second daemon stops before it
+    // touches the network.
     let (store, restore, report) = Store::open(dir)?;
+    let net = Net::start(identity.secret_bytes(), &config.listen, &peers, config.mdns)?;
     if let Some(stored) = &restore.policy {
         // Starting without the policy would open the node to every key: refuse instead.
         let org = config.core_config()?.org;

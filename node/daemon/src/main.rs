@@ -138,11 +138,11 @@ enum Commands {
     /// The history of sync sessions, newest first.
     History {
         /// Rows per page.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        /// Page number, from 1.
-        #[arg(long, default_value_t = 1)]
-        page: usize,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+        /// Page number, from 1 (newest first).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        page: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -471,14 +471,42 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             Ok(())
         }
         Commands::History { limit, page, json } => {
-            let history = Client::connect(&dir)?.get("/v1/history")?;
+            let client = Client::connect(&dir)?;
+            let history = client.get("/v1/history")?;
+            let names: BTreeMap<String, String> = client.get("/v1/peers")?["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|peer| {
+                    Some((
+                        peer["peer_id"].as_str()?.to_owned(),
+                        peer["name"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect();
             let rows = history["history"].as_array().cloned().unwrap_or_default();
-            let start = limit.saturating_mul(page.saturating_sub(1));
+            let (limit, page) = (limit as usize, page as usize);
+            let start = limit.saturating_mul(page - 1);
             let page_rows: Vec<Value> = rows.iter().skip(start).take(limit).cloned().collect();
             print_or(
                 json,
-                &json!({ "history": page_rows, "total": rows.len() }),
-                |_| print_history(&page_rows, rows.len()),
+                &json!({ "history": page_rows, "total": rows.len(), "page": page, "limit": limit }),
+                |_| {
+                    if page_rows.is_empty() && !rows.is_empty() {
+                        out!(
+                            "no sessions on page {page}: {} in all, {limit} per page ({} {})",
+                            plural(rows.len(), "session"),
+                            rows.len().div_ceil(limit),
+                            if rows.len().div_ceil(limit) == 1 {
+                                "page"
+                            } else {
+                                "pages"
+                            }
+                        );
+                    } else {
+                        print_history(&page_rows, rows.len(), &names);
+                    }
+                },
             );
             Ok(())
         }
@@ -805,6 +833,18 @@ fn print_status(status: &Value) {
         status["node_id"].as_str().unwrap_or("?")
     );
     out!("api       {}", status["api_addr"].as_str().unwrap_or("?"));
+    let listen: Vec<&str> = status["listen_addrs"]
+        .as_array()
+        .map(|list| list.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    out!(
+        "listen    {}",
+        if listen.is_empty() {
+            "not yet".to_owned()
+        } else {
+            listen.join(", ")
+        }
+    );
     let records: BTreeMap<String, u64> =
         serde_json::from_value(status["records"].clone()).unwrap_or_default();
     let total: u64 = records.values().sum();
@@ -821,25 +861,27 @@ fn print_status(status: &Value) {
         }
     );
     out!("digest    {}", status["digest"].as_str().unwrap_or("?"));
+    let since_start = |ms: Option<u64>| ms.map_or("not since start".to_owned(), |ms| ago(Some(ms)));
     out!(
-        "changed   {} here, {} from peers",
-        ago(status["last_local_change"].as_u64()),
-        ago(status["last_remote_change"].as_u64())
+        "changed   here {}, from peers {}",
+        since_start(status["last_local_change"].as_u64()),
+        since_start(status["last_remote_change"].as_u64())
     );
     out!("last sync {}", ago(status["last_sync"].as_u64()));
     let counters = &status["counters"];
+    let count = |value: &Value| value.as_u64().unwrap_or(0) as usize;
     out!(
-        "rejected  {} changes, {} messages; {} in quarantine",
-        counters["changes_rejected"].as_u64().unwrap_or(0),
-        counters["messages_rejected"].as_u64().unwrap_or(0),
-        status["quarantined_changes"].as_u64().unwrap_or(0)
+        "rejected  {}, {}; {} in quarantine",
+        plural(count(&counters["changes_rejected"]), "change"),
+        plural(count(&counters["messages_rejected"]), "message"),
+        count(&status["quarantined_changes"])
     );
     match status["policy"].as_object() {
         Some(policy) => {
             out!(
-                "policy    version {}, {} members",
+                "policy    version {}, {}",
                 policy["version"],
-                policy["members"]
+                plural(count(&policy["members"]), "member")
             );
             if let Some(conflict) = policy["conflict"].as_object() {
                 out!(
@@ -856,15 +898,36 @@ fn print_status(status: &Value) {
         .as_array()
         .cloned()
         .unwrap_or_default();
-    if !own.is_empty() {
-        out!("own changes rejected ({}):", own.len());
-        for row in own.iter().rev().take(5) {
+    // One line per change, naming every node that rejected it (this node included).
+    let mut rejections: BTreeMap<(String, String), (String, Vec<String>)> = BTreeMap::new();
+    for row in &own {
+        let key = (
+            row["record"].as_str().unwrap_or("?").to_owned(),
+            row["change"].as_str().unwrap_or("?").to_owned(),
+        );
+        let by = if row["rejected_by"] == status["node_id"] {
+            "this node".to_owned()
+        } else {
+            short(row["rejected_by"].as_str(), 14).to_owned() + "…"
+        };
+        let entry = rejections
+            .entry(key)
+            .or_insert_with(|| (row["reason"].as_str().unwrap_or("?").to_owned(), Vec::new()));
+        if !entry.1.contains(&by) {
+            entry.1.push(by);
+        }
+    }
+    if !rejections.is_empty() {
+        out!("own changes rejected ({}):", rejections.len());
+        for ((record, change), (reason, by)) in rejections.iter().take(5) {
             out!(
-                "  {} {}…: {}",
-                row["record"].as_str().unwrap_or("?"),
-                short(row["change"].as_str(), 12),
-                row["reason"].as_str().unwrap_or("?")
+                "  {record} {}…: {reason} (by {})",
+                short(Some(change), 12),
+                by.join(", ")
             );
+        }
+        if rejections.len() > 5 {
+            out!("  … and {} more: mesh quarantine", rejections.len() - 5);
         }
     }
     let refused = status["refused_connections"]
@@ -875,9 +938,9 @@ fn print_status(status: &Value) {
         out!("refused non-members:");
         for row in &refused {
             out!(
-                "  {} ({} attempts, last {})",
+                "  {} ({}, last {})",
                 row["peer_id"].as_str().unwrap_or("?"),
-                row["attempts"],
+                plural(count(&row["attempts"]), "attempt"),
                 ago(row["last_at"].as_u64())
             );
         }
@@ -959,8 +1022,8 @@ fn print_quarantine(rows: &[Value], refused: &[Value]) {
             );
         }
         out!(
-            "{} changes in quarantine; they are never applied",
-            rows.len()
+            "{} in quarantine; they are never applied",
+            plural(rows.len(), "change")
         );
     }
     if !refused.is_empty() {
@@ -984,23 +1047,38 @@ fn print_peers(peers: &Value) {
         return;
     }
     out!("peers");
-    for peer in &peers {
+    let label = |peer: &Value| {
         let id = peer["peer_id"].as_str().unwrap_or("?");
-        let label = match peer["name"].as_str() {
+        match peer["name"].as_str() {
             Some(name) => format!("{name} ({}…)", &id[..id.len().min(14)]),
-            None => id.to_owned(),
+            None => format!("{}…", &id[..id.len().min(20)]),
+        }
+    };
+    let width = peers
+        .iter()
+        .map(|peer| label(peer).chars().count())
+        .max()
+        .unwrap_or(0);
+    for peer in &peers {
+        let syncing = if peer["syncing"].as_bool() == Some(true) {
+            "  syncing"
+        } else {
+            ""
         };
         out!(
-            "  {:<30} {:<12} last sync {:<12} behind ~{}",
-            label,
+            "  {:<width$} {:<12} last sync {:<12} behind ~{}{syncing}",
+            label(peer),
             peer["state"].as_str().unwrap_or("?"),
             ago(peer["last_sync"].as_u64()),
             peer["behind_estimate"].as_u64().unwrap_or(0)
         );
+        if let Some(error) = peer["last_error"].as_str() {
+            out!("  {:<width$} last error: {error}", "");
+        }
     }
 }
 
-fn print_history(rows: &[Value], total: usize) {
+fn print_history(rows: &[Value], total: usize, names: &BTreeMap<String, String>) {
     if rows.is_empty() {
         out!("no sync sessions yet");
         return;
@@ -1028,10 +1106,23 @@ fn print_history(rows: &[Value], total: usize) {
             row["changes_received"].as_u64().unwrap_or(0),
             row["changes_sent"].as_u64().unwrap_or(0),
             row["bytes_received"].as_u64().unwrap_or(0) + row["bytes_sent"].as_u64().unwrap_or(0),
-            row["peer"].as_str().unwrap_or("?")
+            match row["peer"].as_str().map(|id| (id, names.get(id))) {
+                Some((id, Some(name))) => format!("{name} ({}…)", short(Some(id), 14)),
+                Some((id, None)) => id.to_owned(),
+                None => "?".to_owned(),
+            }
         );
     }
-    out!("{} of {total} sessions", rows.len());
+    out!("{} of {}", rows.len(), plural(total, "session"));
+}
+
+/// `count` and the noun, in the plural unless the count is one.
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }
 
 /// The first `len` characters of an id, for tables.
