@@ -267,3 +267,29 @@ fn changes_learned_by_reconciliation_reach_the_other_peers_without_waiting_an_in
         "node 2 has the change well before the sync interval"
     );
 }
+
+#[test]
+fn nodes_of_different_orgs_never_sync_and_both_say_why() {
+    let org = |seed: u64| {
+        crdt_schema::OrgId::from_bytes(*crdt_schema::Identity::from_seed(seed).node_id().as_bytes())
+    };
+    let mut mesh = Harness::with_config(2, |index| Config {
+        org: org(9000 + index as u64),
+        ..Config::default()
+    });
+    mesh.put(0, "stock/a", &[("count", FieldValue::Int(1))]);
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(100);
+    mesh.advance(Duration::from_secs(60));
+    for index in 0..2 {
+        let status = mesh.status(index);
+        let peer = &status.peers[0];
+        let error = peer.last_error.as_deref().unwrap_or_default();
+        assert!(error.contains("different orgs"), "node {index}: {error}");
+        assert_eq!(
+            status.counters.changes_rejected, 0,
+            "no change got as far as a verdict"
+        );
+    }
+    assert!(mesh.get(1, "stock/a").is_none());
+}

@@ -216,6 +216,7 @@ fn apply_remote(c: &mut Criterion) {
                     name: "bench".into(),
                     scope: None,
                     policy: None,
+                    org: *Config::default().org.as_bytes(),
                 }
                 .encode();
                 node.handle(
@@ -319,7 +320,7 @@ fn verify_judge_apply(c: &mut Criterion) {
             ..Config::default()
         };
         let mut node = Node::new(config, Identity::from_seed(1), 1);
-        let effects = node.handle(
+        let mut effects = node.handle(
             now,
             Input::Command {
                 id: CommandId(1),
@@ -328,6 +329,17 @@ fn verify_judge_apply(c: &mut Criterion) {
                 },
             },
         );
+        // The command is answered once the checkpoint holding the policy completes.
+        let saves: Vec<_> = effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Storage { op, .. } => Some(*op),
+                _ => None,
+            })
+            .collect();
+        for op in saves {
+            effects.extend(node.handle(now, Input::StorageDone { op, result: Ok(()) }));
+        }
         assert!(
             effects
                 .iter()
@@ -341,6 +353,7 @@ fn verify_judge_apply(c: &mut Criterion) {
                 version: 1,
                 hash: policy.hash(),
             }),
+            org: *org_id.as_bytes(),
         }
         .encode();
         node.handle(

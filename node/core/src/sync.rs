@@ -168,12 +168,14 @@ impl Node {
             .map(|set| set.iter().cloned().collect());
         let name = self.config.name.clone();
         let policy = self.policy_tag();
+        let org = *self.config.org.as_bytes();
         self.send(
             peer,
             &Message::Hello {
                 name,
                 scope,
                 policy,
+                org,
             },
         );
     }
@@ -247,10 +249,27 @@ impl Node {
         };
         let has_hello = peer.scope.is_some();
         match message {
+            Message::Hello { org, .. } if org != *self.config.org.as_bytes() => {
+                let theirs = crdt_schema::OrgId::from_bytes(org);
+                let reason = format!(
+                    "this peer trusts org {theirs}, this node org {}: nodes of different orgs cannot share records (make both with the same `mesh init --org`)",
+                    self.config.org
+                );
+                // The connection stays, inert (no hello accepted: no sessions, no pushes),
+                // so that both sides learn why; closing it could drop our own hello.
+                self.emit(Event::MessageRejected {
+                    from,
+                    reason: reason.clone(),
+                });
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    peer.last_error = Some(reason);
+                }
+            }
             Message::Hello {
                 name,
                 scope,
                 policy,
+                ..
             } => {
                 self.hello(from, name, scope);
                 if self

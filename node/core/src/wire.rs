@@ -42,6 +42,9 @@ pub enum Message {
         scope: Option<Vec<String>>,
         /// The policy the sender enforces, if any, so the side with the newer one sends it.
         policy: Option<PolicyTag>,
+        /// The org the sender trusts. Nodes of different orgs cannot verify each other's
+        /// changes, so they part at once, saying why, instead of refusing every change.
+        org: [u8; 32],
     },
     /// The org's signed policy (JSON), sent to a peer that has an older one or none.
     Policy {
