@@ -587,6 +587,33 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
 /// Starts a sync and shows its progress until every session ends.
 fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
     let before = client.get("/v1/status")?;
+    let known = before["peers"].as_array().cloned().unwrap_or_default();
+    // A peer may be named by id or by its name.
+    let peer = match peer {
+        Some(given) if given.parse::<crdt_schema::NodeId>().is_err() => {
+            let named: Vec<&str> = known
+                .iter()
+                .filter(|p| p["name"].as_str() == Some(given.as_str()))
+                .filter_map(|p| p["peer_id"].as_str())
+                .collect();
+            match named.as_slice() {
+                [id] => Some((*id).to_owned()),
+                [] => {
+                    return Err(anyhow!(
+                        "no peer is named or has the id `{given}`; `mesh peers` lists them"
+                    )
+                    .into());
+                }
+                _ => {
+                    return Err(anyhow!(
+                        "several peers are named `{given}`; give the node id (`mesh peers`)"
+                    )
+                    .into());
+                }
+            }
+        }
+        other => other,
+    };
     let body = match &peer {
         Some(peer) => json!({ "peer": peer }),
         None => json!({}),
@@ -664,12 +691,33 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
             .count()
     });
     out!(
-        "received {} changes, applied {}, sent {}; in sync with {in_sync} peer{}",
+        "received {} changes, applied {}, sent {}; in sync with {}",
         received - base.0,
         applied.saturating_sub(base.1),
         sent.saturating_sub(base.2),
-        if in_sync == 1 { "" } else { "s" }
+        plural(in_sync, "peer")
     );
+    if in_sync < targets.len() {
+        for p in status["peers"].as_array().into_iter().flatten() {
+            if targets.iter().any(|t| p["peer_id"] == t.as_str())
+                && let Some(error) = p["last_error"].as_str()
+            {
+                let name = p["name"].as_str().or(p["peer_id"].as_str()).unwrap_or("?");
+                out!("  {name}: {error}");
+            }
+        }
+        let still = if polls > 600 {
+            " (still syncing after 60 s; it goes on in the background)"
+        } else {
+            ""
+        };
+        return Err(anyhow!(
+            "not in sync with {} of {}{still}",
+            targets.len() - in_sync,
+            plural(targets.len(), "peer")
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -224,6 +224,26 @@ fn watch_prints_changes_from_peers_as_they_arrive() {
 }
 
 /// A value that differs between calls, so every put is a change.
+#[test]
+fn sync_now_takes_a_peer_by_name_and_fails_clearly_for_an_unknown_one() {
+    let (a, b) = (TempDir::new("syncnow-a"), TempDir::new("syncnow-b"));
+    init(&a.0, "alpha");
+    init(&b.0, "beta");
+    let _a = start(&a.0);
+    let _b = start_with_peers(&b.0, &[listen_addr(&a.0)]);
+    eventually("the peers to greet each other", || {
+        (status(&b.0)["peers"][0]["name"] == "alpha").then_some(())
+    });
+    mesh_ok(&a.0, &["put", "stock", "aspirin", "count=3"]);
+    let done = mesh_ok(&b.0, &["sync", "now", "--peer", "alpha"]);
+    assert!(done.contains("in sync with 1 peer"), "{done}");
+    assert!(field(&b.0, "stock", "aspirin", "count").is_some());
+    let unknown = mesh(&b.0, &["sync", "now", "--peer", "gamma"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(stderr.contains("no peer is named"), "{stderr}");
+}
+
 fn rand_count() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNT: AtomicU64 = AtomicU64::new(0);
