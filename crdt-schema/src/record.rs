@@ -319,6 +319,9 @@ fn from_tagged_json(object: &JsonMap<String, Json>) -> Result<FieldValue, String
             .parse()
             .map(FieldValue::Ref)
             .map_err(|error: NameError| error.to_string()),
+        ("$timestamp", _) => Err("$timestamp must be integer milliseconds since 1970".to_owned()),
+        ("$text", _) => Err("$text must be a string".to_owned()),
+        ("$ref", _) => Err("$ref must be a string like \"collection/id\"".to_owned()),
         _ => Err(format!(
             "unknown or mistyped tag `{tag}`: use {{\"$timestamp\": ms}}, {{\"$text\": \"...\"}} or {{\"$ref\": \"collection/id\"}}"
         )),

@@ -129,6 +129,9 @@ enum Commands {
     Watch {
         /// Only this collection.
         collection: Option<String>,
+        /// Print each change as a line of JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Sync control.
     Sync {
@@ -433,8 +436,11 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             print_written(&written, "deleted");
             Ok(())
         }
-        Commands::Watch { collection } => {
+        Commands::Watch { collection, json } => {
             let client = Client::connect(&dir)?;
+            if let Some(collection) = &collection {
+                crdt_schema::record::check_collection(collection).map_err(anyhow::Error::from)?;
+            }
             let path = match &collection {
                 Some(collection) => format!("/v1/changes?collection={collection}"),
                 None => "/v1/changes".to_owned(),
@@ -444,6 +450,10 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                 collection.as_deref().unwrap_or("every collection")
             );
             client.follow(&path, |line| {
+                if json {
+                    out!("{line}");
+                    return;
+                }
                 let event: Value = serde_json::from_str(line).unwrap_or(Value::Null);
                 match event["record"].as_str() {
                     Some(record) => {

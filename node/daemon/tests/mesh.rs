@@ -180,30 +180,36 @@ fn watch_prints_changes_from_peers_as_they_arrive() {
             .any(|peer| peer["state"] == "connected")
             .then_some(())
     });
-    let mut watcher = Daemon {
-        child: std::process::Command::new(MESH)
-            .arg("--data-dir")
-            .arg(&b.0)
-            .args(["watch", "stock"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mesh watch runs"),
-    };
-    let stdout = watcher.child.stdout.take().expect("piped");
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines.send(line).is_err() {
-                return;
+    let watch = |args: &[&str]| {
+        let mut watcher = Daemon {
+            child: std::process::Command::new(MESH)
+                .arg("--data-dir")
+                .arg(&b.0)
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("mesh watch runs"),
+        };
+        let stdout = watcher.child.stdout.take().expect("piped");
+        let (lines, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if lines.send(line).is_err() {
+                    return;
+                }
             }
-        }
-    });
-    // The feed subscribes when the request arrives; write until the watcher sees a change.
-    let line = eventually("a change in the watch output", || {
+        });
+        (watcher, received)
+    };
+    let (_text_watcher, text_lines) = watch(&["watch", "stock"]);
+    let (_json_watcher, json_lines) = watch(&["watch", "stock", "--json"]);
+    // The feed subscribes when the request arrives; write until both watchers saw a change.
+    let (mut text, mut json) = (None, None);
+    eventually("a change in both watch outputs", || {
         mesh_ok(
             &a.0,
             &[
@@ -213,17 +219,26 @@ fn watch_prints_changes_from_peers_as_they_arrive() {
                 &format!("count={}", rand_count()),
             ],
         );
-        received
-            .recv_timeout(std::time::Duration::from_millis(200))
-            .ok()
+        let wait = std::time::Duration::from_millis(200);
+        text = text.take().or_else(|| text_lines.recv_timeout(wait).ok());
+        json = json.take().or_else(|| json_lines.recv_timeout(wait).ok());
+        (text.is_some() && json.is_some()).then_some(())
     });
+    let line = text.expect("seen");
     assert!(
         line.starts_with("stock/aspirin changed from 12D3KooW"),
         "{line}"
     );
+    let line = json.expect("seen");
+    let event: serde_json::Value = serde_json::from_str(&line).expect("one JSON object a line");
+    assert_eq!(event["record"], "stock/aspirin", "{line}");
+    assert!(
+        event["from"]
+            .as_str()
+            .is_some_and(|from| from.starts_with("12D3KooW"))
+    );
 }
 
-/// A value that differs between calls, so every put is a change.
 #[test]
 fn sync_now_takes_a_peer_by_name_and_fails_clearly_for_an_unknown_one() {
     let (a, b) = (TempDir::new("syncnow-a"), TempDir::new("syncnow-b"));
@@ -244,6 +259,7 @@ fn sync_now_takes_a_peer_by_name_and_fails_clearly_for_an_unknown_one() {
     assert!(stderr.contains("no peer is named"), "{stderr}");
 }
 
+/// A value that differs between calls, so every put is a change.
 fn rand_count() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNT: AtomicU64 = AtomicU64::new(0);
