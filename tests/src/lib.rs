@@ -180,6 +180,11 @@ impl Harness {
         let (id_a, id_b) = (self.id(a), self.id(b));
         self.input(a, Input::PeerConnected { peer: id_b });
         self.input(b, Input::PeerConnected { peer: id_a });
+        if !self.linked(a, b) {
+            // `a` closed the connection at once (a refusal), before `b` had heard of it:
+            // `b` sees it open and then close, as a transport would report.
+            self.input(b, Input::PeerDisconnected { peer: id_a });
+        }
     }
 
     /// Connects every pair.

@@ -241,6 +241,15 @@ fn non_members_are_refused_and_listed() {
             .iter()
             .all(|peer| peer.peer_id != node_id(3) || peer.state != mesh_core::PeerState::Connected)
     );
+    // The refused node cannot be told, but its status suggests why.
+    let refused_side = mesh.status(3);
+    let hq = refused_side
+        .peers
+        .iter()
+        .find(|peer| peer.peer_id == node_id(HQ))
+        .expect("node 3 knows of hq");
+    let hint = hq.last_error.as_deref().unwrap_or_default();
+    assert!(hint.contains("may not list this node"), "{hint}");
 }
 
 /// A site member crafts a catalogue change with its own key and pushes it directly.

@@ -183,6 +183,17 @@ impl Node {
     pub(crate) fn peer_disconnected(&mut self, peer: NodeId) {
         self.end_sessions(peer, SyncOutcome::Error("peer disconnected".into()));
         if let Some(entry) = self.peers.get_mut(&peer) {
+            if entry.state == PeerState::Connected
+                && entry.scope.is_none()
+                && entry.last_error.is_none()
+            {
+                // Closed before it greeted us: the likeliest cause is a peer whose policy
+                // does not admit this node, which refuses during the handshake and cannot
+                // say so.
+                entry.last_error = Some(
+                    "the peer closed the connection before greeting; its policy may not list this node as a member (or it is shutting down)".into(),
+                );
+            }
             entry.state = PeerState::Disconnected;
             entry.connected_since = None;
             entry.scope = None;
