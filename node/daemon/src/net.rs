@@ -238,7 +238,8 @@ impl Net {
             .context("the message protocol is registered twice")?;
         let (tasks_tx, tasks) = mpsc::channel(TASK_EVENTS_MAX);
         tokio::spawn(accept_streams(incoming, tasks_tx.clone()));
-        let mut net = Net {
+        // No dial here: the driver's redial timer fires at once and dials with the clock.
+        Ok(Net {
             swarm,
             control,
             outboxes: BTreeMap::new(),
@@ -250,9 +251,7 @@ impl Net {
             listening: BTreeSet::new(),
             dialed: BTreeMap::new(),
             backoff: BTreeMap::new(),
-        };
-        net.redial(0);
-        Ok(net)
+        })
     }
 
     /// The addresses the node listens on.
