@@ -757,8 +757,27 @@ fn an_applied_policy_is_acknowledged_only_once_it_is_durable() {
         other => panic!("{other:?}"),
     }
     assert!(mesh.nodes[HQ].policy.is_none());
+    // Applied again as the error says: answered once it is saved this time.
+    let id = mesh.command_async(
+        HQ,
+        Command::ApplyPolicy {
+            signed: standard(1),
+        },
+    );
+    assert!(
+        mesh.completion(id).is_none(),
+        "not answered before it is saved"
+    );
+    mesh.complete_all_storage();
+    assert!(matches!(
+        mesh.completion(id),
+        Some(Ok(Reply::PolicyOffered(PolicyOffer::Unchanged {
+            version: 1
+        })))
+    ));
+    assert!(mesh.nodes[HQ].policy.is_some());
 
-    // Applied again, it is answered when the checkpoint holding it completes.
+    // A newer one is answered when the checkpoint holding it completes.
     let id = mesh.command_async(
         HQ,
         Command::ApplyPolicy {

@@ -293,3 +293,39 @@ fn nodes_of_different_orgs_never_sync_and_both_say_why() {
     }
     assert!(mesh.get(1, "stock/a").is_none());
 }
+
+#[test]
+fn a_session_that_fails_to_store_what_it_brought_does_not_make_every_peer_resync() {
+    let mut mesh = Harness::new(3);
+    mesh.connect(0, 2);
+    mesh.run_until_quiet(100);
+    for n in 0..5 {
+        mesh.put(1, &format!("stock/{n}"), &[("count", FieldValue::Int(n))]);
+    }
+    let sessions_with_2 = |mesh: &mut Harness| match mesh.command(0, Command::History).unwrap() {
+        Reply::History(rows) => rows.iter().filter(|row| row.peer == mesh.id(2)).count(),
+        other => panic!("{other:?}"),
+    };
+    let before = sessions_with_2(&mut mesh);
+    // Node 0's disk is full: the changes its session with node 1 brings cannot be stored.
+    mesh.storage_mode = mesh_tests::StorageMode::Manual;
+    mesh.connect(0, 1);
+    for _ in 0..20 {
+        let appending = mesh.nodes[0].pending_storage.iter().any(|(_, request)| {
+            matches!(request, mesh_core::storage::StorageRequest::Append { .. })
+        });
+        if appending {
+            break;
+        }
+        mesh.step();
+    }
+    mesh.complete_storage(0, Err("no space left on device".into()));
+    mesh.storage_mode = mesh_tests::StorageMode::Immediate;
+    mesh.complete_all_storage();
+    mesh.advance(Duration::from_secs(2));
+    assert_eq!(
+        sessions_with_2(&mut mesh),
+        before,
+        "a failed session is no news: node 2 waits for its interval"
+    );
+}

@@ -369,6 +369,9 @@ struct Pipeline {
     queued: Vec<PipelineEntry>,
     /// Remote changes queued or in flight, so a second copy is recognised.
     remote: BTreeSet<(String, ChangeHash)>,
+    /// Those of them whose author the policy forbade when they arrived: they count toward
+    /// their record's quarantine bound before they are settled.
+    forbidden: BTreeSet<(String, ChangeHash)>,
 }
 
 /// A remote change waiting for its dependencies.
@@ -389,6 +392,8 @@ pub(crate) struct Peer {
     pub(crate) connected_since: Option<Instant>,
     pub(crate) last_sync: Option<Instant>,
     pub(crate) next_sync_at: Option<Instant>,
+    /// Whether the peer sent its hello on this connection.
+    pub(crate) greeted: bool,
     pub(crate) outbound: Option<Session>,
     pub(crate) inbound: Option<Session>,
     pub(crate) counters: PeerCounters,
@@ -482,7 +487,7 @@ impl Node {
             Input::PeerConnecting { peer } => self.peer_connecting(peer),
             Input::PeerConnected { peer } => self.peer_connected(peer),
             Input::PeerRefused { peer } => self.note_refused(peer),
-            Input::PeerDisconnected { peer } => self.peer_disconnected(peer),
+            Input::PeerDisconnected { peer } => self.transport_disconnected(peer),
             Input::MessageReceived { from, bytes } => self.message_received(from, bytes),
             Input::StorageDone { op, result } => self.storage_done(op, result),
             Input::Tick => self.tick(),
@@ -893,12 +898,25 @@ impl Node {
     /// Answers `id` with `offer` once the policy in force is in a durable checkpoint, and
     /// starts that checkpoint now rather than at the next interval.
     pub(crate) fn answer_when_policy_saved(&mut self, id: CommandId, offer: PolicyOffer) {
+        if !self.policy.unsaved {
+            // The policy in force is saved, or being saved by the checkpoint in flight.
+            match &mut self.policy_checkpoint {
+                Some((_, commands)) => commands.push((id, offer)),
+                None => self.complete(id, Ok(Reply::PolicyOffered(offer))),
+            }
+            return;
+        }
         self.policy_unsaved_commands.push((id, offer));
         if self.checkpoint_in_flight.is_none() {
             self.checkpoint();
         } else {
             self.checkpoint_due = Some(self.now);
         }
+    }
+
+    /// Whether a checkpoint carrying the policy is in flight.
+    pub(crate) fn policy_checkpoint_pending(&self) -> bool {
+        self.policy_checkpoint.is_some()
     }
 
     /// Returns the change's hash.
@@ -1072,9 +1090,9 @@ impl Node {
                     origin,
                     counted,
                 } => {
-                    self.pipeline
-                        .remote
-                        .remove(&(change.record.as_str().to_owned(), change.hash()));
+                    let id = (change.record.as_str().to_owned(), change.hash());
+                    self.pipeline.forbidden.remove(&id);
+                    self.pipeline.remote.remove(&id);
                     if let Origin::Session { id, initiator } = origin
                         && counted
                         && let Some(session) = self.session_mut(from, id, initiator)
@@ -1228,9 +1246,9 @@ impl Node {
                     }
                 }
                 PipelineEntry::Remote { change, .. } => {
-                    self.pipeline
-                        .remote
-                        .remove(&(change.record.as_str().to_owned(), change.hash()));
+                    let id = (change.record.as_str().to_owned(), change.hash());
+                    self.pipeline.forbidden.remove(&id);
+                    self.pipeline.remote.remove(&id);
                     self.counters.changes_dropped += 1;
                 }
             }
@@ -1397,13 +1415,14 @@ impl Node {
         });
     }
 
-    /// The remote changes of one record queued for, or in, a log append.
-    pub(crate) fn pipeline_remote_changes<'a>(
+    /// The remote changes of one record, by authors the policy forbids, queued for (or in)
+    /// a log append.
+    pub(crate) fn pipeline_forbidden_changes<'a>(
         &'a self,
         key: &'a str,
     ) -> impl Iterator<Item = &'a ChangeHash> + 'a {
         self.pipeline
-            .remote
+            .forbidden
             .range((key.to_owned(), ChangeHash([0; 32]))..)
             .take_while(move |(record, _)| record == key)
             .map(|(_, hash)| hash)
@@ -1414,9 +1433,14 @@ impl Node {
             self.counters.changes_dropped += 1;
             return;
         }
-        self.pipeline
-            .remote
-            .insert((change.record.as_str().to_owned(), change.hash()));
+        let id = (change.record.as_str().to_owned(), change.hash());
+        if self
+            .author_verdict(&change.author, change.record.collection())
+            .is_err()
+        {
+            self.pipeline.forbidden.insert(id.clone());
+        }
+        self.pipeline.remote.insert(id);
         let mut counted = false;
         if let Origin::Session { id, initiator } = origin
             && let Some(session) = self.session_mut(from, id, initiator)
@@ -1495,7 +1519,11 @@ impl Node {
                 ancestors: Vec::new(),
             },
             Some(entry) => {
-                let heads: Vec<[u8; 32]> = entry.advertised().iter().map(|hash| hash.0).collect();
+                let heads: Vec<[u8; 32]> = entry
+                    .advertised_for_wire()
+                    .iter()
+                    .map(|hash| hash.0)
+                    .collect();
                 let has_unacked = entry.has_unacked();
                 let doc = self.records.doc_mut(key);
                 // The ancestors of the document's heads are durable unless local changes

@@ -292,6 +292,13 @@ impl Node {
         }
         let in_force = match self.judge_offer(signed) {
             Err(error) => return self.complete(id, Err(CommandError::Policy(error.to_string()))),
+            Ok(OfferVerdict::Answer(offer @ PolicyOffer::Unchanged { .. }))
+                if self.policy.unsaved || self.policy_checkpoint_pending() =>
+            {
+                // Applied again after its save failed (or while it is being saved): answer
+                // once it is durable, as the first time.
+                return self.answer_when_policy_saved(id, offer);
+            }
             Ok(OfferVerdict::Answer(offer)) => {
                 return self.complete(id, Ok(Reply::PolicyOffered(offer)));
             }
@@ -826,7 +833,7 @@ impl Node {
             .entry(key)
             .map_or(0, |entry| entry.quarantine.len());
         let in_flight = self
-            .pipeline_remote_changes(key)
+            .pipeline_forbidden_changes(key)
             .take(QUARANTINE_PER_RECORD_MAX)
             .count();
         held + in_flight < QUARANTINE_PER_RECORD_MAX

@@ -394,6 +394,30 @@ impl Entry {
         }
         advertised(&self.heads, &self.quarantine)
     }
+
+    /// [`Entry::advertised`] as a message may list it: at most [`HEADS_PER_ITEM_MAX`]
+    /// heads, the accepted ones first, then the smallest quarantine hashes. Only a member
+    /// flooding one record with changes it may not make, or more concurrent writers of one
+    /// record than that, makes the list longer. The item hash covers the whole list, so
+    /// nodes that differ beyond the cap still see a difference, and reconciliation sends
+    /// what follows the listed heads.
+    pub fn advertised_for_wire(&self) -> Vec<ChangeHash> {
+        cap_for_wire(self.advertised(), &self.heads)
+    }
+}
+
+fn cap_for_wire(all: Vec<ChangeHash>, accepted: &[ChangeHash]) -> Vec<ChangeHash> {
+    if all.len() <= HEADS_PER_ITEM_MAX {
+        return all;
+    }
+    let accepted: BTreeSet<ChangeHash> = accepted.iter().copied().collect();
+    let (mut kept, frontier): (Vec<ChangeHash>, Vec<ChangeHash>) =
+        all.into_iter().partition(|hash| accepted.contains(hash));
+    let room = HEADS_PER_ITEM_MAX.saturating_sub(kept.len());
+    kept.extend(frontier.into_iter().take(room));
+    kept.truncate(HEADS_PER_ITEM_MAX);
+    kept.sort();
+    kept
 }
 
 fn advertised(
@@ -419,20 +443,6 @@ fn advertised(
         .collect();
     all.sort();
     all.dedup();
-    if all.len() > HEADS_PER_ITEM_MAX {
-        // Only a member flooding one record with changes it may not make gets here. Peers
-        // refuse a message listing more heads, so the accepted heads go first and the
-        // quarantine frontier fills the rest, smallest hashes first: the item stays a
-        // function of what is held, and honest sync never stalls on it.
-        let accepted: BTreeSet<ChangeHash> = heads.iter().copied().collect();
-        let (mut kept, frontier): (Vec<ChangeHash>, Vec<ChangeHash>) =
-            all.into_iter().partition(|hash| accepted.contains(hash));
-        let room = HEADS_PER_ITEM_MAX.saturating_sub(kept.len());
-        kept.extend(frontier.into_iter().take(room));
-        kept.truncate(HEADS_PER_ITEM_MAX);
-        kept.sort();
-        return kept;
-    }
     all
 }
 
@@ -472,13 +482,18 @@ mod tests {
                 (held.change.hash(), held)
             })
             .collect();
-        let listed = advertised(&accepted, &quarantine);
+        let all = advertised(&accepted, &quarantine);
+        assert_eq!(all.len(), 100, "the item hash covers every head");
+        let listed = cap_for_wire(all, &accepted);
         assert_eq!(listed.len(), HEADS_PER_ITEM_MAX);
         assert!(accepted.iter().all(|hash| listed.contains(hash)));
         assert!(listed.is_sorted());
         // The same held set gives the same list whatever order it was built in.
         let mut reversed = accepted.clone();
         reversed.reverse();
-        assert_eq!(advertised(&reversed, &quarantine), listed);
+        assert_eq!(
+            cap_for_wire(advertised(&reversed, &quarantine), &reversed),
+            listed
+        );
     }
 }

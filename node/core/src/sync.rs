@@ -157,6 +157,7 @@ impl Node {
         let entry = self.peers.entry(peer).or_insert_with(Peer::new);
         entry.state = PeerState::Connected;
         entry.connected_since = Some(now);
+        entry.greeted = false;
         entry.scope = None;
         // The sync timer starts when the peer's hello arrives.
         entry.next_sync_at = None;
@@ -180,20 +181,24 @@ impl Node {
         );
     }
 
+    /// The transport reports the connection closed.
+    pub(crate) fn transport_disconnected(&mut self, peer: NodeId) {
+        if let Some(entry) = self.peers.get_mut(&peer)
+            && entry.state == PeerState::Connected
+            && !entry.greeted
+        {
+            // Closed before it greeted us: the likeliest cause is a peer whose policy does
+            // not admit this node, which refuses during the handshake and cannot say so.
+            entry.last_error = Some(
+                "the peer closed the connection before greeting; its policy may not list this node as a member (or it is shutting down)".into(),
+            );
+        }
+        self.peer_disconnected(peer);
+    }
+
     pub(crate) fn peer_disconnected(&mut self, peer: NodeId) {
         self.end_sessions(peer, SyncOutcome::Error("peer disconnected".into()));
         if let Some(entry) = self.peers.get_mut(&peer) {
-            if entry.state == PeerState::Connected
-                && entry.scope.is_none()
-                && entry.last_error.is_none()
-            {
-                // Closed before it greeted us: the likeliest cause is a peer whose policy
-                // does not admit this node, which refuses during the handshake and cannot
-                // say so.
-                entry.last_error = Some(
-                    "the peer closed the connection before greeting; its policy may not list this node as a member (or it is shutting down)".into(),
-                );
-            }
             entry.state = PeerState::Disconnected;
             entry.connected_since = None;
             entry.scope = None;
@@ -259,6 +264,9 @@ impl Node {
             Err(error) => return self.reject_message(from, error.to_string()),
         };
         let has_hello = peer.scope.is_some();
+        if matches!(message, Message::Hello { .. }) {
+            peer.greeted = true;
+        }
         match message {
             Message::Hello { org, .. } if org != *self.config.org.as_bytes() => {
                 let theirs = crdt_schema::OrgId::from_bytes(org);
@@ -758,7 +766,7 @@ impl Node {
                 (
                     entry.record.as_str().to_owned(),
                     entry.item,
-                    hashes(&entry.advertised()),
+                    hashes(&entry.advertised_for_wire()),
                 )
             })
             .collect();
@@ -918,9 +926,13 @@ impl Node {
             entry.last_error = Some(reason.clone());
         }
         if entry.outbound.is_none() && entry.inbound.is_none() {
-            entry.next_sync_at = Some(now + interval + jitter);
+            // Keep an earlier follow-up (see below) that came while this session ran.
+            let regular = now + interval + jitter;
+            entry.next_sync_at = Some(entry.next_sync_at.map_or(regular, |at| at.min(regular)));
         }
-        if session.changes_new > 0 {
+        // Only a completed session: a failed one (a full disk) would otherwise make every
+        // peer resync at once, again and again.
+        if outcome == SyncOutcome::Completed && session.changes_new > 0 {
             // Changes learned by reconciliation are not pushed on (only pushes are
             // relayed), so the other peers would wait for their next interval: sync with
             // them soon instead. Only new changes trigger this, so it dies out.
@@ -1149,6 +1161,7 @@ impl Peer {
             connected_since: None,
             last_sync: None,
             next_sync_at: None,
+            greeted: false,
             outbound: None,
             inbound: None,
             counters: PeerCounters::default(),

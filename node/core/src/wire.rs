@@ -21,7 +21,7 @@ use crate::digest::Fingerprint;
 use crate::limits::*;
 
 /// The protocol version this node speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// A change hash on the wire.
 pub type Hash = [u8; 32];

@@ -639,8 +639,27 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
         })
         .unwrap_or_default();
     if targets.is_empty() {
-        out!("no peer is connected; nothing to sync (see `mesh peers`)");
-        return Ok(());
+        // Connected peers that are no targets never greeted properly: say why.
+        let troubled: Vec<(String, String)> = known
+            .iter()
+            .filter(|p| p["state"] == "connected")
+            .filter_map(|p| {
+                let name = p["name"].as_str().or(p["peer_id"].as_str())?.to_owned();
+                Some((name, p["last_error"].as_str()?.to_owned()))
+            })
+            .collect();
+        if troubled.is_empty() {
+            out!("no peer is connected; nothing to sync (see `mesh peers`)");
+            return Ok(());
+        }
+        for (name, error) in &troubled {
+            out!("  {name}: {error}");
+        }
+        return Err(anyhow!(
+            "no peer can sync: {} connected but not greeted (see above)",
+            plural(troubled.len(), "peer")
+        )
+        .into());
     }
     let bars = indicatif::MultiProgress::new();
     let style = indicatif::ProgressStyle::with_template("{spinner} {prefix:<8} {msg}")
@@ -743,6 +762,10 @@ fn record_path(collection: &str, id: &str) -> anyhow::Result<String> {
 /// text (codes keep their zeros), as do `nan` and `inf`, which JSON cannot carry; an
 /// integer too large for 64 bits is refused rather than rounded.
 fn parse_value(text: &str) -> anyhow::Result<Value> {
+    if text.starts_with('+') {
+        // `+41 79 …` is a phone number, not a number.
+        return Ok(json!(text));
+    }
     let digits = text.strip_prefix('-').unwrap_or(text);
     let integer = !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit());
     let leading_zero = digits.len() > 1 && digits.starts_with('0') && !digits.starts_with("0.");
@@ -1209,6 +1232,8 @@ mod tests {
         assert_eq!(read("Infinity"), json!("Infinity"));
         assert_eq!(read("Aspirin 500"), json!("Aspirin 500"));
         assert_eq!(read(""), json!(""));
+        assert_eq!(read("+41791234567"), json!("+41791234567"));
+        assert_eq!(read("+5"), json!("+5"));
         let error = parse_value("99999999999999999999").unwrap_err().to_string();
         assert!(error.contains("does not fit a 64-bit integer"), "{error}");
         assert!(parse_value("1e400").is_err());

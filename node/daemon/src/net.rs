@@ -129,8 +129,8 @@ const REDIAL_DELAY_MIN_MS: u64 = 1_000;
 const REDIAL_DELAY_MAX_MS: u64 = 30_000;
 
 /// Exponential backoff for one bootstrap address: the wait doubles after each dial, up to
-/// [`REDIAL_DELAY_MAX_MS`], and starts again from the minimum once the peer connects or
-/// drops (a peer that just went away is most likely back soon).
+/// [`REDIAL_DELAY_MAX_MS`], and starts again from the minimum when a connection the peer
+/// used drops (a peer that just went away is most likely back soon).
 #[derive(Debug, Clone, Copy)]
 struct Backoff {
     next_ms: u64,
@@ -384,7 +384,6 @@ impl Net {
             } => {
                 if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.dialed.insert(address.clone(), peer_id);
-                    self.backoff.remove(address);
                 }
                 match (num_established.get(), node_id(&peer_id)) {
                     (1, Some(node)) => {
@@ -417,9 +416,13 @@ impl Net {
                 ..
             } => {
                 self.outboxes.remove(&peer_id);
-                self.inbound.remove(&peer_id);
-                for (address, _) in self.dialed.iter().filter(|(_, peer)| **peer == peer_id) {
-                    self.backoff.remove(address);
+                // Only a connection the peer used (it opened its message stream) resets the
+                // backoff: one it refused at the handshake (not a member of its policy)
+                // must not be redialled every second.
+                if self.inbound.remove(&peer_id).is_some() {
+                    for (address, _) in self.dialed.iter().filter(|(_, peer)| **peer == peer_id) {
+                        self.backoff.remove(address);
+                    }
                 }
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 node_id(&peer_id).map_or(NetEvent::Nothing, NetEvent::Disconnected)
