@@ -233,6 +233,26 @@ pub fn sign_policy(policy: &Path, org_key: &Path) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(&signed)?)
 }
 
+/// Reads a signed policy file and checks it is the org's; returns its text and version.
+pub fn read_signed_policy(path: &Path, org: &str) -> anyhow::Result<(String, u64)> {
+    let org: OrgId = org
+        .parse()
+        .map_err(|error| anyhow::anyhow!("org `{org}`: {error}"))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let signed: crdt_schema::policy::SignedPolicy =
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a signed policy; make one with `mesh policy sign`",
+                path.display()
+            )
+        })?;
+    let policy = signed
+        .verify(&org)
+        .with_context(|| format!("{} cannot be enforced", path.display()))?;
+    Ok((text, policy.version))
+}
+
 /// Reads the node's identity.
 pub fn identity(dir: &DataDir) -> anyhow::Result<Identity> {
     let bytes =

@@ -102,7 +102,18 @@ pub fn start(
     let peers: Vec<String> = config.peers.iter().chain(extra_peers).cloned().collect();
     // Storage first: it holds the data directory's lock, so a second daemon stops before it
     // touches the network.
-    let (store, restore, report) = Store::open(dir)?;
+    let (store, mut restore, report) = Store::open(dir)?;
+    if restore.policy.is_none() {
+        // The policy given at `mesh init --policy`, until a newer one is saved.
+        match std::fs::read(dir.initial_policy()) {
+            Ok(bytes) => restore.policy = Some(bytes),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("cannot read {}", dir.initial_policy().display()));
+            }
+        }
+    }
     let net = Net::start(identity.secret_bytes(), &config.listen, &peers, config.mdns)?;
     if let Some(stored) = &restore.policy {
         // Starting without the policy would open the node to every key: refuse instead.

@@ -65,6 +65,10 @@ enum Commands {
         /// Trust this organisation's policies (its org id).
         #[arg(long)]
         org: Option<String>,
+        /// Enforce this signed policy (from `mesh policy sign`) from the first start, instead
+        /// of accepting every node key until a peer brings the policy. Needs --org.
+        #[arg(long, requires = "org")]
+        policy: Option<PathBuf>,
         /// Do not look for peers on the local network (mDNS).
         #[arg(long)]
         no_mdns: bool,
@@ -288,10 +292,17 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<DataDir> {
 
 fn run(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
-        Commands::Demo { duration, dir } => Ok(demo::run(
-            dir,
-            duration.map(std::time::Duration::from_secs),
-        )?),
+        Commands::Demo { duration, dir } => {
+            if cli.data_dir.is_some() {
+                eprintln!(
+                    "note: the demo makes its own three nodes and ignores --data-dir (and MESH_DATA_DIR); --dir chooses where they live"
+                );
+            }
+            Ok(demo::run(
+                dir,
+                duration.map(std::time::Duration::from_secs),
+            )?)
+        }
         Commands::Org {
             command: OrgCommand::Init { out },
         } => {
@@ -330,9 +341,15 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             api,
             listen,
             org,
+            policy,
             no_mdns,
         } => {
             let name = name.unwrap_or_else(|| "node".to_owned());
+            // Checked before anything is created: a bad file leaves no half-made node.
+            let signed_policy = match (&policy, &org) {
+                (Some(path), Some(org)) => Some(config::read_signed_policy(path, org)?),
+                _ => None,
+            };
             let listen = if listen.is_empty() {
                 LISTEN_DEFAULTS
                     .iter()
@@ -351,6 +368,11 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                     mdns: !no_mdns,
                 },
             )?;
+            if let Some((text, version)) = signed_policy {
+                std::fs::write(dir.initial_policy(), text)
+                    .with_context(|| format!("cannot write {}", dir.initial_policy().display()))?;
+                eprintln!("the node enforces policy version {version} from its first start");
+            }
             out!("{}", identity.node_id());
             eprintln!("created node `{name}` in {}", dir.root().display());
             eprintln!(

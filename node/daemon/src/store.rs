@@ -8,6 +8,8 @@
 //! api.token    the local API's bearer token (mode 0600)
 //! api.addr     the address the running daemon's API listens on
 //! LOCK         held by the running daemon; a second daemon is refused
+//! policy.signed  the org's signed policy given at `mesh init --policy` (the node enforces
+//!              it from its first start; newer ones arrive from peers and are saved in db/)
 //! changes.log  the change log: the truth for acknowledged writes
 //! db/          sled: saved record documents (a cache the log can be replayed into)
 //! ```
@@ -53,6 +55,11 @@ impl DataDir {
     /// The API token file.
     pub fn token(&self) -> PathBuf {
         self.root.join("api.token")
+    }
+
+    /// The signed policy given at `mesh init --policy`.
+    pub fn initial_policy(&self) -> PathBuf {
+        self.root.join("policy.signed")
     }
 
     /// Where the running daemon writes its API address.

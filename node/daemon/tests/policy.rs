@@ -289,3 +289,53 @@ fn an_acknowledged_policy_survives_a_kill_and_a_node_will_not_start_open_without
         "{stderr}"
     );
 }
+
+#[test]
+fn a_node_made_with_a_policy_enforces_it_from_its_first_start() {
+    let work = TempDir::new("policy-init-work");
+    std::fs::create_dir_all(&work.0).unwrap();
+    let org = mesh_ok(
+        &work.0,
+        &[
+            "org",
+            "init",
+            "--out",
+            work.0.join("org.key").to_str().unwrap(),
+        ],
+    )
+    .trim()
+    .to_owned();
+    let hq = TempDir::new("policy-init-hq");
+    let hq_id = init_member(&hq.0, "hq", &org);
+    let v1 = sign(&work.0, 1, &[("hq", &hq_id, "master")]);
+
+    // A policy of another org is refused, and no node is left half made.
+    let other = TempDir::new("policy-init-other");
+    std::fs::create_dir_all(&other.0).unwrap();
+    let other_org = mesh_ok(
+        &other.0,
+        &[
+            "org",
+            "init",
+            "--out",
+            other.0.join("org.key").to_str().unwrap(),
+        ],
+    )
+    .trim()
+    .to_owned();
+    let wrong = TempDir::new("policy-init-wrong");
+    let refused = mesh(
+        &wrong.0,
+        &["init", "--org", &other_org, "--policy", &v1, "--no-mdns"],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("cannot be enforced"), "{stderr}");
+    assert!(!wrong.0.join("config.toml").exists());
+
+    // Made with the org's policy, a new clinic enforces it before any peer connects.
+    let clinic = TempDir::new("policy-init-clinic");
+    init_with(&clinic.0, "clinic", &["--org", &org, "--policy", &v1]);
+    let _clinic = start(&clinic.0);
+    assert_eq!(status(&clinic.0)["policy"]["version"], 1);
+}
