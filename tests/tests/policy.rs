@@ -912,3 +912,57 @@ fn a_policy_that_would_cut_off_the_node_applying_it_is_refused_there() {
         PolicyOffer::Adopted { version: 2 }
     );
 }
+
+#[test]
+fn a_node_writing_again_after_a_schema_rejected_its_own_change_keeps_every_node_equal() {
+    use crdt_schema::{CollectionSchema, FieldSchema, FieldType};
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // Under version 1 the catalogue has no schema: hq writes a price as text.
+    mesh.put(HQ, "catalogue/x", &[("price", FieldValue::Int(3))]);
+    mesh.put(
+        HQ,
+        "catalogue/x",
+        &[("price", FieldValue::Str("abc".into()))],
+    );
+    mesh.run_until_quiet(100);
+    // Version 2 requires an integer price: hq's own last change is rejected everywhere.
+    let mut v2 = standard(2).verify(&org_id()).unwrap();
+    v2.collections.get_mut("catalogue").unwrap().schema = Some(CollectionSchema {
+        fields: [(
+            "price".to_owned(),
+            FieldSchema {
+                field_type: FieldType::Integer,
+                required: true,
+            },
+        )]
+        .into(),
+        allow_other_fields: false,
+    });
+    apply(&mut mesh, HQ, v2.sign(&org()));
+    settle(&mut mesh);
+    assert_eq!(quarantined(&mesh, HQ).len(), 1);
+    // A write that does not fix the price is refused, naming the field.
+    let refused = try_put(
+        &mut mesh,
+        HQ,
+        "catalogue/x",
+        &[("name", FieldValue::Str("x".into()))],
+    );
+    assert!(
+        matches!(refused, Err(CommandError::Forbidden { .. })),
+        "{refused:?}"
+    );
+    // hq writes again: the new change continues its chain through the rejected one, so no
+    // node sees a fork, and built on by a writer, the rejected change is accepted with it.
+    mesh.put(HQ, "catalogue/x", &[("price", FieldValue::Int(5))]);
+    settle(&mut mesh);
+    assert!(mesh.converged(), "every node holds the same records");
+    for index in 0..3 {
+        let record = mesh.get(index, "catalogue/x").expect("the record");
+        assert_eq!(record.fields["price"], FieldValue::Int(5), "node {index}");
+        assert!(quarantined(&mesh, index).is_empty(), "node {index}");
+    }
+}

@@ -831,6 +831,20 @@ impl Node {
         }
         let key = record.as_str().to_owned();
         let existed = self.records.entry(&key).is_some();
+        // This node's own quarantined changes of the record (a write a stricter schema
+        // rejected) hold sequence numbers of its chain: a new change must build on them, or
+        // it would repeat a number and fork the chain on every other node. Built on by a
+        // writer, they are accepted with it, so the record as of the new change must pass.
+        let own_chain = self.own_quarantined_chain(&key);
+        let preview = |node: &mut Node, edit: &Edit| match existed {
+            true if own_chain.is_empty() => node.records.doc_mut(&key).preview(edit),
+            true => {
+                let mut doc = node.records.doc_mut(&key).clone();
+                let _ = doc.apply(own_chain.clone());
+                doc.preview(edit)
+            }
+            false => RecordDoc::new(&node.node_id()).preview(edit),
+        };
         if let Some(in_force) = &self.policy.in_force {
             let version = in_force.policy.version;
             let forbidden = |reason| CommandError::Forbidden { version, reason };
@@ -838,10 +852,7 @@ impl Node {
                 return self.complete(id, Err(forbidden(reason)));
             }
             if in_force.policy.has_schema(record.collection()) {
-                let (fields, deleted) = match existed {
-                    true => self.records.doc_mut(&key).preview(&edit),
-                    false => RecordDoc::new(&self.node_id()).preview(&edit),
-                };
+                let (fields, deleted) = preview(self, &edit);
                 let policy = &self.policy.in_force.as_ref().expect("checked above").policy;
                 if let Err(reason) =
                     crdt_schema::policy::judge_schema(policy, record.collection(), &fields, deleted)
@@ -850,17 +861,21 @@ impl Node {
                 }
             }
         }
-        if let Some(schema) = self.config.schemas.get(record.collection()) {
-            let (fields, deleted) = match existed {
-                true => self.records.doc_mut(&key).preview(&edit),
-                false => RecordDoc::new(&self.node_id()).preview(&edit),
-            };
+        if self.config.schemas.contains_key(record.collection()) {
+            let (fields, deleted) = preview(self, &edit);
+            let schema = &self.config.schemas[record.collection()];
             if let Err(errors) = schema.check(&fields, deleted) {
                 let collection = record.collection().to_owned();
                 return self.complete(id, Err(CommandError::Schema { collection, errors }));
             }
         }
         self.records.create(&record);
+        if !own_chain.is_empty()
+            && let Err(error) = self.records.doc_mut(&key).apply(own_chain)
+        {
+            let message = format!("cannot continue this node's changes of {key}: {error}");
+            return self.complete(id, Err(CommandError::Invalid(message)));
+        }
         let time_ms = i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX);
         let change = match self.records.doc_mut(&key).edit(&edit, time_ms) {
             Ok(change) => change,
@@ -892,6 +907,32 @@ impl Node {
             record,
             change,
         });
+    }
+
+    /// This node's own quarantined changes of a record with the quarantined changes they
+    /// build on: what a new local change must build on to continue this node's chain.
+    fn own_quarantined_chain(&self, key: &str) -> Vec<crdt_schema::Change> {
+        let Some(entry) = self.records.entry(key) else {
+            return Vec::new();
+        };
+        let me = self.node_id();
+        let mut wanted: Vec<ChangeHash> = entry
+            .quarantine
+            .iter()
+            .filter(|(_, held)| held.author == me)
+            .map(|(hash, _)| *hash)
+            .collect();
+        let mut chain = BTreeMap::new();
+        while let Some(hash) = wanted.pop() {
+            if chain.contains_key(&hash) {
+                continue;
+            }
+            if let Some(held) = entry.quarantine.get(&hash) {
+                wanted.extend(held.change.deps().iter().copied());
+                chain.insert(hash, held.change.clone());
+            }
+        }
+        chain.into_values().collect()
     }
 
     /// Queues a change this node made by itself (not for a command) for the next append.
@@ -1058,6 +1099,15 @@ impl Node {
                         let deps = change.change.deps().to_vec();
                         self.records
                             .mark_durable(key, change.hash(), &deps, change.signature());
+                        let quarantined_here = self
+                            .records
+                            .entry(key)
+                            .is_some_and(|entry| !entry.quarantine.is_empty());
+                        if quarantined_here && self.policy.in_force.is_some() {
+                            // It may build on this node's quarantined changes (see
+                            // `own_quarantined_chain`), which it accepts: judge again.
+                            self.rejudge_record(key, Vec::new());
+                        }
                         self.records.refresh_deleted(key);
                         self.counters.changes_local += 1;
                         let heads = self.records.entry(key).expect("written").heads.clone();
@@ -1290,6 +1340,11 @@ impl Node {
             self.records.replace_doc(key, rebuilt);
             if quarantine_changed {
                 self.records.refresh_item(key);
+            }
+            if self.policy.in_force.is_some() {
+                // The undone write may have carried this node's quarantined changes into
+                // the document (see `own_quarantined_chain`): judge the record again.
+                self.rejudge_record(key, Vec::new());
             }
         }
     }

@@ -268,7 +268,7 @@ impl Node {
             peer.greeted = true;
         }
         match message {
-            Message::Hello { org, .. } if org != *self.config.org.as_bytes() => {
+            Message::Hello { org, name, .. } if org != *self.config.org.as_bytes() => {
                 let theirs = crdt_schema::OrgId::from_bytes(org);
                 let reason = format!(
                     "this peer trusts org {theirs}, this node org {}: nodes of different orgs cannot share records (make both with the same `mesh init --org`)",
@@ -282,6 +282,7 @@ impl Node {
                 });
                 if let Some(peer) = self.peers.get_mut(&from) {
                     peer.last_error = Some(reason);
+                    peer.name = Some(name).filter(|name| !name.is_empty());
                 }
             }
             Message::Hello {

@@ -660,16 +660,18 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
                 .collect()
         })
         .unwrap_or_default();
+    // Connected peers that are no targets never greeted properly (another org): say why.
+    let troubled: Vec<(String, String)> = known
+        .iter()
+        .filter(|p| p["state"] == "connected")
+        .filter(|p| !targets.iter().any(|t| p["peer_id"] == t.as_str()))
+        .filter(|p| peer.is_none() || p["peer_id"].as_str() == peer.as_deref())
+        .filter_map(|p| {
+            let name = p["name"].as_str().or(p["peer_id"].as_str())?.to_owned();
+            Some((name, p["last_error"].as_str()?.to_owned()))
+        })
+        .collect();
     if targets.is_empty() {
-        // Connected peers that are no targets never greeted properly: say why.
-        let troubled: Vec<(String, String)> = known
-            .iter()
-            .filter(|p| p["state"] == "connected")
-            .filter_map(|p| {
-                let name = p["name"].as_str().or(p["peer_id"].as_str())?.to_owned();
-                Some((name, p["last_error"].as_str()?.to_owned()))
-            })
-            .collect();
         if troubled.is_empty() {
             out!("no peer is connected; nothing to sync (see `mesh peers`)");
             return Ok(());
@@ -748,7 +750,10 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
         sent.saturating_sub(base.2),
         plural(in_sync, "peer")
     );
-    if in_sync < targets.len() {
+    for (name, error) in &troubled {
+        out!("  {name}: {error}");
+    }
+    if in_sync < targets.len() || !troubled.is_empty() {
         for p in status["peers"].as_array().into_iter().flatten() {
             if targets.iter().any(|t| p["peer_id"] == t.as_str())
                 && let Some(error) = p["last_error"].as_str()
@@ -764,8 +769,8 @@ fn sync_now(client: &Client, peer: Option<String>) -> Result<(), ClientError> {
         };
         return Err(anyhow!(
             "not in sync with {} of {}{still}",
-            targets.len() - in_sync,
-            plural(targets.len(), "peer")
+            targets.len() - in_sync + troubled.len(),
+            plural(targets.len() + troubled.len(), "peer")
         )
         .into());
     }

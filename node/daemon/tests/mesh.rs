@@ -265,3 +265,29 @@ fn rand_count() -> u64 {
     static COUNT: AtomicU64 = AtomicU64::new(0);
     COUNT.fetch_add(1, Ordering::Relaxed)
 }
+
+#[test]
+fn nodes_of_different_orgs_say_so_and_sync_now_fails() {
+    let work = TempDir::new("orgs-work");
+    std::fs::create_dir_all(&work.0).unwrap();
+    let org = |file: &str| {
+        let key = work.0.join(file);
+        mesh_ok(&work.0, &["org", "init", "--out", key.to_str().unwrap()])
+            .trim()
+            .to_owned()
+    };
+    let (one, two) = (org("one.key"), org("two.key"));
+    let (a, b) = (TempDir::new("orgs-a"), TempDir::new("orgs-b"));
+    init_with(&a.0, "alpha", &["--org", &one]);
+    init_with(&b.0, "beta", &["--org", &two]);
+    let _a = start(&a.0);
+    let _b = start_with_peers(&b.0, &[listen_addr(&a.0)]);
+    eventually("alpha to report beta's org", || {
+        let error = status(&a.0)["peers"][0]["last_error"].as_str()?.to_owned();
+        error.contains("different orgs").then_some(())
+    });
+    let output = mesh(&a.0, &["sync", "now"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("beta: this peer trusts org"), "{stdout}");
+}
