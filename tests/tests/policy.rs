@@ -58,6 +58,19 @@ fn policy(version: u64, members: &[(&str, usize, &str)], revoked: &[usize]) -> S
     .sign(&org())
 }
 
+/// Like [`standard`], but clinic1 is a master too (version 2 of `standard` demotes it).
+fn clinic1_a_master(version: u64) -> SignedPolicy {
+    policy(
+        version,
+        &[
+            ("hq", HQ, "master"),
+            ("clinic1", CLINIC1, "master"),
+            ("clinic2", CLINIC2, "site"),
+        ],
+        &[],
+    )
+}
+
 fn standard(version: u64) -> SignedPolicy {
     policy(
         version,
@@ -315,15 +328,7 @@ fn an_unauthorised_change_is_quarantined_everywhere_never_applied_and_the_author
 #[test]
 fn a_master_demoted_while_cut_off_loses_what_it_wrote_meanwhile_on_every_node() {
     let mut mesh = mesh(3);
-    let v1 = policy(
-        1,
-        &[
-            ("hq", HQ, "master"),
-            ("clinic1", CLINIC1, "master"),
-            ("clinic2", CLINIC2, "site"),
-        ],
-        &[],
-    );
+    let v1 = clinic1_a_master(1);
     apply(&mut mesh, HQ, v1);
     mesh.connect_all();
     mesh.run_until_quiet(100);
@@ -800,15 +805,7 @@ fn an_applied_policy_is_acknowledged_only_once_it_is_durable() {
 #[test]
 fn a_demotion_goes_in_force_only_once_its_endorsements_are_durable() {
     let mut mesh = mesh(3);
-    let v1 = policy(
-        1,
-        &[
-            ("hq", HQ, "master"),
-            ("clinic1", CLINIC1, "master"),
-            ("clinic2", CLINIC2, "site"),
-        ],
-        &[],
-    );
+    let v1 = clinic1_a_master(1);
     apply(&mut mesh, HQ, v1);
     mesh.connect_all();
     mesh.run_until_quiet(100);

@@ -11,6 +11,15 @@ use std::path::Path;
 use common::*;
 use serde_json::Value;
 
+/// Makes an org key `file` in `work` (created if needed); returns the org id.
+fn org_init(work: &Path, file: &str) -> String {
+    std::fs::create_dir_all(work).unwrap();
+    let key = work.join(file);
+    mesh_ok(work, &["org", "init", "--out", key.to_str().unwrap()])
+        .trim()
+        .to_owned()
+}
+
 fn init_member(dir: &Path, name: &str, org: &str) -> String {
     init_with(dir, name, &["--org", org])
 }
@@ -69,18 +78,7 @@ fn digests_equal(dirs: &[&Path]) -> bool {
 #[test]
 fn head_office_masters_reference_data_and_a_demoted_clinic_loses_what_it_wrote_cut_off() {
     let work = TempDir::new("policy-work");
-    std::fs::create_dir_all(&work.0).unwrap();
-    let org = mesh_ok(
-        &work.0,
-        &[
-            "org",
-            "init",
-            "--out",
-            work.0.join("org.key").to_str().unwrap(),
-        ],
-    )
-    .trim()
-    .to_owned();
+    let org = org_init(&work.0, "org.key");
     let [hq, clinic1, clinic2, stranger] = [
         TempDir::new("policy-hq"),
         TempDir::new("policy-clinic1"),
@@ -247,21 +245,8 @@ fn head_office_masters_reference_data_and_a_demoted_clinic_loses_what_it_wrote_c
 #[test]
 fn an_acknowledged_policy_survives_a_kill_and_a_node_will_not_start_open_without_it() {
     let work = TempDir::new("policy-guard-work");
-    std::fs::create_dir_all(&work.0).unwrap();
-    let org_key = work.0.join("org.key");
-    let other_key = work.0.join("other.key");
-    let org = mesh_ok(
-        &work.0,
-        &["org", "init", "--out", org_key.to_str().unwrap()],
-    )
-    .trim()
-    .to_owned();
-    let other = mesh_ok(
-        &work.0,
-        &["org", "init", "--out", other_key.to_str().unwrap()],
-    )
-    .trim()
-    .to_owned();
+    let org = org_init(&work.0, "org.key");
+    let other = org_init(&work.0, "other.key");
     let node = TempDir::new("policy-guard-node");
     let node_id = init_member(&node.0, "hq", &org);
     let v1 = sign(&work.0, 1, &[("hq", &node_id, "master")]);
@@ -293,36 +278,14 @@ fn an_acknowledged_policy_survives_a_kill_and_a_node_will_not_start_open_without
 #[test]
 fn a_node_made_with_a_policy_enforces_it_from_its_first_start() {
     let work = TempDir::new("policy-init-work");
-    std::fs::create_dir_all(&work.0).unwrap();
-    let org = mesh_ok(
-        &work.0,
-        &[
-            "org",
-            "init",
-            "--out",
-            work.0.join("org.key").to_str().unwrap(),
-        ],
-    )
-    .trim()
-    .to_owned();
+    let org = org_init(&work.0, "org.key");
     let hq = TempDir::new("policy-init-hq");
     let hq_id = init_member(&hq.0, "hq", &org);
     let v1 = sign(&work.0, 1, &[("hq", &hq_id, "master")]);
 
     // A policy of another org is refused, and no node is left half made.
     let other = TempDir::new("policy-init-other");
-    std::fs::create_dir_all(&other.0).unwrap();
-    let other_org = mesh_ok(
-        &other.0,
-        &[
-            "org",
-            "init",
-            "--out",
-            other.0.join("org.key").to_str().unwrap(),
-        ],
-    )
-    .trim()
-    .to_owned();
+    let other_org = org_init(&other.0, "org.key");
     let wrong = TempDir::new("policy-init-wrong");
     let refused = mesh(
         &wrong.0,
