@@ -202,15 +202,7 @@ impl Envelope {
         let record: RecordId = record_key
             .parse()
             .map_err(|error: crate::record::NameError| VerifyError::Record(error.to_string()))?;
-        let change = Change::from_bytes(change_bytes.to_vec())
-            .map_err(|error| VerifyError::Change(error.to_string()))?;
-        // Automerge parses a change whose checksum field is wrong; the checksum is the
-        // first four bytes of the hash, so a mismatch means the bytes were altered.
-        if change_bytes.get(4..8) != Some(&change.hash().0[..4]) {
-            return Err(VerifyError::Change(
-                "checksum does not match contents".into(),
-            ));
-        }
+        let change = read_change(change_bytes)?;
         Ok(ParsedEnvelope {
             record,
             change,
@@ -218,6 +210,60 @@ impl Envelope {
             envelope: self.clone(),
         })
     }
+}
+
+/// The four bytes every Automerge chunk starts with.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// The chunk type byte (after the magic and checksum) of an uncompressed change.
+const CHUNK_TYPE_CHANGE: u8 = 1;
+
+/// The one door between change bytes this node did not make and Automerge: parses a change
+/// only if nothing about it can hurt the node later.
+///
+/// Refused, with a reason and without panicking:
+/// - any chunk but an uncompressed change, checked before Automerge sees the bytes, so a
+///   compressed chunk is never inflated (a 510 KB chunk inflated to 1.5 GiB);
+/// - bytes Automerge cannot parse, or whose parse or decode panics (caught);
+/// - a checksum that does not match the contents;
+/// - a change that does not re-encode to exactly the bytes received. Automerge drops unknown
+///   columns and accepts non-canonical runs, while the hash, and so the signature, covers the
+///   bytes as received; such a change applies, but the document can then no longer be saved
+///   and loaded, and it is served back under another hash. Honest changes are canonical.
+///
+/// Whether a change applies depends on the document it meets: [`RecordDoc::apply`] is the
+/// second half of the door.
+///
+/// [`RecordDoc::apply`]: crate::record::RecordDoc::apply
+pub fn read_change(change_bytes: &[u8]) -> Result<Change, VerifyError> {
+    if change_bytes.len() < 9 || change_bytes[..4] != CHUNK_MAGIC {
+        return Err(VerifyError::Change("not an automerge chunk".into()));
+    }
+    if change_bytes[8] != CHUNK_TYPE_CHANGE {
+        return Err(VerifyError::Change(format!(
+            "chunk type {} is not an uncompressed change",
+            change_bytes[8]
+        )));
+    }
+    let change = crate::guard::no_panic("parsing the change", || {
+        Change::from_bytes(change_bytes.to_vec())
+            .map_err(|error| VerifyError::Change(error.to_string()))
+    })?;
+    // Automerge parses a change whose checksum field is wrong; the checksum is the
+    // first four bytes of the hash, so a mismatch means the bytes were altered.
+    if change_bytes.get(4..8) != Some(&change.hash().0[..4]) {
+        return Err(VerifyError::Change(
+            "checksum does not match contents".into(),
+        ));
+    }
+    let canonical = crate::guard::no_panic("decoding the change", || {
+        Ok(Change::from(change.decode()).raw_bytes() == change_bytes)
+    })?;
+    if !canonical {
+        return Err(VerifyError::Change(
+            "the change is not canonically encoded (it would re-encode to other bytes)".into(),
+        ));
+    }
+    Ok(change)
 }
 
 /// An envelope whose framing and change parsed, but whose signature is not yet checked.

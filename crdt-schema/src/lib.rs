@@ -16,6 +16,8 @@
 //! looking at anything else, and applies only a [`VerifiedChange`].
 
 pub mod change;
+pub mod crafted;
+mod guard;
 pub mod identity;
 pub mod policy;
 pub mod record;

@@ -135,6 +135,15 @@ pub enum RejectReason {
         /// Its sequence number.
         seq: u64,
     },
+    /// Automerge cannot apply the change to the document its history makes (it panicked or
+    /// refused), or could not give it back as it came; or the change builds on such a
+    /// change. Crafted bytes, never an honest change; with or without a policy.
+    Damaging {
+        /// The author.
+        author: NodeId,
+        /// What went wrong.
+        problem: String,
+    },
     /// The record the change produces breaks the collection's schema.
     Schema {
         /// The collection.
@@ -366,6 +375,10 @@ impl fmt::Display for RejectReason {
             RejectReason::BrokenHistory { author, seq } => write!(
                 f,
                 "change {seq} of {author} does not continue its author's chain (a gap, a fork, or built on one)"
+            ),
+            RejectReason::Damaging { author, problem } => write!(
+                f,
+                "a change by {author} would damage the record (it cannot be applied: {problem})"
             ),
             RejectReason::Schema { collection, errors } => {
                 write!(

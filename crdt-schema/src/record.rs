@@ -13,6 +13,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, Change, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 use serde_json::{Map as JsonMap, Value as Json};
 
+use crate::change::VerifyError;
 use crate::identity::NodeId;
 
 /// Longest collection name, in bytes.
@@ -126,6 +127,10 @@ pub enum DocError {
     /// Automerge refused the operation or the bytes.
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),
+    /// The changes or bytes would damage the document (Automerge panicked on them, or
+    /// could not give them back as they came); the document is as it was.
+    #[error("{0}")]
+    Damaging(String),
 }
 
 /// One record's Automerge document, with this node as the actor of new changes.
@@ -356,8 +361,13 @@ impl RecordDoc {
 
     /// Loads a saved document; new changes are authored by `author`.
     pub fn load(bytes: &[u8], author: &NodeId) -> Result<RecordDoc, DocError> {
-        let doc = Automerge::load(bytes)?.with_actor(author.actor_id());
-        Ok(RecordDoc { doc })
+        let doc = crate::guard::no_panic("loading a document", || {
+            Automerge::load(bytes).map_err(|error| VerifyError::Change(error.to_string()))
+        })
+        .map_err(|error| DocError::Damaging(error.to_string()))?;
+        Ok(RecordDoc {
+            doc: doc.with_actor(author.actor_id()),
+        })
     }
 
     /// The whole document in Automerge's standard binary format.
@@ -419,10 +429,45 @@ impl RecordDoc {
         self.doc.get_changes(&known)
     }
 
-    /// Applies changes whose dependencies the caller has checked are present.
+    /// Applies changes whose dependencies the caller has checked are present, all or none.
+    ///
+    /// The second half of the door for foreign changes (the first is
+    /// [`crate::change::read_change`]): whether Automerge panics on a change depends on the
+    /// document it meets, so the changes are applied to a copy under a panic guard, and
+    /// each must then come back out of the copy as the very bytes that went in (Automerge
+    /// rebuilds a change from its op set to serve or save it, and a change it cannot
+    /// rebuild would make the document unsavable). Only then does the copy replace the
+    /// document; on any failure the document is untouched.
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), DocError> {
-        self.doc.apply_changes(changes)?;
-        Ok(())
+        let hashes: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
+        let mut trial = self.doc.clone();
+        let result = crate::guard::no_panic("applying a change", || {
+            trial
+                .apply_changes(changes)
+                .map_err(|error| VerifyError::Change(error.to_string()))?;
+            for hash in &hashes {
+                // A change Automerge queued for a missing dependency is not in the
+                // document, and is not this check's concern.
+                if trial.get_change_meta_by_hash(hash).is_none() {
+                    continue;
+                }
+                let served = trial.get_change_by_hash(hash).map(|change| change.hash());
+                if served != Some(*hash) {
+                    return Err(VerifyError::Change(format!(
+                        "change {hash} does not come back out of the document as it went in"
+                    )));
+                }
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                self.doc = trial;
+                Ok(())
+            }
+            Err(VerifyError::Change(reason)) => Err(DocError::Damaging(reason)),
+            Err(other) => Err(DocError::Damaging(other.to_string())),
+        }
     }
 
     /// Whether the tombstone is set.

@@ -159,3 +159,142 @@ fn overlapping_reconciliation_ranges_are_refused() {
     };
     assert_refused(Message::SyncRequest(round).encode(), messages_rejected);
 }
+
+/// Two changes to `stock/x` signed by keys of their own (not node 0's): the first makes the
+/// record, the second is a crafted edit of the first's objects that makes Automerge panic
+/// when applied (finding 1 of the security review). Node 0 relays both.
+fn base_and_panicking_change() -> (VerifiedChange, VerifiedChange) {
+    let first = Identity::from_seed(7);
+    let second = Identity::from_seed(8);
+    let (base, edit) =
+        crdt_schema::crafted::edit_of_anothers_objects(&first.node_id(), &second.node_id());
+    let record: crdt_schema::RecordId = "stock/x".parse().unwrap();
+    let base_change = base.changes_after(&[]).pop().unwrap();
+    let crafted = quietly(|| crdt_schema::crafted::panicking_mutant(&base, &edit))
+        .expect("some mutant of the edit panics Automerge");
+    let org = OrgId::default();
+    (
+        VerifiedChange::sign(&first, &org, record.clone(), base_change),
+        VerifiedChange::sign(&second, &org, record, crafted),
+    )
+}
+
+/// Runs `work` with the panic hook silenced on this thread (caught panics still print).
+fn quietly<T>(work: impl FnOnce() -> T) -> T {
+    let name = std::thread::current().name().map(str::to_owned);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name().map(str::to_owned) != name {
+            default_hook(info);
+        }
+    }));
+    let result = work();
+    let _ = std::panic::take_hook();
+    result
+}
+
+#[test]
+fn a_signed_change_that_panics_automerge_is_quarantined_and_survives_a_restart() {
+    let (base, crafted) = base_and_panicking_change();
+    let (mut mesh, _) = converged_pair();
+    let message = Message::Push {
+        changes: vec![
+            EnvelopeBytes(base.envelope.as_bytes().to_vec()),
+            EnvelopeBytes(crafted.envelope.as_bytes().to_vec()),
+        ],
+    };
+    quietly(|| {
+        mesh.inject(0, 1, message.encode());
+        mesh.run_until_quiet(40);
+    });
+    let record: crdt_schema::RecordId = "stock/x".parse().unwrap();
+    // Node 1 holds the base, applied, and the crafted change set aside, never applied.
+    assert!(mesh.nodes[1].node.holds_change(&record, &base.hash()));
+    assert!(
+        mesh.nodes[1]
+            .node
+            .holds_quarantined(&record, &crafted.hash())
+    );
+    let view = mesh.get(1, "stock/x").unwrap();
+    assert_eq!(
+        view.fields["count"],
+        FieldValue::Int(12),
+        "the crafted edit is not applied"
+    );
+    assert!(mesh.status(1).counters.changes_rejected >= 1);
+    // It still serves and converges: node 0 learns both by reconciliation and judges alike.
+    mesh.put(0, "stock/a", &[("count", FieldValue::Int(2))]);
+    quietly(|| {
+        mesh.command(0, mesh_core::Command::SyncNow { peer: None })
+            .unwrap();
+        mesh.run_until_quiet(40);
+    });
+    let s0 = mesh.status(0);
+    let s1 = mesh.status(1);
+    assert!(
+        mesh.converged(),
+        "both nodes hold the same records and quarantine: {:?} {:?} {:?} {:?} {:?} {:?}",
+        mesh.nodes[0].node.quarantined(),
+        mesh.nodes[1].node.quarantined(),
+        s0.peers,
+        s1.peers,
+        s0.counters,
+        s1.counters
+    );
+    assert!(
+        mesh.nodes[0]
+            .node
+            .holds_quarantined(&record, &crafted.hash())
+    );
+
+    // A restart from node 1's checkpoint and log replays it without panicking.
+    mesh.advance(std::time::Duration::from_secs(2));
+    let digest = mesh.digest(1);
+    let restore = mesh_core::Restore {
+        records: mesh.nodes[1].saved.values().cloned().collect(),
+        log: mesh.nodes[1].log.clone(),
+        policy: None,
+    };
+    let mut restarted = mesh_core::Node::new(
+        mesh_core::Config::default(),
+        crdt_schema::Identity::from_seed(2),
+        0,
+    );
+    quietly(|| restarted.handle(mesh.now, mesh_core::Input::Restore(restore)));
+    assert_eq!(restarted.digest(), digest);
+    assert!(restarted.holds_quarantined(&record, &crafted.hash()));
+}
+
+#[test]
+fn a_non_canonical_change_is_refused_at_the_door() {
+    let identity = Identity::from_seed(1);
+    let (_, edit) = crdt_schema::crafted::edit_of_anothers_objects(
+        &Identity::from_seed(9).node_id(),
+        &identity.node_id(),
+    );
+    let mutant = crdt_schema::crafted::with_unknown_column(edit.raw_bytes());
+    let change = crdt_schema::crafted::parse_unguarded(&mutant).unwrap();
+    let signed = VerifiedChange::sign(
+        &identity,
+        &OrgId::default(),
+        "stock/b".parse().unwrap(),
+        change,
+    );
+    assert_refused(push(signed.envelope.into_bytes()), changes_rejected);
+}
+
+#[test]
+fn a_compressed_change_is_refused_before_it_is_inflated() {
+    let identity = Identity::from_seed(1);
+    let mut doc = RecordDoc::new(&identity.node_id());
+    let edit = Edit::Put([("blob".to_owned(), Some(FieldValue::Str("z".repeat(50_000))))].into());
+    let mut change = doc.edit(&edit, 0).unwrap().unwrap();
+    let compressed = change.bytes().into_owned();
+    assert_eq!(compressed[8], 2, "a compressed chunk");
+    // The hash, and so the signature, is over the uncompressed chunk: the compressed one
+    // carries a valid signature.
+    let record: crdt_schema::RecordId = "stock/b".parse().unwrap();
+    let signed = VerifiedChange::sign(&identity, &OrgId::default(), record.clone(), change);
+    let envelope = Envelope::encode(&record, &compressed, &signed.signature());
+    assert_refused(push(envelope.into_bytes()), changes_rejected);
+}

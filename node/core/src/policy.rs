@@ -570,15 +570,10 @@ impl Node {
             return self.rejudge_record(key, new);
         }
         let changes = new.iter().map(|change| change.change.clone()).collect();
-        if let Err(error) = self.records.doc_mut(key).apply(changes) {
-            // Verified changes whose dependencies are present apply; if Automerge still
-            // refuses, keep the node alive and say so.
-            self.counters.changes_rejected += new.len() as u64;
-            self.emit(Event::ChangeRejected {
-                from: new[0].author,
-                reason: format!("automerge refused a change to {key}: {error}"),
-            });
-            return Rejudged::default();
+        if self.records.doc_mut(key).apply(changes).is_err() {
+            // Crafted bytes Automerge cannot take (the document is untouched): judged whole,
+            // they end in quarantine as damaging, the same on every node.
+            return self.rejudge_record(key, new);
         }
         let mut rejudged = Rejudged {
             changed: true,
@@ -622,6 +617,17 @@ impl Node {
     /// Judges everything held of one record (its document, its quarantine and `extra`,
     /// newly durable changes) and rebuilds the document if its accepted set changed.
     pub(crate) fn rejudge_record(&mut self, key: &str, extra: Vec<VerifiedChange>) -> Rejudged {
+        self.rejudge_record_with(key, extra, false)
+    }
+
+    /// [`Node::rejudge_record`]; `force_replay` replays the whole held history change by
+    /// change to find damaging changes (after an accepted set failed to apply).
+    fn rejudge_record_with(
+        &mut self,
+        key: &str,
+        extra: Vec<VerifiedChange>,
+        force_replay: bool,
+    ) -> Rejudged {
         let me = self.node_id();
         let now = self.now;
         let entry = self.records.entry(key).expect("record exists");
@@ -665,7 +671,20 @@ impl Node {
 
         // Changes that do not continue their author's chain, and everything built on them:
         // Automerge cannot apply them, so no verdict can accept them.
-        let broken = broken_history(&held);
+        let mut broken = broken_history(&held);
+        // Changes Automerge cannot take, and everything built on them. Cheap for the common
+        // case: the sound changes not yet in the document are tried on a copy of it, and
+        // only if that fails is the whole history replayed change by change.
+        let trial: Vec<Change> = held
+            .iter()
+            .filter(|(hash, _)| !in_doc.contains(*hash) && !broken.contains_key(*hash))
+            .map(|(_, (change, _))| change.clone())
+            .collect();
+        if force_replay
+            || (!trial.is_empty() && self.records.doc_mut(key).clone().apply(trial).is_err())
+        {
+            broken.extend(damaging_changes(&me, &held, &broken));
+        }
 
         // The direct verdict on each change, local ones awaiting their append included: a
         // policy that arrived meanwhile may forbid them (their write then fails).
@@ -740,6 +759,12 @@ impl Node {
         } else {
             Ok(())
         };
+        if applied.is_err() && !force_replay {
+            // Damage that shows only in the accepted set rebuilt from scratch: find it
+            // change by change, and judge again with it set aside.
+            let extra: Vec<VerifiedChange> = Vec::new();
+            return self.rejudge_record_with(key, extra, true);
+        }
         if let Err(error) = applied {
             self.counters.changes_rejected += 1;
             self.emit(Event::ChangeRejected {
@@ -983,6 +1008,71 @@ impl Node {
 /// that is not one more than the author's latest in the change's own history, a number two
 /// held changes of one author share (a fork), or a dependency that is itself broken. A pure
 /// function of the held set.
+/// The sound held changes (not in `broken`) that Automerge cannot take, applied one at a
+/// time in dependency order (ties by hash, so every node replays alike), and everything
+/// built on them.
+fn damaging_changes(
+    me: &NodeId,
+    held: &BTreeMap<ChangeHash, (Change, NodeId)>,
+    broken: &BTreeMap<ChangeHash, RejectReason>,
+) -> BTreeMap<ChangeHash, RejectReason> {
+    let mut damaging: BTreeMap<ChangeHash, RejectReason> = BTreeMap::new();
+    let mut waiting: BTreeMap<ChangeHash, usize> = BTreeMap::new();
+    let mut dependants: BTreeMap<ChangeHash, Vec<ChangeHash>> = BTreeMap::new();
+    for (hash, (change, _)) in held {
+        let deps: Vec<ChangeHash> = change
+            .deps()
+            .iter()
+            .filter(|dep| held.contains_key(*dep))
+            .copied()
+            .collect();
+        waiting.insert(*hash, deps.len());
+        for dep in deps {
+            dependants.entry(dep).or_default().push(*hash);
+        }
+    }
+    let mut ready: BTreeSet<ChangeHash> = waiting
+        .iter()
+        .filter(|(_, count)| **count == 0)
+        .map(|(hash, _)| *hash)
+        .collect();
+    let mut scratch = RecordDoc::new(me);
+    while let Some(hash) = ready.pop_first() {
+        let (change, author) = &held[&hash];
+        let dep_bad = change
+            .deps()
+            .iter()
+            .any(|dep| damaging.contains_key(dep) || broken.contains_key(dep));
+        if !broken.contains_key(&hash) {
+            let problem = if dep_bad {
+                Some("it builds on a change that cannot be applied".to_owned())
+            } else {
+                scratch
+                    .apply(vec![change.clone()])
+                    .err()
+                    .map(|error| error.to_string())
+            };
+            if let Some(problem) = problem {
+                damaging.insert(
+                    hash,
+                    RejectReason::Damaging {
+                        author: *author,
+                        problem,
+                    },
+                );
+            }
+        }
+        for next in dependants.get(&hash).into_iter().flatten() {
+            let count = waiting.get_mut(next).expect("counted above");
+            *count -= 1;
+            if *count == 0 {
+                ready.insert(*next);
+            }
+        }
+    }
+    damaging
+}
+
 fn broken_history(
     held: &BTreeMap<ChangeHash, (Change, NodeId)>,
 ) -> BTreeMap<ChangeHash, RejectReason> {

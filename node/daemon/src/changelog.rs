@@ -6,9 +6,15 @@
 //! its data durable with `sync_file_range`, which flushes neither the disk cache nor
 //! metadata, so nothing is acknowledged on sled's word alone.
 //!
-//! On open the log is read to its end; a torn last entry (short, or failing its checksum)
-//! is reported and cut off, since it was never acknowledged. Compaction rewrites the log
-//! without the entries a durable checkpoint covers, through a temporary file and a rename.
+//! On open the log is read to its end. A torn last entry (short, or failing its checksum,
+//! with nothing valid after it) is reported and cut off, since it was never acknowledged.
+//! A damaged entry with valid entries after it is not a torn write but a damaged disk:
+//! open refuses with [`LogDamaged`], naming the file, the offset and how many entries
+//! follow, and [`ChangeLog::repair`] (`mesh repair`) sets the damaged bytes aside in a file
+//! of their own and keeps every entry around them. Compaction rewrites the log without the
+//! entries a durable checkpoint covers, through a temporary file and a rename; if the log
+//! cannot be reopened after the rename, appends fail rather than go to the old, unlinked
+//! file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -26,6 +32,12 @@ pub struct ChangeLog {
     /// Entries in the file, in order (kept to rewrite the log on compaction and to hand to
     /// the core on start).
     entries: Vec<Vec<u8>>,
+    /// Set when the file could not be reopened after a compaction's rename: `file` is then
+    /// the old, unlinked inode, and nothing may be appended to it.
+    broken: Option<String>,
+    /// Tests make the reopen after a compaction fail.
+    #[cfg(test)]
+    fail_reopen: bool,
 }
 
 /// What opening the log found.
@@ -35,8 +47,41 @@ pub struct OpenReport {
     pub truncated_bytes: u64,
 }
 
+/// A damaged entry in the middle of the log: the log was left as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the change log {path} is damaged at byte {offset} ({damaged_bytes} bytes), with {entries_after} acknowledged entries after it; \
+     the node will not start and drop them. Run `mesh repair` to set the damaged bytes aside \
+     (kept in a file beside the log) and keep every entry around them; peers can bring the damaged change again"
+)]
+pub struct LogDamaged {
+    /// The log file.
+    pub path: String,
+    /// Where the first damaged region starts, in bytes from the start of the file.
+    pub offset: u64,
+    /// Its length.
+    pub damaged_bytes: u64,
+    /// Valid entries after it.
+    pub entries_after: usize,
+}
+
+/// What [`ChangeLog::repair`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Entries kept.
+    pub entries: usize,
+    /// Damaged regions set aside, as (offset, length).
+    pub set_aside: Vec<(u64, u64)>,
+    /// The file holding the damaged bytes, if any.
+    pub damaged_file: Option<PathBuf>,
+    /// Bytes of a torn last entry that were cut off.
+    pub truncated_bytes: u64,
+}
+
 impl ChangeLog {
-    /// Opens or creates the log at `path`, cutting off a torn last entry.
+    /// Opens or creates the log at `path`, cutting off a torn last entry. A damaged entry
+    /// that is not the last is an error ([`LogDamaged`] inside the `io::Error`), and the
+    /// file is left untouched.
     pub fn open(path: &Path) -> io::Result<(ChangeLog, OpenReport)> {
         let mut file = OpenOptions::new()
             .read(true)
@@ -51,42 +96,74 @@ impl ChangeLog {
             file.write_all(MAGIC)?;
             file.sync_all()?;
             sync_parent(path)?;
-            return Ok((
-                ChangeLog {
-                    path: path.to_owned(),
-                    file,
-                    entries: Vec::new(),
-                },
-                report,
-            ));
+            return Ok((ChangeLog::with(path, file, Vec::new()), report));
         }
-        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        check_magic(path, &bytes)?;
+        let parsed = parse_entries(&bytes[MAGIC.len()..]);
+        if let Some(&(offset, length)) = parsed.damaged.first() {
+            let entries_after = parsed.entries.iter().filter(|(at, _)| *at > offset).count();
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "{} is not a mesh change log (bad magic); move it away or restore it from a backup",
-                    path.display()
-                ),
+                LogDamaged {
+                    path: path.display().to_string(),
+                    offset: (MAGIC.len() + offset) as u64,
+                    damaged_bytes: length as u64,
+                    entries_after,
+                },
             ));
         }
-        let (entries, good_len) = parse_entries(&bytes[MAGIC.len()..]);
-        let good_len = MAGIC.len() + good_len;
+        let good_len = MAGIC.len() + parsed.good_len;
         if good_len < bytes.len() {
             report.truncated_bytes = (bytes.len() - good_len) as u64;
             file.set_len(good_len as u64)?;
             file.sync_all()?;
         }
         file.seek(SeekFrom::End(0))?;
-        Ok((
-            ChangeLog {
-                path: path.to_owned(),
-                file,
-                entries,
-            },
-            report,
-        ))
+        let entries = parsed.entries.into_iter().map(|(_, entry)| entry).collect();
+        Ok((ChangeLog::with(path, file, entries), report))
     }
 
+    fn with(path: &Path, file: File, entries: Vec<Vec<u8>>) -> ChangeLog {
+        ChangeLog {
+            path: path.to_owned(),
+            file,
+            entries,
+            broken: None,
+            #[cfg(test)]
+            fail_reopen: false,
+        }
+    }
+
+    /// Repairs a log that [`ChangeLog::open`] refused: copies each damaged region to
+    /// `changes.log.damaged-<offset>` beside it, rewrites the log with every valid entry
+    /// (through a temporary file and a rename), and cuts a torn tail. The daemon must not
+    /// be running (the caller holds the data directory's lock).
+    pub fn repair(path: &Path) -> io::Result<RepairReport> {
+        let bytes = std::fs::read(path)?;
+        check_magic(path, &bytes)?;
+        let parsed = parse_entries(&bytes[MAGIC.len()..]);
+        let mut report = RepairReport {
+            entries: parsed.entries.len(),
+            truncated_bytes: (bytes.len() - MAGIC.len() - parsed.good_len) as u64,
+            ..RepairReport::default()
+        };
+        if parsed.damaged.is_empty() {
+            return Ok(report);
+        }
+        let first = MAGIC.len() + parsed.damaged[0].0;
+        let aside = path.with_extension(format!("log.damaged-{first}"));
+        let mut damaged = File::create(&aside)?;
+        for &(offset, length) in &parsed.damaged {
+            let start = MAGIC.len() + offset;
+            damaged.write_all(&bytes[start..start + length])?;
+            report.set_aside.push((start as u64, length as u64));
+        }
+        damaged.sync_all()?;
+        report.damaged_file = Some(aside);
+        let entries: Vec<Vec<u8>> = parsed.entries.into_iter().map(|(_, entry)| entry).collect();
+        rewrite(path, &entries)?;
+        Ok(report)
+    }
     /// The entries in the log, oldest first.
     pub fn entries(&self) -> &[Vec<u8>] {
         &self.entries
@@ -99,6 +176,16 @@ impl ChangeLog {
 
     /// Appends entries and makes them durable with one `fdatasync`.
     pub fn append(&mut self, entries: &[Vec<u8>]) -> io::Result<()> {
+        if let Some(reason) = &self.broken {
+            return Err(io::Error::other(reason.clone()));
+        }
+        if let Some(entry) = entries.iter().find(|entry| entry.len() > ENTRY_BYTES_MAX) {
+            // A longer entry would be read back as damage.
+            return Err(io::Error::other(format!(
+                "a log entry of {} bytes is over the limit of {ENTRY_BYTES_MAX}",
+                entry.len()
+            )));
+        }
         let mut buffer = Vec::with_capacity(entries.iter().map(|entry| entry.len() + 8).sum());
         for entry in entries {
             let length =
@@ -129,52 +216,135 @@ impl ChangeLog {
         if count == 0 {
             return Ok(());
         }
-        let kept = self.entries[count..].to_vec();
-        let temporary = self.path.with_extension("log.compacting");
-        let written = (|| {
-            let mut file = File::create(&temporary)?;
-            file.write_all(MAGIC)?;
-            for entry in &kept {
-                file.write_all(&(entry.len() as u32).to_le_bytes())?;
-                file.write_all(&crc32fast::hash(entry).to_le_bytes())?;
-                file.write_all(entry)?;
-            }
-            file.sync_all()
-        })();
-        if let Err(error) = written {
-            // A full disk: the log stays as it was, and the half-written copy goes.
-            let _ = std::fs::remove_file(&temporary);
-            return Err(error);
+        if let Some(reason) = &self.broken {
+            return Err(io::Error::other(reason.clone()));
         }
-        std::fs::rename(&temporary, &self.path)?;
-        sync_parent(&self.path)?;
-        self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
-        self.file.seek(SeekFrom::End(0))?;
-        self.entries = kept;
-        Ok(())
+        let kept = self.entries[count..].to_vec();
+        rewrite(&self.path, &kept)?;
+        // The rename is done: the old file is unlinked. Whatever fails from here, `file`
+        // must not stay the old inode, or acknowledged appends would go to a deleted file.
+        let reopened = self.reopen();
+        match reopened {
+            Ok(file) => {
+                self.file = file;
+                self.entries = kept;
+                Ok(())
+            }
+            Err(error) => {
+                let reason = format!(
+                    "the change log {} could not be reopened after compaction ({error}); no write is taken until the daemon restarts",
+                    self.path.display()
+                );
+                self.broken = Some(reason.clone());
+                Err(io::Error::other(reason))
+            }
+        }
+    }
+
+    fn reopen(&self) -> io::Result<File> {
+        #[cfg(test)]
+        if self.fail_reopen {
+            return Err(io::Error::other("reopen failed (test)"));
+        }
+        let mut file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+        file.seek(SeekFrom::End(0))?;
+        Ok(file)
     }
 }
 
-/// Parses entries until the end or the first damaged one; returns them and the length of
-/// the good prefix.
-fn parse_entries(mut bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
-    let mut entries = Vec::new();
-    let mut good = 0;
-    while bytes.len() >= 8 {
-        let length = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
-        let checksum = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-        if length > ENTRY_BYTES_MAX || bytes.len() < 8 + length {
-            break;
+/// Writes `entries` as a whole log through a temporary file, fsynced, renamed over `path`,
+/// and the directory fsynced. On a failure before the rename the log is as it was and the
+/// half-written copy is removed.
+fn rewrite(path: &Path, entries: &[Vec<u8>]) -> io::Result<()> {
+    let temporary = path.with_extension("log.compacting");
+    let written = (|| {
+        let mut file = File::create(&temporary)?;
+        file.write_all(MAGIC)?;
+        for entry in entries {
+            file.write_all(&(entry.len() as u32).to_le_bytes())?;
+            file.write_all(&crc32fast::hash(entry).to_le_bytes())?;
+            file.write_all(entry)?;
         }
-        let entry = &bytes[8..8 + length];
-        if crc32fast::hash(entry) != checksum {
-            break;
-        }
-        entries.push(entry.to_vec());
-        good += 8 + length;
-        bytes = &bytes[8 + length..];
+        file.sync_all()
+    })();
+    if let Err(error) = written {
+        // A full disk: the log stays as it was, and the half-written copy goes.
+        let _ = std::fs::remove_file(&temporary);
+        return Err(error);
     }
-    (entries, good)
+    std::fs::rename(&temporary, path)?;
+    sync_parent(path)
+}
+
+fn check_magic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a mesh change log (bad magic); move it away or restore it from a backup",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What [`parse_entries`] found.
+struct Parsed {
+    /// Valid entries with their offsets (from the end of the magic).
+    entries: Vec<(usize, Vec<u8>)>,
+    /// Damaged regions with valid entries after them, as (offset, length).
+    damaged: Vec<(usize, usize)>,
+    /// Length of the prefix that ends with the last valid entry; what follows is a torn
+    /// tail.
+    good_len: usize,
+}
+
+/// The entry at the start of `bytes`, if it is a whole, valid one (never empty: the core
+/// never logs an empty entry, and zeros would otherwise read as empty entries).
+fn entry_at(bytes: &[u8]) -> Option<&[u8]> {
+    let length = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let checksum = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+    if length == 0 || length > ENTRY_BYTES_MAX {
+        return None;
+    }
+    let entry = bytes.get(8..8 + length)?;
+    (crc32fast::hash(entry) == checksum).then_some(entry)
+}
+
+/// Parses every valid entry. Past a damaged one it looks for the next valid entry: where
+/// the damaged entry's own length says it ends, else at every later byte. Damage with a
+/// valid entry after it is listed; damage at the end is a torn tail.
+fn parse_entries(bytes: &[u8]) -> Parsed {
+    let mut parsed = Parsed {
+        entries: Vec::new(),
+        damaged: Vec::new(),
+        good_len: 0,
+    };
+    let mut at = 0;
+    while at < bytes.len() {
+        if let Some(entry) = entry_at(&bytes[at..]) {
+            parsed.entries.push((at, entry.to_vec()));
+            at += 8 + entry.len();
+            parsed.good_len = at;
+            continue;
+        }
+        let claimed_end = bytes
+            .get(at..at + 4)
+            .map(|length| u32::from_le_bytes(length.try_into().expect("4 bytes")) as usize)
+            .and_then(|length| at.checked_add(8)?.checked_add(length))
+            .filter(|end| *end < bytes.len() && entry_at(&bytes[*end..]).is_some());
+        let next = claimed_end
+            .or_else(|| (at + 1..bytes.len()).find(|next| entry_at(&bytes[*next..]).is_some()));
+        match next {
+            Some(next) => {
+                parsed.damaged.push((at, next - at));
+                at = next;
+            }
+            None => break,
+        }
+    }
+    parsed
 }
 
 fn sync_parent(path: &Path) -> io::Result<()> {
@@ -261,5 +431,104 @@ mod tests {
             "{error}"
         );
         assert_eq!(std::fs::read(&path).unwrap(), b"something else entirely");
+    }
+
+    fn damaged(error: io::Error) -> LogDamaged {
+        error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<LogDamaged>())
+            .cloned()
+            .unwrap_or_else(|| panic!("not a LogDamaged: {error}"))
+    }
+
+    #[test]
+    fn a_damaged_entry_before_others_refuses_to_open_and_repair_keeps_the_rest() {
+        let dir = temp_dir("middle");
+        let path = dir.join("changes.log");
+        let (mut log, _) = ChangeLog::open(&path).unwrap();
+        log.append(&[b"first".to_vec(), b"second".to_vec(), b"third".to_vec()])
+            .unwrap();
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Inside the payload of "second": MAGIC, [8 + 5], then its header.
+        let offset = MAGIC.len() + 8 + 5;
+        bytes[offset + 8 + 2] ^= 0x20;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let error = damaged(ChangeLog::open(&path).err().expect("refused"));
+        assert_eq!(error.offset, offset as u64);
+        assert_eq!(error.entries_after, 1);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the file is untouched"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("mesh repair") && message.contains("changes.log"),
+            "{message}"
+        );
+
+        let report = ChangeLog::repair(&path).unwrap();
+        assert_eq!(report.entries, 2);
+        assert_eq!(report.set_aside, vec![(offset as u64, 8 + 6)]);
+        let aside = std::fs::read(report.damaged_file.unwrap()).unwrap();
+        assert_eq!(aside, bytes[offset..offset + 14]);
+        let (log, _) = ChangeLog::open(&path).unwrap();
+        assert_eq!(log.entries(), &[b"first".to_vec(), b"third".to_vec()]);
+    }
+
+    #[test]
+    fn a_damaged_length_field_is_found_past_by_scanning() {
+        let dir = temp_dir("length");
+        let path = dir.join("changes.log");
+        let (mut log, _) = ChangeLog::open(&path).unwrap();
+        let entries: Vec<Vec<u8>> = (0..10).map(|n| format!("entry {n}").into_bytes()).collect();
+        log.append(&entries).unwrap();
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The length field of the fourth entry, each entry being 8 + 7 bytes.
+        let offset = MAGIC.len() + 3 * 15;
+        bytes[offset + 1] = 0x7f;
+        std::fs::write(&path, &bytes).unwrap();
+        let error = damaged(ChangeLog::open(&path).err().expect("refused"));
+        assert_eq!(error.offset, offset as u64);
+        assert_eq!(error.entries_after, 6);
+        let report = ChangeLog::repair(&path).unwrap();
+        assert_eq!(report.entries, 9);
+        let (log, _) = ChangeLog::open(&path).unwrap();
+        let mut expected = entries.clone();
+        expected.remove(3);
+        assert_eq!(log.entries(), &expected[..]);
+    }
+
+    #[test]
+    fn a_failed_reopen_after_compaction_stops_appends() {
+        let dir = temp_dir("reopen");
+        let path = dir.join("changes.log");
+        let (mut log, _) = ChangeLog::open(&path).unwrap();
+        log.append(&[b"a".to_vec(), b"b".to_vec()]).unwrap();
+        log.fail_reopen = true;
+        assert!(log.compact(1).is_err());
+        // Without the guard this append would go to the unlinked file and be lost.
+        let error = log.append(&[b"c".to_vec()]).unwrap_err();
+        assert!(
+            error.to_string().contains("could not be reopened"),
+            "{error}"
+        );
+        drop(log);
+        let (log, _) = ChangeLog::open(&path).unwrap();
+        assert_eq!(log.entries(), &[b"b".to_vec()]);
+    }
+
+    #[test]
+    fn an_entry_over_the_read_limit_is_refused_on_append() {
+        let dir = temp_dir("big");
+        let path = dir.join("changes.log");
+        let (mut log, _) = ChangeLog::open(&path).unwrap();
+        assert!(log.append(&[vec![0; ENTRY_BYTES_MAX + 1]]).is_err());
+        log.append(&[b"ok".to_vec()]).unwrap();
+        drop(log);
+        assert_eq!(ChangeLog::open(&path).unwrap().0.len(), 1);
     }
 }

@@ -161,6 +161,7 @@ pub fn init(dir: &DataDir, options: InitOptions) -> anyhow::Result<Identity> {
     }
     std::fs::create_dir_all(dir.root())
         .with_context(|| format!("cannot create {}", dir.root().display()))?;
+    make_private_dir(dir.root())?;
     let config = FileConfig {
         name: options.name,
         api: options.api,
@@ -261,6 +262,26 @@ pub fn identity(dir: &DataDir) -> anyhow::Result<Identity> {
         anyhow::anyhow!("{} is damaged: a node key is 32 bytes", dir.key().display())
     })?;
     Ok(Identity::from_secret_bytes(secret))
+}
+
+/// Makes a directory readable by its owner only (0700): the data directory holds every
+/// record, the change log and sled's files, which would otherwise follow the umask.
+/// Returns whether the mode had to change.
+pub fn make_private_dir(path: &Path) -> anyhow::Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot make {} private (0700)", path.display()))?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Writes a file only the owner can read.

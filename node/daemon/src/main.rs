@@ -179,6 +179,9 @@ enum Commands {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Repair a change log the daemon refused to start with: set each damaged entry aside
+    /// (in a file beside the log) and keep every entry around it. The daemon must be stopped.
+    Repair,
     /// Write a record's Automerge document (standard binary format) to a file.
     Export {
         /// The collection.
@@ -384,6 +387,33 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
         Commands::Node {
             command: NodeCommand::Run { peer, json_logs },
         } => Ok(run_daemon(&dir, &peer, json_logs)?),
+        Commands::Repair => {
+            let report = store::repair(&dir)?;
+            if report.set_aside.is_empty() && report.truncated_bytes == 0 {
+                println!(
+                    "the change log is sound: {} entries, nothing to repair",
+                    report.entries
+                );
+                return Ok(());
+            }
+            for (offset, length) in &report.set_aside {
+                println!("set aside {length} damaged bytes at byte {offset}");
+            }
+            if let Some(file) = &report.damaged_file {
+                println!("the damaged bytes are kept in {}", file.display());
+            }
+            if report.truncated_bytes > 0 {
+                println!(
+                    "cut a torn entry of {} bytes off the end (never acknowledged)",
+                    report.truncated_bytes
+                );
+            }
+            println!(
+                "the change log keeps {} entries; start the node again (`mesh node run`); peers can bring the damaged changes again",
+                report.entries
+            );
+            Ok(())
+        }
         Commands::Status { json } => {
             let status = Client::connect(&dir)?.get("/v1/status")?;
             print_or(json, &status, print_status);

@@ -101,6 +101,12 @@ impl Store {
     /// Opens the store, refusing a second daemon on the same directory, and returns what
     /// the core needs to start.
     pub fn open(dir: &DataDir) -> anyhow::Result<(Store, Restore, OpenReport)> {
+        if crate::config::make_private_dir(dir.root())? {
+            tracing::warn!(
+                dir = %dir.root().display(),
+                "the data directory was readable by other users; it is now 0700"
+            );
+        }
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -121,7 +127,7 @@ impl Store {
             .open()
             .with_context(|| {
                 format!(
-                    "the record store {} is damaged or unreadable; the change log is intact, move the db directory away to rebuild what the log holds",
+                    "the record store {} is damaged or unreadable. The change log holds only the changes since the last checkpoint, so moving the db directory away loses every record saved before it unless peers still hold them: restore the data directory from a backup, or move db away and let the node fetch the rest from its peers",
                     dir.db().display()
                 )
             })?;
@@ -199,12 +205,41 @@ impl Store {
 /// Where the signed policy in force is kept, in the `meta` tree.
 const POLICY_KEY: &[u8] = b"policy";
 
+/// fsyncs every file under `path`, subdirectories included (sled writes values over
+/// about 128 KiB to `blobs/` without an fsync of its own), then each directory.
 fn sync_tree(path: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(path)? {
         let entry = entry?;
-        if entry.file_type()?.is_file() {
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if kind.is_file() {
             File::open(entry.path())?.sync_all()?;
         }
     }
     File::open(path)?.sync_all()
+}
+
+/// Repairs the change log of a stopped node (`mesh repair`): see [`ChangeLog::repair`].
+pub fn repair(dir: &DataDir) -> anyhow::Result<crate::changelog::RepairReport> {
+    if !dir.log().exists() {
+        bail!(
+            "{} holds no change log; nothing to repair",
+            dir.root().display()
+        );
+    }
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.lock())
+        .with_context(|| format!("cannot open {}", dir.lock().display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "a mesh daemon is running on {}; stop it before repairing its change log",
+            dir.root().display()
+        );
+    }
+    ChangeLog::repair(&dir.log())
+        .with_context(|| format!("cannot repair the change log {}", dir.log().display()))
 }
