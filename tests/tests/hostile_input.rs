@@ -298,3 +298,50 @@ fn a_compressed_change_is_refused_before_it_is_inflated() {
     let envelope = Envelope::encode(&record, &compressed, &signed.signature());
     assert_refused(push(envelope.into_bytes()), changes_rejected);
 }
+
+#[test]
+fn a_receipt_for_a_change_the_node_does_not_hold_as_its_own_is_ignored() {
+    let (mut mesh, _) = converged_pair();
+    let own = mesh.nodes[0].node.status().own_changes_rejected.len();
+    // Node 1 invents receipts: for a change that does not exist, and for node 0's record
+    // under a hash node 0 never made.
+    for change in [[7u8; 32], [8u8; 32]] {
+        let receipt = Message::Receipt {
+            record: "stock/a".into(),
+            change,
+            reason: "forged".into(),
+        };
+        mesh.inject(1, 0, receipt.encode());
+    }
+    let receipt = Message::Receipt {
+        record: "stock/nothing".into(),
+        change: [9u8; 32],
+        reason: "forged".into(),
+    };
+    mesh.inject(1, 0, receipt.encode());
+    mesh.run_until_quiet(20);
+    assert_eq!(mesh.status(0).own_changes_rejected.len(), own);
+}
+
+#[test]
+fn a_second_hello_on_one_connection_is_refused() {
+    let (mut mesh, digest) = converged_pair();
+    let hello = Message::Hello {
+        name: "again".into(),
+        scope: None,
+        policy: None,
+        org: *OrgId::default().as_bytes(),
+    };
+    let before = mesh.status(1).counters.messages_rejected;
+    mesh.inject(0, 1, hello.encode());
+    mesh.run_until_quiet(20);
+    let status = mesh.status(1);
+    assert_eq!(status.counters.messages_rejected, before + 1);
+    assert_eq!(mesh.digest(1), digest);
+    let peer = status
+        .peers
+        .iter()
+        .find(|peer| peer.peer_id == mesh.id(0))
+        .unwrap();
+    assert_eq!(peer.state, mesh_core::PeerState::Disconnected);
+}

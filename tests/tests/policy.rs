@@ -289,6 +289,10 @@ fn an_unauthorised_change_is_quarantined_everywhere_never_applied_and_the_author
     let push = Message::Push {
         changes: vec![EnvelopeBytes(change.envelope.as_bytes().to_vec())],
     };
+    // Clinic1 holds its change (as the node that made it would; here it is judged there
+    // too), so a receipt for it is one it takes.
+    mesh.inject(CLINIC2, CLINIC1, push.encode());
+    mesh.run_until_quiet(100);
     mesh.inject(CLINIC1, HQ, push.encode());
     mesh.run_until_quiet(100);
     assert!(mesh.get(HQ, "catalogue/aspirin").is_none(), "never applied");
@@ -962,4 +966,42 @@ fn a_node_writing_again_after_a_schema_rejected_its_own_change_keeps_every_node_
         assert_eq!(record.fields["price"], FieldValue::Int(5), "node {index}");
         assert!(quarantined(&mesh, index).is_empty(), "node {index}");
     }
+}
+
+#[test]
+fn under_a_policy_peers_are_shown_by_their_member_name_not_the_one_they_claim() {
+    // Every node calls itself "hq".
+    let mut mesh = Harness::with_config(3, |_| Config {
+        org: org_id(),
+        name: "hq".into(),
+        ..Config::default()
+    });
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    let claimed: Vec<Option<String>> = mesh
+        .status(HQ)
+        .peers
+        .iter()
+        .map(|peer| peer.name.clone())
+        .collect();
+    assert_eq!(
+        claimed,
+        vec![Some("hq".to_owned()); 2],
+        "without a policy, the claim"
+    );
+    apply(&mut mesh, HQ, standard(1));
+    mesh.run_until_quiet(100);
+    let mut shown: Vec<(NodeId, Option<String>)> = mesh
+        .status(HQ)
+        .peers
+        .iter()
+        .map(|peer| (peer.peer_id, peer.name.clone()))
+        .collect();
+    shown.sort();
+    let mut expected = vec![
+        (node_id(CLINIC1), Some("clinic1".to_owned())),
+        (node_id(CLINIC2), Some("clinic2".to_owned())),
+    ];
+    expected.sort();
+    assert_eq!(shown, expected);
 }

@@ -402,6 +402,59 @@ fn verify_judge_apply(c: &mut Criterion) {
 
 /// The floor under every figure above: one ed25519 signature per change made, one
 /// verification per change received.
+/// What the door for foreign change bytes costs (`read_change`: chunk type, panic guard,
+/// canonical re-encoding; `RecordDoc::apply`: apply on a copy under a guard, each change
+/// served back as it came), against Automerge's own parse and apply of the same 10,000
+/// changes one at a time, in the same run. The node pays this on top of the
+/// `verify_judge_apply` baseline's work of older builds.
+fn door(c: &mut Criterion) {
+    let mut group = c.benchmark_group("door_10k");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(10_000));
+    let (_, changes) = remote_changes();
+    let bytes: Vec<Vec<Vec<u8>>> = changes
+        .iter()
+        .map(|record| {
+            record
+                .iter()
+                .map(|change| change.raw_bytes().to_vec())
+                .collect()
+        })
+        .collect();
+    let author = Identity::from_seed(3).node_id();
+    group.bench_function("guarded", |b| {
+        b.iter(|| {
+            bytes
+                .iter()
+                .map(|record| {
+                    let mut doc = crdt_schema::RecordDoc::new(&author);
+                    for change in record {
+                        let change = crdt_schema::change::read_change(change).unwrap();
+                        doc.apply(vec![change]).unwrap();
+                    }
+                    doc
+                })
+                .collect::<Vec<_>>()
+        });
+    });
+    group.bench_function("automerge_alone", |b| {
+        b.iter(|| {
+            bytes
+                .iter()
+                .map(|record| {
+                    let mut doc = Automerge::new();
+                    for change in record {
+                        let change = automerge::Change::from_bytes(change.clone()).unwrap();
+                        doc.apply_changes([change]).unwrap();
+                    }
+                    doc
+                })
+                .collect::<Vec<_>>()
+        });
+    });
+    group.finish();
+}
+
 fn signature(c: &mut Criterion) {
     let mut group = c.benchmark_group("signature");
     group.throughput(Throughput::Elements(1));
@@ -431,5 +484,5 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = create, edit, apply_remote, verify_judge_apply, signature }
+criterion_group! { name = benches; config = config(); targets = create, edit, apply_remote, verify_judge_apply, door, signature }
 criterion_main!(benches);

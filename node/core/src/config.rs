@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crdt_schema::{CollectionSchema, OrgId};
+use crdt_schema::{CollectionSchema, NodeId, OrgId};
 
 /// How a node behaves. Every field documents its default.
 #[derive(Debug, Clone)]
@@ -27,6 +27,10 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// How many Automerge documents stay loaded. Default: [`crate::limits::LOADED_DOCUMENTS_MAX`].
     pub loaded_documents_max: usize,
+    /// Without a policy, the only keys admitted as peers; `None` admits every key (an open
+    /// mesh). Once a policy is in force its members are admitted instead. Default: `None`
+    /// (the daemon sets it unless the node was made with `mesh init --open`).
+    pub trusted_peers: Option<BTreeSet<NodeId>>,
     /// Signature checks shared with other nodes in the same process (the simulator's nodes,
     /// a benchmark's baseline): envelopes any of them verified are not verified again.
     /// Default: `None`, every envelope is verified. The daemon never sets it.
@@ -44,6 +48,7 @@ impl Default for Config {
             sync_stall_timeout: Duration::from_secs(10),
             checkpoint_interval: Duration::from_secs(1),
             loaded_documents_max: crate::limits::LOADED_DOCUMENTS_MAX,
+            trusted_peers: None,
             verified_cache: None,
         }
     }

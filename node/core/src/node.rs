@@ -63,6 +63,8 @@ pub enum Input {
     PeerRefused {
         /// The peer.
         peer: NodeId,
+        /// The address it came from or was found at, if known.
+        address: Option<String>,
     },
     /// The transport lost a peer.
     PeerDisconnected {
@@ -172,6 +174,11 @@ pub enum Command {
     ShowPolicy,
     /// Every quarantined change.
     Quarantine,
+    /// Trust a peer: without a policy it is admitted from now on (`mesh peers approve`).
+    ApprovePeer {
+        /// The peer.
+        peer: NodeId,
+    },
 }
 
 /// Successful command results.
@@ -218,6 +225,13 @@ pub enum Reply {
         held: Vec<QuarantineRow>,
         /// Not held: failed parsing or verification (recent ones only).
         refused: Vec<crate::policy::RefusedChange>,
+    },
+    /// A peer is trusted.
+    PeerApproved {
+        /// Whether it was not trusted before.
+        newly: bool,
+        /// Whether a policy is in force, which decides admission instead.
+        policy_in_force: bool,
     },
 }
 
@@ -486,7 +500,7 @@ impl Node {
             Input::Command { id, command } => self.command(id, command),
             Input::PeerConnecting { peer } => self.peer_connecting(peer),
             Input::PeerConnected { peer } => self.peer_connected(peer),
-            Input::PeerRefused { peer } => self.note_refused(peer),
+            Input::PeerRefused { peer, address } => self.note_refused(peer, address),
             Input::PeerDisconnected { peer } => self.transport_disconnected(peer),
             Input::MessageReceived { from, bytes } => self.message_received(from, bytes),
             Input::StorageDone { op, result } => self.storage_done(op, result),
@@ -817,6 +831,25 @@ impl Node {
                 let held = self.quarantine_rows();
                 let refused = self.policy.refused_changes.clone();
                 self.complete(id, Ok(Reply::Quarantine { held, refused }));
+            }
+            Command::ApprovePeer { peer } => {
+                if self.config.trusted_peers.is_none() {
+                    let message = "this node is open (made with `mesh init --open`): it admits every key already".to_owned();
+                    return self.complete(id, Err(CommandError::Invalid(message)));
+                }
+                if peer == self.node_id() {
+                    let message = "that is this node's own id".to_owned();
+                    return self.complete(id, Err(CommandError::Invalid(message)));
+                }
+                let newly = self.approve_peer(peer);
+                let policy_in_force = self.policy().is_some();
+                self.complete(
+                    id,
+                    Ok(Reply::PeerApproved {
+                        newly,
+                        policy_in_force,
+                    }),
+                );
             }
         }
     }

@@ -111,6 +111,8 @@ pub struct RefusedPeer {
     pub attempts: u64,
     /// The last attempt.
     pub last_at: Instant,
+    /// The address it came from or was found at, if the driver knows it.
+    pub address: Option<String>,
 }
 
 /// A peer's word that it rejected one of this node's changes.
@@ -206,19 +208,49 @@ impl Node {
     /// Whether `peer` may connect: any peer while no policy is in force, afterwards only
     /// members whose key is not revoked. The daemon asks this of every new connection.
     pub fn admits(&self, peer: &NodeId) -> bool {
-        self.policy().is_none_or(|policy| policy.admits(peer))
+        match self.policy() {
+            Some(policy) => policy.admits(peer),
+            None => self
+                .config
+                .trusted_peers
+                .as_ref()
+                .is_none_or(|trusted| trusted.contains(peer)),
+        }
     }
 
-    /// The node ids allowed to connect, or `None` while no policy is in force.
+    /// The node ids allowed to connect: the policy's members while one is in force, else
+    /// the trusted peers; `None` for an open mesh (every key).
     pub fn members(&self) -> Option<Vec<NodeId>> {
-        self.policy().map(|policy| {
-            policy
-                .members
-                .values()
-                .map(|member| member.node)
-                .filter(|node| !policy.revoked.contains(node))
-                .collect()
-        })
+        match self.policy() {
+            Some(policy) => Some(
+                policy
+                    .members
+                    .values()
+                    .map(|member| member.node)
+                    .filter(|node| !policy.revoked.contains(node))
+                    .collect(),
+            ),
+            None => self
+                .config
+                .trusted_peers
+                .as_ref()
+                .map(|trusted| trusted.iter().copied().collect()),
+        }
+    }
+
+    /// Whether any key may connect: no policy and no list of trusted peers.
+    pub fn is_open(&self) -> bool {
+        self.policy().is_none() && self.config.trusted_peers.is_none()
+    }
+
+    /// Trusts a peer (`mesh peers approve`): without a policy it is admitted from now on.
+    /// Returns whether it was newly trusted. An open mesh trusts every key already.
+    pub(crate) fn approve_peer(&mut self, peer: NodeId) -> bool {
+        self.policy.refused.remove(&peer);
+        match &mut self.config.trusted_peers {
+            Some(trusted) => trusted.insert(peer),
+            None => false,
+        }
     }
 
     pub(crate) fn policy_tag(&self) -> Option<PolicyTag> {
@@ -229,7 +261,7 @@ impl Node {
     }
 
     /// Records a refused connection attempt (the driver refused it, or the core does).
-    pub(crate) fn note_refused(&mut self, peer: NodeId) {
+    pub(crate) fn note_refused(&mut self, peer: NodeId, address: Option<String>) {
         let now = self.now;
         let refused = &mut self.policy.refused;
         if !refused.contains_key(&peer) && refused.len() >= REFUSED_PEERS_MAX {
@@ -246,14 +278,26 @@ impl Node {
             peer_id: peer,
             attempts: 0,
             last_at: now,
+            address: None,
         });
         entry.attempts += 1;
         entry.last_at = now;
+        if address.is_some() {
+            entry.address = address;
+        }
     }
 
     /// Refuses a connected peer that is not a member.
     pub(crate) fn refuse_peer(&mut self, peer: NodeId) {
-        self.note_refused(peer);
+        // The driver may have reported this very attempt already (with its address).
+        let noted_now = self
+            .policy
+            .refused
+            .get(&peer)
+            .is_some_and(|entry| entry.last_at == self.now);
+        if !noted_now {
+            self.note_refused(peer, None);
+        }
         self.effects.push(Effect::Disconnect {
             peer,
             reason: "not a member of the org's policy".into(),
@@ -907,6 +951,24 @@ impl Node {
         change: [u8; 32],
         reason: String,
     ) {
+        // Only for a change of this node's that it holds: anyone could otherwise fill
+        // "own changes rejected" with invented receipts and push the real ones out.
+        let hash = ChangeHash(change);
+        let me = self.node_id();
+        let own = match self.records.entry(&record) {
+            None => false,
+            Some(entry) => match entry.quarantine.get(&hash) {
+                Some(held) => held.author == me,
+                None => self
+                    .records
+                    .doc_mut(&record)
+                    .change(&hash)
+                    .is_some_and(|held| held.actor_id().to_bytes() == me.as_bytes()),
+            },
+        };
+        if !own {
+            return;
+        }
         let change = hex(&change);
         let receipts = &mut self.policy.receipts;
         if receipts

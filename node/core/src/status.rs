@@ -56,6 +56,9 @@ pub struct Status {
     pub own_changes_rejected: Vec<crate::policy::Receipt>,
     /// Peers refused because they are not members.
     pub refused_connections: Vec<crate::policy::RefusedPeer>,
+    /// Whether any key may connect and write: no policy and no list of trusted peers (a
+    /// node made with `mesh init --open`).
+    pub open: bool,
 }
 
 /// The policy in force, as status shows it.

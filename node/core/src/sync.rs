@@ -264,7 +264,13 @@ impl Node {
             Err(error) => return self.reject_message(from, error.to_string()),
         };
         let has_hello = peer.scope.is_some();
+        let greeted_before = peer.greeted;
         if matches!(message, Message::Hello { .. }) {
+            if greeted_before {
+                // A hello restarts nothing: each one would make the node recompute its
+                // whole digest and start a session, for a few bytes of the peer's.
+                return self.reject_message(from, "a second hello on one connection".to_owned());
+            }
             peer.greeted = true;
         }
         match message {
@@ -351,6 +357,15 @@ impl Node {
                     self.finish_session(from, false, outcome);
                 }
             }
+        }
+    }
+
+    /// The name to show for a peer: under a policy, a member's name in the policy (a peer
+    /// could call itself "hq"); otherwise the name it gave itself.
+    pub(crate) fn peer_name(&self, peer: &NodeId, claimed: Option<&str>) -> Option<String> {
+        match self.policy() {
+            Some(policy) => policy.member(peer).map(|(name, _)| name.to_owned()),
+            None => claimed.map(str::to_owned),
         }
     }
 
@@ -1108,7 +1123,7 @@ impl Node {
             .iter()
             .map(|(peer_id, peer)| PeerStatus {
                 peer_id: *peer_id,
-                name: peer.name.clone(),
+                name: self.peer_name(peer_id, peer.name.as_deref()),
                 state: peer.state,
                 connected_since: peer.connected_since,
                 last_sync: peer.last_sync,
@@ -1144,6 +1159,7 @@ impl Node {
                 .sum(),
             own_changes_rejected: self.own_rejections(),
             refused_connections: self.policy.refused.values().cloned().collect(),
+            open: self.is_open(),
         }
     }
 

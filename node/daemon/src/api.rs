@@ -60,6 +60,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
+        .route("/v1/peers/approve", post(approve_peer))
         .route("/v1/records/{collection}", get(list))
         .route(
             "/v1/records/{collection}/{id}",
@@ -168,7 +169,48 @@ async fn peers(State(state): State<ApiState>) -> ApiResult {
     let Reply::Status(status) = run(&state, Command::Status).await? else {
         return Err(unexpected());
     };
-    Ok(axum::Json(json!({ "peers": status.peers })).into_response())
+    // Without a policy, refused keys are waiting for `mesh peers approve`.
+    let pending = if status.policy.is_none() {
+        status.refused_connections.clone()
+    } else {
+        Vec::new()
+    };
+    Ok(axum::Json(json!({
+        "peers": status.peers,
+        "pending": pending,
+        "open": status.open,
+    }))
+    .into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct ApproveBody {
+    peer: String,
+}
+
+async fn approve_peer(
+    State(state): State<ApiState>,
+    axum::Json(body): axum::Json<ApproveBody>,
+) -> ApiResult {
+    let peer: crdt_schema::NodeId =
+        body.peer
+            .parse()
+            .map_err(|error: crdt_schema::identity::IdError| {
+                ApiError(StatusCode::BAD_REQUEST, format!("`{}`: {error}", body.peer))
+            })?;
+    let Reply::PeerApproved {
+        newly,
+        policy_in_force,
+    } = run(&state, Command::ApprovePeer { peer }).await?
+    else {
+        return Err(unexpected());
+    };
+    Ok(axum::Json(json!({
+        "peer": peer,
+        "newly": newly,
+        "policy_in_force": policy_in_force,
+    }))
+    .into_response())
 }
 
 async fn list(State(state): State<ApiState>, Path(collection): Path<String>) -> ApiResult {

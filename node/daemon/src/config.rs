@@ -33,12 +33,35 @@ pub struct FileConfig {
     /// Seconds between anti-entropy syncs with each peer. Default: 30.
     #[serde(default = "sync_interval_default")]
     pub sync_interval_secs: u64,
+    /// Seconds applied changes may wait before their records are checkpointed to sled and
+    /// the change log is compacted. Default: 1.
+    #[serde(default = "checkpoint_interval_default")]
+    pub checkpoint_interval_secs: u64,
     /// The org id whose changes this node accepts. Default: none (the all-zero org).
     #[serde(default)]
     pub org: Option<String>,
     /// Collections this node replicates. Default: all.
     #[serde(default)]
     pub collections: Option<Vec<String>>,
+    /// Admit every key as a peer while no policy is in force (`mesh init --open`): anyone
+    /// who reaches the port reads and writes everything. Default: false, only the trusted
+    /// peers below, peers named with `/p2p/<id>` in `peers` or `--peer`, and peers approved
+    /// with `mesh peers approve` are admitted.
+    #[serde(default)]
+    pub open: bool,
+    /// Node ids of peers this node trusts while no policy is in force (written by `mesh
+    /// peers approve`). Default: none.
+    #[serde(default)]
+    pub trusted_peers: Vec<String>,
+}
+
+/// The node id a multiaddr names in its `/p2p/<id>` part, if any.
+pub fn peer_id_in(address: &str) -> Option<crdt_schema::NodeId> {
+    let address: libp2p::Multiaddr = address.parse().ok()?;
+    address.iter().find_map(|part| match part {
+        libp2p::multiaddr::Protocol::P2p(peer) => peer.to_string().parse().ok(),
+        _ => None,
+    })
 }
 
 fn api_default() -> String {
@@ -51,6 +74,10 @@ fn mdns_default() -> bool {
 
 fn sync_interval_default() -> u64 {
     30
+}
+
+fn checkpoint_interval_default() -> u64 {
+    1
 }
 
 impl FileConfig {
@@ -85,18 +112,36 @@ impl FileConfig {
         if self.sync_interval_secs == 0 {
             bail!("sync_interval_secs must be at least 1");
         }
+        if self.checkpoint_interval_secs == 0 {
+            bail!("checkpoint_interval_secs must be at least 1");
+        }
         check_api_address(&self.api)?;
         for address in &self.listen {
             check_listen_address(address)?;
         }
+        let trusted_peers = if self.open {
+            None
+        } else {
+            let mut trusted = std::collections::BTreeSet::new();
+            for text in &self.trusted_peers {
+                let node = text.parse::<crdt_schema::NodeId>().map_err(|error| {
+                    anyhow::anyhow!("trusted peer `{text}` is not a node id: {error}")
+                })?;
+                trusted.insert(node);
+            }
+            trusted.extend(self.peers.iter().filter_map(|peer| peer_id_in(peer)));
+            Some(trusted)
+        };
         Ok(mesh_core::Config {
             name: self.name.clone(),
+            trusted_peers,
             org,
             collections: self
                 .collections
                 .as_ref()
                 .map(|list| list.iter().cloned().collect()),
             sync_interval: Duration::from_secs(self.sync_interval_secs),
+            checkpoint_interval: Duration::from_secs(self.checkpoint_interval_secs),
             ..mesh_core::Config::default()
         })
     }
@@ -149,6 +194,27 @@ pub struct InitOptions {
     pub org: Option<String>,
     /// Whether to find peers with mDNS.
     pub mdns: bool,
+    /// Whether to admit every key while no policy is in force.
+    pub open: bool,
+}
+
+/// Adds `peer` to `trusted_peers` in `config.toml` (after `mesh peers approve`), rewriting
+/// the file through a temporary one and a rename.
+pub fn save_trusted_peer(dir: &DataDir, peer: &crdt_schema::NodeId) -> anyhow::Result<()> {
+    let mut config = FileConfig::load(dir)?;
+    let text = peer.to_string();
+    if config.trusted_peers.contains(&text) {
+        return Ok(());
+    }
+    config.trusted_peers.push(text);
+    let temporary = dir.config().with_extension("toml.new");
+    let mut file = std::fs::File::create(&temporary)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    file.write_all(toml::to_string_pretty(&config)?.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, dir.config())
+        .with_context(|| format!("cannot replace {}", dir.config().display()))?;
+    Ok(())
 }
 
 /// Creates a node in `dir`: key, config and API token. Refuses to overwrite a node.
@@ -169,8 +235,11 @@ pub fn init(dir: &DataDir, options: InitOptions) -> anyhow::Result<Identity> {
         peers: Vec::new(),
         mdns: options.mdns,
         sync_interval_secs: sync_interval_default(),
+        checkpoint_interval_secs: checkpoint_interval_default(),
         org: options.org,
         collections: None,
+        open: options.open,
+        trusted_peers: Vec::new(),
     };
     config.core_config()?;
     let mut secret = [0u8; 32];

@@ -35,10 +35,12 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
     }
     let exe = std::env::current_exe().context("cannot find the mesh binary")?;
     out!("starting 3 nodes on loopback in {}", root.display());
-    let mut nodes: Vec<Node> = Vec::new();
+    // Made first, so that each node can trust the other two: a node admits only peers
+    // it trusts.
+    let mut ids = Vec::new();
     for name in NAMES {
         let dir = DataDir::new(root.join(name));
-        crate::config::init(
+        let identity = crate::config::init(
             &dir,
             crate::config::InitOptions {
                 name: name.to_owned(),
@@ -46,15 +48,30 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
                 listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
                 org: None,
                 mdns: false,
+                open: false,
             },
         )?;
+        ids.push(identity.node_id());
+    }
+    for name in NAMES {
+        let dir = DataDir::new(root.join(name));
+        for (other, id) in NAMES.iter().zip(&ids) {
+            if *other != name {
+                crate::config::save_trusted_peer(&dir, id)?;
+            }
+        }
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    for name in NAMES {
+        let dir = DataDir::new(root.join(name));
         let mut command = Command::new(&exe);
         command
             .arg("--data-dir")
             .arg(dir.root())
             .args(["node", "run"]);
         if let Some(first) = nodes.first() {
-            command.args(["--peer", &wait_listen_addr(&first.dir)?]);
+            let address = format!("{}/p2p/{}", wait_listen_addr(&first.dir)?, ids[0]);
+            command.args(["--peer", &address]);
         }
         let child = command
             .stdout(Stdio::null())

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::mpsc as std_mpsc;
 
 use anyhow::Context;
+use crdt_schema::NodeId;
 use mesh_core::storage::StorageRequest;
 use mesh_core::{
     Command, CommandError, CommandId, Effect, Event, Input, Node, Reply, StorageError, StorageOpId,
@@ -137,7 +138,26 @@ pub fn start(
     let mut clock = Clock::default();
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|error| anyhow::anyhow!("no OS randomness: {error}"))?;
-    let mut node = Node::new(config.core_config()?, identity, u64::from_le_bytes(seed));
+    let mut core_config = config.core_config()?;
+    if let Some(trusted) = &mut core_config.trusted_peers {
+        // A peer named with its id (`--peer /ip4/…/tcp/4001/p2p/<id>`) is trusted.
+        for peer in extra_peers {
+            match crate::config::peer_id_in(peer) {
+                Some(node) => {
+                    trusted.insert(node);
+                }
+                None => tracing::warn!(
+                    %peer,
+                    "this peer address names no node id (/p2p/<id>): it is listed as pending until approved with `mesh peers approve <id>`"
+                ),
+            }
+        }
+    } else {
+        tracing::warn!(
+            "this node is open (made with --open): without a policy, anyone who reaches its port reads and writes every record"
+        );
+    }
+    let mut node = Node::new(core_config, identity, u64::from_le_bytes(seed));
     let restored_records = restore.records.len();
     let replayed = restore.log.len();
     let _ = node.handle(clock.now(), Input::Restore(restore));
@@ -171,6 +191,8 @@ pub fn start(
         feed,
         acked_entries: appended_total,
         in_flight_appends: BTreeMap::new(),
+        approving: BTreeMap::new(),
+        dir: dir.clone(),
     };
     Ok((handle, driver.run(requests, done)))
 }
@@ -188,6 +210,9 @@ struct Driver {
     /// compact exactly these.
     acked_entries: u64,
     in_flight_appends: BTreeMap<StorageOpId, u64>,
+    /// `ApprovePeer` commands in flight, with their peer: approvals are saved to config.toml.
+    approving: BTreeMap<CommandId, NodeId>,
+    dir: DataDir,
 }
 
 impl Driver {
@@ -215,6 +240,9 @@ impl Driver {
                     self.next_command += 1;
                     let id = CommandId(self.next_command);
                     self.pending.insert(id, reply);
+                    if let Command::ApprovePeer { peer } = &command {
+                        self.approving.insert(id, *peer);
+                    }
                     self.input(Input::Command { id, command });
                 }
                 Wake::StorageDone((op, result)) => {
@@ -240,7 +268,10 @@ impl Driver {
             NetEvent::Connected(peer) => self.input(Input::PeerConnected { peer }),
             NetEvent::Disconnected(peer) => self.input(Input::PeerDisconnected { peer }),
             NetEvent::Message { from, bytes } => self.input(Input::MessageReceived { from, bytes }),
-            NetEvent::Refused(peer) => self.input(Input::PeerRefused { peer }),
+            NetEvent::Refused(peer, address) => self.input(Input::PeerRefused {
+                peer,
+                address: Some(address),
+            }),
             NetEvent::Nothing => {}
         }
         let addrs = self.net.listen_addrs();
@@ -287,7 +318,19 @@ impl Driver {
                     tracing::error!("the storage thread stopped; writes will fail");
                 }
             }
-            Effect::Complete { id, result } => {
+            Effect::Complete { id, mut result } => {
+                if let Ok(Reply::PeerApproved { newly: true, .. }) = &result
+                    && let Some(peer) = self.approving.remove(&id)
+                {
+                    // Admitted at the handshake from now on, and after a restart.
+                    self.net.set_members(self.node.members());
+                    if let Err(error) = crate::config::save_trusted_peer(&self.dir, &peer) {
+                        result = Err(CommandError::Storage(format!(
+                            "{peer} is trusted until the daemon stops, but saving it to config.toml failed: {error:#}"
+                        )));
+                    }
+                }
+                self.approving.remove(&id);
                 if let Some(reply) = self.pending.remove(&id) {
                     let _ = reply.send(result);
                 }

@@ -5,10 +5,13 @@
 
 /// `println!` that ends the program quietly when nobody reads stdout any more
 /// (`mesh status | head -1`) instead of panicking.
+/// Prints a line on stdout with control characters replaced (see [`printable`]): names,
+/// reasons and record text come from peers, and must not reach the terminal as escape codes.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+        let line = format!($($arg)*);
+        if let Err(error) = writeln!(std::io::stdout().lock(), "{}", crate::printable(&line)) {
             if error.kind() == std::io::ErrorKind::BrokenPipe {
                 std::process::exit(0);
             }
@@ -72,6 +75,11 @@ enum Commands {
         /// Do not look for peers on the local network (mDNS).
         #[arg(long)]
         no_mdns: bool,
+        /// Admit every node key as a peer while no policy is in force (anyone who reaches
+        /// the port reads and writes everything). Without it, only peers named with
+        /// /p2p/<id>, listed in config.toml or approved with `mesh peers approve` connect.
+        #[arg(long)]
+        open: bool,
     },
     /// Run the node.
     Node {
@@ -89,6 +97,8 @@ enum Commands {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        command: Option<PeersCommand>,
     },
     /// Set fields of a record: FIELD=VALUE, where VALUE is read as null (removes the field),
     /// true/false, an integer, a decimal number, or else text; numbers written with a leading
@@ -195,6 +205,16 @@ enum Commands {
 }
 
 #[derive(Subcommand)]
+enum PeersCommand {
+    /// Trust a peer: without a policy, a node admits only peers it trusts. The id is the
+    /// one `mesh peers` lists as pending, or the other node's `mesh init` printed.
+    Approve {
+        /// The peer's node id (12D3KooW…).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum NodeCommand {
     /// Run the daemon in the foreground until Ctrl-C; logs go to stderr.
     Run {
@@ -261,11 +281,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(ClientError::NotFound(message)) => {
-            eprintln!("error: {message}");
+            eprintln!("error: {}", printable(&message));
             ExitCode::from(1)
         }
         Err(ClientError::Other(error)) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", printable(&format!("{error:#}")));
             ExitCode::from(2)
         }
     }
@@ -346,6 +366,7 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             org,
             policy,
             no_mdns,
+            open,
         } => {
             let name = name.unwrap_or_else(|| "node".to_owned());
             // Checked before anything is created: a bad file leaves no half-made node.
@@ -369,6 +390,7 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                     listen,
                     org,
                     mdns: !no_mdns,
+                    open,
                 },
             )?;
             if let Some((text, version)) = signed_policy {
@@ -382,6 +404,15 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
                 "start it with: mesh node run --data-dir {}",
                 dir.root().display()
             );
+            if open {
+                eprintln!(
+                    "warning: the node is open: without a policy, anyone who reaches its port reads and writes every record"
+                );
+            } else {
+                eprintln!(
+                    "it admits only peers it trusts: dial them as /ip4/…/tcp/4001/p2p/<their id>, or approve them with `mesh peers approve <id>`"
+                );
+            }
             Ok(())
         }
         Commands::Node {
@@ -390,25 +421,25 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
         Commands::Repair => {
             let report = store::repair(&dir)?;
             if report.set_aside.is_empty() && report.truncated_bytes == 0 {
-                println!(
+                out!(
                     "the change log is sound: {} entries, nothing to repair",
                     report.entries
                 );
                 return Ok(());
             }
             for (offset, length) in &report.set_aside {
-                println!("set aside {length} damaged bytes at byte {offset}");
+                out!("set aside {length} damaged bytes at byte {offset}");
             }
             if let Some(file) = &report.damaged_file {
-                println!("the damaged bytes are kept in {}", file.display());
+                out!("the damaged bytes are kept in {}", file.display());
             }
             if report.truncated_bytes > 0 {
-                println!(
+                out!(
                     "cut a torn entry of {} bytes off the end (never acknowledged)",
                     report.truncated_bytes
                 );
             }
-            println!(
+            out!(
                 "the change log keeps {} entries; start the node again (`mesh node run`); peers can bring the damaged changes again",
                 report.entries
             );
@@ -419,9 +450,34 @@ fn run_with_node(given_dir: Option<PathBuf>, command: Commands) -> Result<(), Cl
             print_or(json, &status, print_status);
             Ok(())
         }
-        Commands::Peers { json } => {
+        Commands::Peers {
+            command: Some(PeersCommand::Approve { id }),
+            ..
+        } => {
+            let id = id.trim();
+            id.parse::<crdt_schema::NodeId>()
+                .map_err(|error| anyhow!("`{id}` is not a node id: {error}"))?;
+            let reply =
+                Client::connect(&dir)?.send("POST", "/v1/peers/approve", &json!({ "peer": id }))?;
+            if reply["newly"].as_bool() == Some(true) {
+                out!("{id} is trusted: it may connect from now on (saved in config.toml)");
+            } else {
+                out!("{id} was trusted already");
+            }
+            if reply["policy_in_force"].as_bool() == Some(true) {
+                out!("note: a policy is in force; its members are admitted, whoever is trusted");
+            }
+            Ok(())
+        }
+        Commands::Peers {
+            json,
+            command: None,
+        } => {
             let peers = Client::connect(&dir)?.get("/v1/peers")?;
-            print_or(json, &peers, |value| print_peers(&value["peers"]));
+            print_or(json, &peers, |value| {
+                print_peers(&value["peers"]);
+                print_pending(value);
+            });
             Ok(())
         }
         Commands::Put {
@@ -904,6 +960,24 @@ async fn terminated() {
     std::future::pending::<()>().await;
 }
 
+/// `text` with every control character but newline and tab, and the Unicode controls that
+/// reorder text, replaced by U+FFFD: an escape sequence from a peer (in its name, a refusal
+/// reason or a record) would otherwise act on the operator's terminal.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if text.chars().any(unsafe_char) {
+        text.chars()
+            .map(|c| if unsafe_char(c) { '\u{fffd}' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
 fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
     if json {
         out!(
@@ -1030,7 +1104,13 @@ fn print_status(status: &Value) {
                 );
             }
         }
-        None => out!("policy    none (every node key may connect and write)"),
+        None if status["open"].as_bool() == Some(true) => {
+            out!("policy    none");
+            out!(
+                "  WARNING this node is open (made with --open): anyone who reaches its port reads and writes every record"
+            );
+        }
+        None => out!("policy    none (only trusted peers may connect: `mesh peers approve ID`)"),
     }
     let own = status["own_changes_rejected"]
         .as_array()
@@ -1072,7 +1152,7 @@ fn print_status(status: &Value) {
         .as_array()
         .cloned()
         .unwrap_or_default();
-    if !refused.is_empty() {
+    if !refused.is_empty() && !status["policy"].is_null() {
         out!("refused non-members:");
         for row in &refused {
             out!(
@@ -1084,6 +1164,27 @@ fn print_status(status: &Value) {
         }
     }
     print_peers(&status["peers"]);
+    print_pending(&json!({
+        "pending": if status["policy"].is_null() { refused } else { Vec::new() },
+    }));
+}
+
+/// Peers waiting for `mesh peers approve` (no policy in force, not trusted).
+fn print_pending(value: &Value) {
+    let pending = value["pending"].as_array().cloned().unwrap_or_default();
+    if pending.is_empty() {
+        return;
+    }
+    out!("pending approval (they get nothing until `mesh peers approve ID`):");
+    for row in &pending {
+        out!(
+            "  {}  from {}  ({}, last {})",
+            row["peer_id"].as_str().unwrap_or("?"),
+            row["address"].as_str().unwrap_or("an unknown address"),
+            plural(row["attempts"].as_u64().unwrap_or(0) as usize, "attempt"),
+            ago(row["last_at"].as_u64())
+        );
+    }
 }
 
 fn print_policy(view: &Value) {
@@ -1165,7 +1266,7 @@ fn print_quarantine(rows: &[Value], refused: &[Value]) {
         );
     }
     if !refused.is_empty() {
-        out!();
+        out!("");
         out!("refused on arrival (not held; the sender was disconnected):");
         for row in refused.iter().rev().take(20) {
             out!(
@@ -1271,6 +1372,16 @@ fn short(text: Option<&str>, len: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(super::printable("hq"), "hq");
+        assert_eq!(super::printable("a\tb\nc"), "a\tb\nc");
+        assert_eq!(
+            super::printable("\u{1b}[2J\u{1b}]0;owned\u{7}hq\u{202e}"),
+            "\u{fffd}[2J\u{fffd}]0;owned\u{fffd}hq\u{fffd}"
+        );
+    }
+
     use super::*;
 
     #[test]

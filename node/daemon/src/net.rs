@@ -56,8 +56,9 @@ pub enum NetEvent {
         /// The message.
         bytes: Vec<u8>,
     },
-    /// A peer that is not a member tried to connect and was refused.
-    Refused(NodeId),
+    /// A peer that is not admitted (not a member, or not trusted) connected and was
+    /// refused; with the address it came from or was dialled at.
+    Refused(NodeId, String),
     /// Nothing for the core (internal bookkeeping happened).
     Nothing,
 }
@@ -314,6 +315,11 @@ impl Net {
     /// Drops the connection to a peer.
     pub fn disconnect(&mut self, peer: NodeId) {
         if let Some(peer) = peer_id(&peer) {
+            if self.swarm.behaviour().members.lingers(&peer) {
+                // A dialled peer that is not admitted: the gate closes it a moment later,
+                // once the other side has seen it (see `membership`).
+                return;
+            }
             let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
@@ -427,9 +433,11 @@ impl Net {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 node_id(&peer_id).map_or(NetEvent::Nothing, NetEvent::Disconnected)
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Members(membership::Refused(peer))) => {
-                tracing::warn!(%peer, "refused a connection from a node that is not a member");
-                node_id(&peer).map_or(NetEvent::Nothing, NetEvent::Refused)
+            SwarmEvent::Behaviour(BehaviourEvent::Members(membership::Refused(peer, address))) => {
+                tracing::warn!(%peer, %address, "refused a connection from a node that is not admitted (not a policy member, or not trusted: `mesh peers approve`)");
+                node_id(&peer).map_or(NetEvent::Nothing, |node| {
+                    NetEvent::Refused(node, address.to_string())
+                })
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 let connected: BTreeSet<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -597,32 +605,50 @@ mod membership {
     };
     use libp2p::{Multiaddr, PeerId};
 
-    /// A peer was refused.
+    /// How long a dialled, not admitted peer's connection stays open (carrying nothing).
+    const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// A peer was refused, with its address.
     #[derive(Debug)]
-    pub struct Refused(pub PeerId);
+    pub struct Refused(pub PeerId, pub Multiaddr);
 
     #[derive(Debug)]
     struct NotAMember(PeerId);
 
     impl std::fmt::Display for NotAMember {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "{} is not a member of the org's policy", self.0)
+            write!(
+                f,
+                "{} is not admitted: not a member of the org's policy, or (without a policy) not a trusted peer",
+                self.0
+            )
         }
     }
 
     impl std::error::Error for NotAMember {}
 
-    /// `members` is `None` while no policy is in force: everyone may connect.
+    /// `members` is `None` for an open mesh: everyone may connect. Otherwise the policy's
+    /// members, or without a policy the trusted peers.
     #[derive(Default)]
     pub struct Behaviour {
         members: Option<BTreeSet<PeerId>>,
-        refused: VecDeque<PeerId>,
+        refused: VecDeque<(PeerId, Multiaddr)>,
+        /// Dialled peers that are not admitted, let through the transport and closed when
+        /// the timer fires: the other side then sees the connection and can list this node
+        /// as pending (closed at once, it fails before the other side counts it).
+        lingering: BTreeSet<PeerId>,
+        linger_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
         close: VecDeque<PeerId>,
         connected: BTreeSet<PeerId>,
         waker: Option<Waker>,
     }
 
     impl Behaviour {
+        /// Whether `peer` is a dialled, not admitted peer that the gate closes itself.
+        pub fn lingers(&self, peer: &PeerId) -> bool {
+            self.lingering.contains(peer)
+        }
+
         pub fn set(&mut self, members: Option<BTreeSet<PeerId>>) {
             if let Some(members) = &members {
                 self.close
@@ -634,14 +660,33 @@ mod membership {
             }
         }
 
-        fn enforce(&mut self, peer: PeerId) -> Result<(), ConnectionDenied> {
+        /// Refuses a peer that is not admitted, and reports it with its address. A
+        /// connection this node dialled is let through the transport (the core refuses it
+        /// at once, before any message): denied here too, it would close before the other
+        /// side had counted it, and that side could never list this node as pending.
+        fn enforce(
+            &mut self,
+            peer: PeerId,
+            address: &Multiaddr,
+            dialled: bool,
+        ) -> Result<(), ConnectionDenied> {
             match &self.members {
                 Some(members) if !members.contains(&peer) => {
-                    self.refused.push_back(peer);
+                    if self.refused.len() < 64 {
+                        self.refused.push_back((peer, address.clone()));
+                    }
                     if let Some(waker) = self.waker.take() {
                         waker.wake();
                     }
-                    Err(ConnectionDenied::new(NotAMember(peer)))
+                    if dialled {
+                        self.lingering.insert(peer);
+                        if self.linger_timer.is_none() {
+                            self.linger_timer = Some(Box::pin(tokio::time::sleep(LINGER)));
+                        }
+                        Ok(())
+                    } else {
+                        Err(ConnectionDenied::new(NotAMember(peer)))
+                    }
                 }
                 _ => Ok(()),
             }
@@ -657,9 +702,9 @@ mod membership {
             _: ConnectionId,
             peer: PeerId,
             _: &Multiaddr,
-            _: &Multiaddr,
+            remote: &Multiaddr,
         ) -> Result<THandler<Self>, ConnectionDenied> {
-            self.enforce(peer)?;
+            self.enforce(peer, remote, false)?;
             Ok(dummy::ConnectionHandler)
         }
 
@@ -667,11 +712,11 @@ mod membership {
             &mut self,
             _: ConnectionId,
             peer: PeerId,
-            _: &Multiaddr,
+            address: &Multiaddr,
             _: Endpoint,
             _: PortUse,
         ) -> Result<THandler<Self>, ConnectionDenied> {
-            self.enforce(peer)?;
+            self.enforce(peer, address, true)?;
             Ok(dummy::ConnectionHandler)
         }
 
@@ -698,8 +743,15 @@ mod membership {
         }
 
         fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Refused, THandlerInEvent<Self>>> {
-            if let Some(peer) = self.refused.pop_front() {
-                return Poll::Ready(ToSwarm::GenerateEvent(Refused(peer)));
+            if let Some((peer, address)) = self.refused.pop_front() {
+                return Poll::Ready(ToSwarm::GenerateEvent(Refused(peer, address)));
+            }
+            if let Some(timer) = &mut self.linger_timer
+                && timer.as_mut().poll(cx).is_ready()
+            {
+                self.linger_timer = None;
+                let lingering = std::mem::take(&mut self.lingering);
+                self.close.extend(lingering);
             }
             if let Some(peer) = self.close.pop_front() {
                 return Poll::Ready(ToSwarm::CloseConnection {

@@ -63,8 +63,18 @@ pub fn init(dir: &Path, name: &str) {
     init_with(dir, name, &[]);
 }
 
-/// `mesh init` on loopback without mDNS, plus `extra` arguments; returns the node id.
+/// `mesh init --open` on loopback without mDNS, plus `extra` arguments; returns the node
+/// id. Open: these tests are about other things than admission, and their nodes meet by
+/// address alone (`closed_mesh.rs` tests the closed default).
 pub fn init_with(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let mut with_open = vec!["--open"];
+    with_open.extend_from_slice(extra);
+    init_closed_with(dir, name, &with_open)
+}
+
+/// `mesh init` on loopback without mDNS (closed: only trusted peers connect), plus `extra`
+/// arguments; returns the node id.
+pub fn init_closed_with(dir: &Path, name: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "init",
         "--name",
