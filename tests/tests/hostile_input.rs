@@ -345,3 +345,47 @@ fn a_second_hello_on_one_connection_is_refused() {
         .unwrap();
     assert_eq!(peer.state, mesh_core::PeerState::Disconnected);
 }
+
+#[test]
+fn changes_waiting_for_their_dependencies_are_bounded_in_bytes() {
+    use mesh_core::limits::PENDING_BYTES_MAX;
+    let identity = Identity::from_seed(5);
+    let (mut mesh, _) = converged_pair();
+    // 80 changes of about 1 MiB, each building on a change that is never sent.
+    let big = "x".repeat(1024 * 1024);
+    let mut batch = Vec::new();
+    for n in 0..80 {
+        let mut doc = RecordDoc::new(&identity.node_id());
+        let first = Edit::Put([("a".to_owned(), Some(FieldValue::Int(1)))].into());
+        doc.edit(&first, 0).unwrap();
+        let second = Edit::Put([("blob".to_owned(), Some(FieldValue::Str(big.clone())))].into());
+        let change = doc.edit(&second, 0).unwrap().unwrap();
+        let signed = VerifiedChange::sign(
+            &identity,
+            &OrgId::default(),
+            format!("stock/big-{n}").parse().unwrap(),
+            change,
+        );
+        batch.push(EnvelopeBytes(signed.envelope.into_bytes()));
+        if batch.len() == 6 {
+            let push = Message::Push {
+                changes: std::mem::take(&mut batch),
+            };
+            mesh.inject(0, 1, push.encode());
+        }
+    }
+    mesh.inject(0, 1, Message::Push { changes: batch }.encode());
+    mesh.run_until_quiet(100);
+    let status = mesh.status(1);
+    let held_bytes = status.pending_changes as usize * (1024 * 1024);
+    assert!(
+        held_bytes <= PENDING_BYTES_MAX,
+        "{} pending changes of 1 MiB",
+        status.pending_changes
+    );
+    assert!(status.pending_changes > 0, "some are held");
+    assert!(
+        status.counters.changes_dropped > 0,
+        "the rest are counted as dropped"
+    );
+}

@@ -28,6 +28,10 @@ pub const NEEDS_PER_MESSAGE_MAX: usize = 16_384;
 pub const NEED_ANCESTORS_MAX: usize = 16;
 /// Most changes in one push or batch message.
 pub const CHANGES_PER_MESSAGE_MAX: usize = 65_536;
+/// Most list elements (changes, ranges, items, needs, collections) all lists of one message
+/// hold together, checked while decoding. The largest honest message lists about 86,000
+/// (4,096 ranges, 65,536 items, 16,384 needs).
+pub const MESSAGE_ELEMENTS_MAX: usize = 131_072;
 /// Longest node name, in bytes.
 pub const NAME_BYTES_MAX: usize = 128;
 /// Most collections named in a replication scope.
@@ -40,6 +44,9 @@ pub const RANGE_FANOUT: usize = 16;
 
 /// Most changes held because their dependencies have not arrived yet.
 pub const PENDING_CHANGES_MAX: usize = 4096;
+/// Most envelope bytes the pending set holds (changes whose dependencies have not arrived):
+/// the count alone would allow 4,096 changes of 4 MiB, 16 GiB.
+pub const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// How long a change waits for its dependencies before it is dropped (anti-entropy will
 /// bring it again with its dependencies).
 pub const PENDING_CHANGE_TTL: Duration = Duration::from_secs(120);
@@ -84,3 +91,7 @@ const _: () = assert!(RANGE_ITEMS_THRESHOLD * RANGE_FANOUT <= ITEMS_PER_MESSAGE_
 const _: () = assert!(RANGE_FANOUT >= 2);
 const _: () = assert!(POLICY_BYTES_MAX + 1024 < MESSAGE_BYTES_MAX);
 const _: () = assert!(QUARANTINE_PER_RECORD_MAX < HEADS_PER_ITEM_MAX);
+const _: () = assert!(CHANGES_PER_MESSAGE_MAX <= MESSAGE_ELEMENTS_MAX);
+const _: () = assert!(
+    RANGES_PER_MESSAGE_MAX + ITEMS_PER_MESSAGE_MAX + NEEDS_PER_MESSAGE_MAX <= MESSAGE_ELEMENTS_MAX
+);

@@ -427,6 +427,8 @@ pub struct Node {
     pub(crate) records: Records,
     pipeline: Pipeline,
     pending: BTreeMap<(String, ChangeHash), PendingChange>,
+    /// Envelope bytes held in `pending`, bounded by [`PENDING_BYTES_MAX`].
+    pending_bytes: usize,
     pub(crate) peers: BTreeMap<NodeId, Peer>,
     pub(crate) counters: Counters,
     pub(crate) history: VecDeque<SyncRecord>,
@@ -462,6 +464,7 @@ impl Node {
             records,
             pipeline: Pipeline::default(),
             pending: BTreeMap::new(),
+            pending_bytes: 0,
             peers: BTreeMap::new(),
             counters: Counters::default(),
             history: VecDeque::new(),
@@ -1396,7 +1399,7 @@ impl Node {
             {
                 true
             }
-            Some(_) => self.records.doc_mut(key).has_change(hash),
+            Some(_) => self.records.loaded_doc_has(key, hash),
             None => false,
         }
     }
@@ -1546,12 +1549,22 @@ impl Node {
     }
 
     fn hold_pending(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {
-        if self.pending.len() >= PENDING_CHANGES_MAX {
+        let bytes = change.envelope.len();
+        if self.pending.len() >= PENDING_CHANGES_MAX
+            || self.pending_bytes + bytes > PENDING_BYTES_MAX
+        {
+            // Counted and dropped: reconciliation brings it again once its dependencies
+            // are here.
             self.counters.changes_dropped += 1;
             return;
         }
         let key = change.record.as_str().to_owned();
-        let asked = self.pending.keys().any(|(pending, _)| pending == &key);
+        let asked = self
+            .pending
+            .range((key.clone(), ChangeHash([0; 32]))..)
+            .next()
+            .is_some_and(|((pending, _), _)| pending == &key);
+        self.pending_bytes += bytes;
         self.pending.insert(
             (key.clone(), change.hash()),
             PendingChange {
@@ -1571,13 +1584,15 @@ impl Node {
     /// Moves pending changes whose dependencies are now known into the pipeline.
     fn release_pending(&mut self) {
         loop {
-            let ready: Vec<(String, ChangeHash)> = self
+            // Only the dependencies are copied, not the changes (up to 4 MiB each).
+            let waiting: Vec<((String, ChangeHash), Vec<ChangeHash>)> = self
                 .pending
                 .iter()
-                .map(|(id, pending)| (id.clone(), pending.change.clone()))
-                .collect::<Vec<_>>()
+                .map(|(id, pending)| (id.clone(), pending.change.change.deps().to_vec()))
+                .collect();
+            let ready: Vec<(String, ChangeHash)> = waiting
                 .into_iter()
-                .filter(|(id, change)| self.deps_known(&id.0, change))
+                .filter(|(id, deps)| deps.iter().all(|dep| self.is_known(&id.0, dep)))
                 .map(|(id, _)| id)
                 .collect();
             if ready.is_empty() {
@@ -1585,6 +1600,7 @@ impl Node {
             }
             for id in ready {
                 let pending = self.pending.remove(&id).expect("listed above");
+                self.pending_bytes -= pending.change.envelope.len();
                 let forbidden = self
                     .author_verdict(&pending.change.author, pending.change.record.collection())
                     .is_err();
@@ -1843,7 +1859,9 @@ impl Node {
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
-            self.pending.remove(&id);
+            if let Some(pending) = self.pending.remove(&id) {
+                self.pending_bytes -= pending.change.envelope.len();
+            }
             self.counters.changes_dropped += 1;
         }
         self.sync_timers();

@@ -223,6 +223,17 @@ impl Records {
         }
     }
 
+    /// Whether the record's document holds `hash`, looking only if the document is loaded:
+    /// deduplication must not load documents for a peer's bytes (a message naming many
+    /// records would make the node load them all). Every change in a document has its
+    /// signature in the index or awaits its append, which callers check first.
+    pub fn loaded_doc_has(&self, key: &str, hash: &ChangeHash) -> bool {
+        match self.entries.get(key).map(|entry| &entry.body) {
+            Some(Body::Loaded(doc)) => doc.has_change(hash),
+            _ => false,
+        }
+    }
+
     /// The saved bytes of a record's document, saving it now if it is loaded.
     pub fn document_bytes(&mut self, key: &str) -> Vec<u8> {
         match &self.entries.get(key).expect("record exists").body {

@@ -39,6 +39,7 @@ pub enum Message {
         /// The sender's human name, for status screens.
         name: String,
         /// Collections the sender replicates; `None` for all.
+        #[serde(deserialize_with = "bounded::option_vec::<SCOPE_COLLECTIONS_MAX, _, _>")]
         scope: Option<Vec<String>>,
         /// The policy the sender enforces, if any, so the side with the newer one sends it.
         policy: Option<PolicyTag>,
@@ -64,6 +65,7 @@ pub enum Message {
     /// Newly committed changes.
     Push {
         /// The envelopes, in dependency order.
+        #[serde(deserialize_with = "bounded::vec::<CHANGES_PER_MESSAGE_MAX, _, _>")]
         changes: Vec<EnvelopeBytes>,
     },
     /// A record has new heads whose changes were too large to push.
@@ -71,11 +73,13 @@ pub enum Message {
         /// The record's key.
         record: String,
         /// Its new heads.
+        #[serde(deserialize_with = "bounded::hashes::<HEADS_PER_ITEM_MAX, _>")]
         heads: Vec<Hash>,
     },
     /// Requests for changes outside a session (after a push with missing dependencies).
     Need {
         /// What the sender has of each record.
+        #[serde(deserialize_with = "bounded::vec::<NEEDS_PER_MESSAGE_MAX, _, _>")]
         needs: Vec<Need>,
     },
     /// One round of a reconciliation, from the initiator.
@@ -89,6 +93,7 @@ pub enum Message {
         /// Whether the initiator sent them (session numbers are the initiator's).
         from_initiator: bool,
         /// The envelopes, in dependency order per record.
+        #[serde(deserialize_with = "bounded::vec::<CHANGES_PER_MESSAGE_MAX, _, _>")]
         changes: Vec<EnvelopeBytes>,
     },
     /// The initiator ends a session.
@@ -115,8 +120,10 @@ pub struct Round {
     /// The session, numbered by its initiator.
     pub session: u64,
     /// Ranges still to be compared; contiguous and increasing.
+    #[serde(deserialize_with = "bounded::vec::<RANGES_PER_MESSAGE_MAX, _, _>")]
     pub ranges: Vec<Range>,
     /// Records whose changes the sender lacks.
+    #[serde(deserialize_with = "bounded::vec::<NEEDS_PER_MESSAGE_MAX, _, _>")]
     pub needs: Vec<Need>,
     /// The policy the sender enforces: a policy message lost on a connection that
     /// stayed up is sent again at the next round, not only on the next hello.
@@ -145,7 +152,7 @@ pub enum RangeSummary {
         count: u64,
     },
     /// Every record the sender has in the range, with its heads.
-    Items(Vec<Item>),
+    Items(#[serde(deserialize_with = "bounded::vec::<ITEMS_PER_MESSAGE_MAX, _, _>")] Vec<Item>),
 }
 
 /// A record and its heads.
@@ -154,6 +161,7 @@ pub struct Item {
     /// The record's key.
     pub record: String,
     /// Its heads, sorted.
+    #[serde(deserialize_with = "bounded::hashes::<HEADS_PER_ITEM_MAX, _>")]
     pub heads: Vec<Hash>,
 }
 
@@ -163,9 +171,11 @@ pub struct Need {
     /// The record's key.
     pub record: String,
     /// The sender's heads (empty if it has nothing).
+    #[serde(deserialize_with = "bounded::hashes::<HEADS_PER_ITEM_MAX, _>")]
     pub heads: Vec<Hash>,
     /// Some of the sender's older hashes, nearest first, so that a peer whose history
     /// forked can find what both share and send only the rest.
+    #[serde(deserialize_with = "bounded::hashes::<NEED_ANCESTORS_MAX, _>")]
     pub ancestors: Vec<Hash>,
 }
 
@@ -212,6 +222,7 @@ impl Message {
         if version != WIRE_VERSION {
             return Err(WireError::Version(version));
         }
+        bounded::start_message();
         let message: Message =
             postcard::from_bytes(body).map_err(|error| WireError::Malformed(error.to_string()))?;
         message.check_limits()?;
@@ -268,6 +279,118 @@ fn check(what: &'static str, found: usize, limit: usize) -> Result<(), WireError
         Err(WireError::OverLimit { what, found, limit })
     } else {
         Ok(())
+    }
+}
+
+/// Limits checked while decoding, before anything is allocated for them: each list has its
+/// own bound, and the lists of one message together hold at most
+/// [`MESSAGE_ELEMENTS_MAX`] elements. Checked only after decoding, a list of empty elements
+/// (one byte each on the wire, 24 or more in memory) would cost about 25 times the
+/// message's size first: 200 MB for one 8 MiB message.
+mod bounded {
+    use std::cell::Cell;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+
+    use crate::limits::MESSAGE_ELEMENTS_MAX;
+
+    thread_local! {
+        /// List elements the message being decoded may still hold. Decoding runs on one
+        /// thread from start to end, so a thread-local budget is exact.
+        static BUDGET: Cell<usize> = const { Cell::new(MESSAGE_ELEMENTS_MAX) };
+    }
+
+    /// Resets the budget for the next message.
+    pub(super) fn start_message() {
+        BUDGET.with(|budget| budget.set(MESSAGE_ELEMENTS_MAX));
+    }
+
+    fn take<E: Error>(count: usize) -> Result<(), E> {
+        BUDGET.with(|budget| match budget.get().checked_sub(count) {
+            Some(left) => {
+                budget.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(format!(
+                "the message holds more than {MESSAGE_ELEMENTS_MAX} list elements"
+            ))),
+        })
+    }
+
+    struct Bounded<const MAX: usize, const COUNTED: bool, T>(PhantomData<T>);
+
+    impl<'de, const MAX: usize, const COUNTED: bool, T: Deserialize<'de>> Visitor<'de>
+        for Bounded<MAX, COUNTED, T>
+    {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX} elements")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let declared = seq.size_hint().unwrap_or(0);
+            if declared > MAX {
+                return Err(A::Error::custom(format!(
+                    "a list of {declared} elements; the limit is {MAX}"
+                )));
+            }
+            if COUNTED {
+                take::<A::Error>(declared)?;
+            }
+            let mut list = Vec::with_capacity(declared);
+            while let Some(element) = seq.next_element()? {
+                if list.len() == MAX {
+                    return Err(A::Error::custom(format!("a list over the limit of {MAX}")));
+                }
+                list.push(element);
+            }
+            Ok(list)
+        }
+    }
+
+    /// A `Vec` of at most `MAX` elements, counted against the message's budget.
+    pub(super) fn vec<'de, const MAX: usize, D: Deserializer<'de>, T: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<T>, D::Error> {
+        deserializer.deserialize_seq(Bounded::<MAX, true, T>(PhantomData))
+    }
+
+    /// A `Vec` of at most `MAX` hashes: 32 bytes on the wire and in memory, so not counted
+    /// against the budget.
+    pub(super) fn hashes<'de, const MAX: usize, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<[u8; 32]>, D::Error> {
+        deserializer.deserialize_seq(Bounded::<MAX, false, [u8; 32]>(PhantomData))
+    }
+
+    struct BoundedOption<const MAX: usize, T>(PhantomData<T>);
+
+    impl<'de, const MAX: usize, T: Deserialize<'de>> Visitor<'de> for BoundedOption<MAX, T> {
+        type Value = Option<Vec<T>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "nothing, or a list of at most {MAX} elements")
+        }
+
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            vec::<MAX, D, T>(deserializer).map(Some)
+        }
+    }
+
+    /// An `Option<Vec>` of at most `MAX` elements.
+    pub(super) fn option_vec<'de, const MAX: usize, D: Deserializer<'de>, T: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Vec<T>>, D::Error> {
+        deserializer.deserialize_option(BoundedOption::<MAX, T>(PhantomData))
     }
 }
 
