@@ -77,7 +77,7 @@ pub enum VerifyError {
 }
 
 /// The bytes a change signature covers.
-fn signed_message(org: &OrgId, record: &RecordId, hash: &ChangeHash) -> Vec<u8> {
+pub(crate) fn signed_message(org: &OrgId, record: &RecordId, hash: &ChangeHash) -> Vec<u8> {
     let record = record.as_str().as_bytes();
     let mut message = Vec::with_capacity(SIGNING_CONTEXT.len() + 32 + 2 + record.len() + 32);
     message.extend_from_slice(SIGNING_CONTEXT);

@@ -174,3 +174,17 @@ fn push_uleb(out: &mut Vec<u8>, mut value: u64) {
         out.push(byte | 0x80);
     }
 }
+
+/// An envelope for `record` carrying `change_bytes` as they are, signed by `identity` over
+/// the hash Automerge would compute for them (SHA-256 of the chunk after its magic and
+/// checksum). The signature is valid only if the bytes name `identity` as their actor.
+pub fn sign_raw(
+    identity: &crate::Identity,
+    org: &crate::OrgId,
+    record: &crate::RecordId,
+    change_bytes: &[u8],
+) -> crate::Envelope {
+    let hash = crate::ChangeHash(sha2::Sha256::digest(change_bytes.get(8..).unwrap_or(&[])).into());
+    let signature = identity.sign(&crate::change::signed_message(org, record, &hash));
+    crate::Envelope::encode(record, change_bytes, &signature)
+}

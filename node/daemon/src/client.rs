@@ -36,6 +36,12 @@ impl Client {
             .into());
         }
         let addr = std::fs::read_to_string(dir.api_addr()).map_err(|_| not_running(dir))?;
+        // The token goes only to the daemon of this directory. After a crash `api.addr`
+        // stays behind, and another local user could listen at the address it names; but
+        // then no process holds the directory's LOCK, so nothing is sent.
+        if !crate::store::daemon_holds_lock(dir) {
+            return Err(not_running(dir));
+        }
         let token = std::fs::read_to_string(dir.token())
             .with_context(|| format!("cannot read {}", dir.token().display()))?;
         let agent = ureq::Agent::config_builder()

@@ -171,6 +171,9 @@ impl Net {
     ) -> anyhow::Result<Net> {
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(secret)
             .context("the node key is not an ed25519 key")?;
+        for address in listen {
+            check_port_free(address)?;
+        }
         let limits = connection_limits::ConnectionLimits::default()
             .with_max_established(Some(CONNECTIONS_MAX))
             .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER_MAX))
@@ -589,6 +592,39 @@ async fn read_u32<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<u32> {
 
 fn peer_id(node: &NodeId) -> Option<PeerId> {
     node.to_string().parse().ok()
+}
+
+/// Fails if a TCP listen address names a port something else already listens on. libp2p
+/// listens with SO_REUSEPORT, so a second daemon on the same port would start and Linux
+/// would share incoming connections between the two: peers meant for one would land on
+/// the other. A plain bind (without SO_REUSEPORT) fails on a port in use, whoever holds it.
+fn check_port_free(address: &str) -> anyhow::Result<()> {
+    let Ok(address) = address.parse::<Multiaddr>() else {
+        return Ok(());
+    };
+    let mut ip = None;
+    let mut port = None;
+    for part in address.iter() {
+        match part {
+            libp2p::multiaddr::Protocol::Ip4(v4) => ip = Some(std::net::IpAddr::V4(v4)),
+            libp2p::multiaddr::Protocol::Ip6(v6) => ip = Some(std::net::IpAddr::V6(v6)),
+            libp2p::multiaddr::Protocol::Tcp(number) => port = Some(number),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse => anyhow::bail!(
+            "TCP port {port} on {ip} is already in use (another mesh daemon, or another program): choose another --listen address in config.toml"
+        ),
+        Err(error) => Err(error).with_context(|| format!("cannot listen on {address}")),
+    }
 }
 
 /// Refuses connections from peers that are not members of the policy in force.

@@ -243,3 +243,12 @@ pub fn repair(dir: &DataDir) -> anyhow::Result<crate::changelog::RepairReport> {
     ChangeLog::repair(&dir.log())
         .with_context(|| format!("cannot repair the change log {}", dir.log().display()))
 }
+
+/// Whether a daemon holds the data directory's LOCK (is running on it).
+pub fn daemon_holds_lock(dir: &DataDir) -> bool {
+    match File::open(dir.lock()) {
+        // Taking the lock means nobody held it; dropping the file releases it.
+        Ok(file) => file.try_lock().is_err(),
+        Err(_) => false,
+    }
+}

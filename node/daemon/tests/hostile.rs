@@ -178,3 +178,39 @@ fn a_byte_flipped_mid_log_stops_the_node_and_repair_keeps_everything_else() {
         .collect();
     assert_eq!(damaged.len(), 1, "the damaged bytes are kept aside");
 }
+
+#[test]
+fn the_token_is_not_sent_to_a_listener_named_by_a_stale_api_addr() {
+    let dir = TempDir::new("stale-addr");
+    init(&dir.0, "one");
+    // No daemon runs; a stranger listens where a stale api.addr points.
+    let stranger = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = stranger.local_addr().unwrap();
+    std::fs::write(dir.0.join("api.addr"), address.to_string()).unwrap();
+    stranger.set_nonblocking(true).unwrap();
+    let output = mesh(&dir.0, &["status"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no mesh daemon is running"), "{stderr}");
+    assert!(
+        stranger.accept().is_err(),
+        "the CLI connected to the stranger"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_a_port_in_use_fails_at_start() {
+    let [a, b] = [TempDir::new("port-a"), TempDir::new("port-b")];
+    init(&a.0, "alpha");
+    init(&b.0, "beta");
+    let _a = start(&a.0);
+    let address = listen_addr(&a.0);
+    // b is set to listen on a's port.
+    let config = b.0.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("/ip4/127.0.0.1/tcp/0", &address)).unwrap();
+    let output = mesh(&b.0, &["node", "run"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already in use"), "{stderr}");
+}
