@@ -6,6 +6,7 @@
 //! panic into a [`VerifyError::Change`]. Callers run it on copies, so a panic half-way
 //! through leaves nothing they keep in a broken state.
 
+use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::change::VerifyError;
@@ -18,7 +19,10 @@ pub(crate) fn no_panic<T>(
     what: &str,
     work: impl FnOnce() -> Result<T, VerifyError>,
 ) -> Result<T, VerifyError> {
-    match catch_unwind(AssertUnwindSafe(work)) {
+    let outer = GUARDED.with(|guarded| guarded.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(work));
+    GUARDED.with(|guarded| guarded.set(outer));
+    match result {
         Ok(result) => result,
         Err(payload) => {
             let detail = payload
@@ -32,4 +36,21 @@ pub(crate) fn no_panic<T>(
             )))
         }
     }
+}
+
+thread_local! {
+    /// Whether this thread is inside [`no_panic`].
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Installs a panic hook that stays silent for panics [`no_panic`] catches (they become
+/// errors, counted and reported by the node) and hands every other panic to the hook that
+/// was installed before. For binaries (the daemon, the simulator); a library sets no hook.
+pub fn quiet_guarded_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !GUARDED.with(Cell::get) {
+            previous(info);
+        }
+    }));
 }

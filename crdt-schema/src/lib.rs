@@ -17,7 +17,7 @@
 
 pub mod change;
 pub mod crafted;
-mod guard;
+pub mod guard;
 pub mod identity;
 pub mod policy;
 pub mod record;

@@ -10,7 +10,10 @@
 //! The last node is byzantine: a member with the `site` role whose own core is honest, but
 //! which also crafts messages directly: changes with forged signatures, catalogue writes
 //! signed with its own key, changes replayed into another record, old policies, policies
-//! signed by a key that is not the org's, and garbage.
+//! signed by a key that is not the org's, garbage, and the crafted change classes of the
+//! security review, signed with its own key: a change that makes Automerge panic when
+//! applied (after the change it edits), a non-canonical change (an unknown op column) and a
+//! compressed change.
 //!
 //! The checker `reference-written-by-non-master` runs at every record change on every
 //! honest node: every change in a catalogue record's accepted document must be written by
@@ -42,6 +45,40 @@ pub struct PolicyPlay {
     byzantine_identity: Identity,
     /// The latest policy issued.
     pub issued: u64,
+    /// Crafted change bytes by the byzantine node, made once: (a record's first change, an
+    /// edit of it that makes Automerge panic), a non-canonical change, a compressed one.
+    crafted: Crafted,
+}
+
+struct Crafted {
+    base: Vec<u8>,
+    panicking: Option<Vec<u8>>,
+    non_canonical: Vec<u8>,
+    compressed: Vec<u8>,
+}
+
+impl Crafted {
+    fn new(author: &NodeId) -> Crafted {
+        let (base, edit) = crdt_schema::crafted::edit_of_anothers_objects(author, author);
+        let base_change = base
+            .changes_after(&[])
+            .pop()
+            .expect("the base has a change");
+        let panicking = crdt_schema::crafted::panicking_mutant(&base, &edit)
+            .map(|change| change.raw_bytes().to_vec());
+        let mut doc = RecordDoc::new(author);
+        let blob = [("blob".to_owned(), Some(FieldValue::Str("z".repeat(2000))))];
+        let mut large = doc
+            .edit(&Edit::Put(blob.into()), 0)
+            .expect("a fresh document takes an edit")
+            .expect("setting a field changes it");
+        Crafted {
+            base: base_change.raw_bytes().to_vec(),
+            panicking,
+            non_canonical: crdt_schema::crafted::with_unknown_column(edit.raw_bytes()),
+            compressed: large.bytes().into_owned(),
+        }
+    }
 }
 
 impl PolicyPlay {
@@ -57,6 +94,7 @@ impl PolicyPlay {
             byzantine,
             byzantine_identity: identities[byzantine].clone(),
             issued: 1,
+            crafted: Crafted::new(&identities[byzantine].node_id()),
         }
     }
 
@@ -137,7 +175,35 @@ impl PolicyPlay {
                 .expect("a fresh document takes an edit")
                 .expect("setting a field changes it")
         };
-        match rng.range(0, 6) {
+        let sign = |record: &RecordId, bytes: &[u8]| {
+            crdt_schema::crafted::sign_raw(&self.byzantine_identity, &self.org_id, record, bytes)
+                .into_bytes()
+        };
+        // Crafted changes go to a collection every member may write, so they reach
+        // Automerge rather than stop at the writer rule.
+        let open = RecordId::new("crafted", &format!("c{}", rng.range(0, 4))).expect("valid names");
+        match rng.range(0, 9) {
+            6 => match &self.crafted.panicking {
+                Some(panicking) => (
+                    "change that makes automerge panic",
+                    Message::Push {
+                        changes: vec![
+                            EnvelopeBytes(sign(&open, &self.crafted.base)),
+                            EnvelopeBytes(sign(&open, panicking)),
+                        ],
+                    }
+                    .encode(),
+                ),
+                None => ("garbage", vec![0xff]),
+            },
+            7 => (
+                "non-canonical change",
+                push(sign(&open, &self.crafted.non_canonical)),
+            ),
+            8 => (
+                "compressed change",
+                push(sign(&open, &self.crafted.compressed)),
+            ),
             0 => {
                 // Claims head office's authorship; signed with its own key.
                 let change = own_change(&self.nodes[0]);

@@ -1005,3 +1005,90 @@ fn under_a_policy_peers_are_shown_by_their_member_name_not_the_one_they_claim() 
     expected.sort();
     assert_eq!(shown, expected);
 }
+
+#[test]
+fn the_first_policy_does_not_turn_a_strangers_writes_into_accepted_history() {
+    // Finding 9 of the security review: an open mesh took a catalogue write from a key that
+    // was never a member; the first policy must not endorse it.
+    let mut mesh = mesh(3);
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    let stranger = Identity::from_seed(777);
+    let mut doc = RecordDoc::new(&stranger.node_id());
+    let edit = Edit::Put([("price".to_owned(), Some(FieldValue::Int(1)))].into());
+    let change = doc.edit(&edit, 0).unwrap().unwrap();
+    let signed = VerifiedChange::sign(&stranger, &org_id(), "catalogue/x".parse().unwrap(), change);
+    let push = Message::Push {
+        changes: vec![EnvelopeBytes(signed.envelope.as_bytes().to_vec())],
+    };
+    mesh.inject(CLINIC1, HQ, push.encode());
+    settle(&mut mesh);
+    assert!(
+        mesh.get(HQ, "catalogue/x").is_some(),
+        "open: accepted before the policy"
+    );
+    apply(&mut mesh, HQ, standard(1));
+    settle(&mut mesh);
+    for index in 0..3 {
+        assert!(
+            mesh.get(index, "catalogue/x").is_none(),
+            "node {index} still shows the stranger's catalogue write"
+        );
+        assert!(
+            quarantined(&mesh, index)
+                .iter()
+                .any(|(record, hash)| record == "catalogue/x" && *hash == signed.hash()),
+            "node {index}"
+        );
+    }
+}
+
+#[test]
+fn a_member_flooding_many_records_is_bounded_over_all_records() {
+    use mesh_core::limits::{QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_RECORD_MAX};
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // clinic1 writes catalogue records it may not write: the per-record bound in each of
+    // enough records to pass the per-author bound.
+    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
+    let records = QUARANTINE_PER_AUTHOR_MAX / QUARANTINE_PER_RECORD_MAX + 4;
+    let mut flood = Vec::new();
+    for record in 0..records {
+        for value in 0..QUARANTINE_PER_RECORD_MAX as i64 {
+            let mut doc = RecordDoc::new(&identity.node_id());
+            let change = doc
+                .edit(
+                    &Edit::Put(fields(&[("price", FieldValue::Int(value))])),
+                    1_790_000_000_000,
+                )
+                .unwrap()
+                .unwrap();
+            let signed = VerifiedChange::sign(
+                &identity,
+                &org_id(),
+                format!("catalogue/flood-{record}").parse().unwrap(),
+                change,
+            );
+            flood.push(EnvelopeBytes(signed.envelope.as_bytes().to_vec()));
+        }
+    }
+    for batch in flood.chunks(1000) {
+        mesh.inject(
+            CLINIC1,
+            HQ,
+            Message::Push {
+                changes: batch.to_vec(),
+            }
+            .encode(),
+        );
+        mesh.run_until_quiet(1000);
+    }
+    let held = quarantined(&mesh, HQ).len();
+    assert!(
+        held <= QUARANTINE_PER_AUTHOR_MAX,
+        "hq holds {held} quarantined changes by one author"
+    );
+    assert!(mesh.status(HQ).counters.changes_dropped > 0);
+}

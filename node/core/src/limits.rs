@@ -69,6 +69,10 @@ pub const HISTORY_ENTRIES_MAX: usize = 1000;
 /// Most quarantined changes held for one record; past it, further changes the policy
 /// would reject are dropped (a member flooding one record).
 pub const QUARANTINE_PER_RECORD_MAX: usize = 32;
+/// Most quarantined changes by one author over all records.
+pub const QUARANTINE_PER_AUTHOR_MAX: usize = 4096;
+/// Most quarantined changes over all records and authors.
+pub const QUARANTINE_TOTAL_MAX: usize = 65_536;
 /// Most rejection receipts kept.
 pub const RECEIPTS_MAX: usize = 256;
 /// Most changes refused on arrival (bad signature, malformed) remembered for the operator.

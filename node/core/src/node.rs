@@ -386,6 +386,27 @@ struct Pipeline {
     /// Those of them whose author the policy forbade when they arrived: they count toward
     /// their record's quarantine bound before they are settled.
     forbidden: BTreeSet<(String, ChangeHash)>,
+    /// How many of `forbidden` each author made, toward the per-author bound.
+    forbidden_by_author: BTreeMap<NodeId, usize>,
+}
+
+impl Pipeline {
+    fn note_forbidden(&mut self, id: (String, ChangeHash), author: NodeId) {
+        if self.forbidden.insert(id) {
+            *self.forbidden_by_author.entry(author).or_default() += 1;
+        }
+    }
+
+    fn settle_forbidden(&mut self, id: &(String, ChangeHash), author: &NodeId) {
+        if self.forbidden.remove(id)
+            && let Some(count) = self.forbidden_by_author.get_mut(author)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.forbidden_by_author.remove(author);
+            }
+        }
+    }
 }
 
 /// A remote change waiting for its dependencies.
@@ -1177,7 +1198,7 @@ impl Node {
                     counted,
                 } => {
                     let id = (change.record.as_str().to_owned(), change.hash());
-                    self.pipeline.forbidden.remove(&id);
+                    self.pipeline.settle_forbidden(&id, &change.author);
                     self.pipeline.remote.remove(&id);
                     if let Origin::Session { id, initiator } = origin
                         && counted
@@ -1333,7 +1354,7 @@ impl Node {
                 }
                 PipelineEntry::Remote { change, .. } => {
                     let id = (change.record.as_str().to_owned(), change.hash());
-                    self.pipeline.forbidden.remove(&id);
+                    self.pipeline.settle_forbidden(&id, &change.author);
                     self.pipeline.remote.remove(&id);
                     self.counters.changes_dropped += 1;
                 }
@@ -1368,9 +1389,13 @@ impl Node {
         // A write a newer policy forbade while its append was in flight waits in quarantine;
         // the append failed, so it was never durable and must not be held either.
         let quarantined = entry.quarantine.len();
-        entry.quarantine.retain(|hash, _| !undone.contains(hash));
-        let quarantine_changed = entry.quarantine.len() != quarantined;
-        if entry.heads.is_empty() && entry.unacked.is_empty() && entry.quarantine.is_empty() {
+        let mut quarantine = entry.quarantine.clone();
+        quarantine.retain(|hash, _| !undone.contains(hash));
+        let quarantine_changed = quarantine.len() != quarantined;
+        let nothing_left =
+            entry.heads.is_empty() && entry.unacked.is_empty() && quarantine.is_empty();
+        self.records.set_quarantine(key, quarantine);
+        if nothing_left {
             self.records.remove_empty(key);
         } else {
             self.records.replace_doc(key, rebuilt);
@@ -1475,7 +1500,7 @@ impl Node {
                 }
             };
             let key = change.record.as_str().to_owned();
-            if !self.quarantine_has_room(&key)
+            if !self.quarantine_has_room(&key, &change.author)
                 && self
                     .author_verdict(&change.author, change.record.collection())
                     .is_err()
@@ -1506,6 +1531,21 @@ impl Node {
         });
     }
 
+    /// How many remote changes by authors the policy forbids are queued for (or in) a log
+    /// append, over all records.
+    pub(crate) fn pipeline_forbidden_len(&self) -> usize {
+        self.pipeline.forbidden.len()
+    }
+
+    /// How many of those `author` made.
+    pub(crate) fn pipeline_forbidden_by(&self, author: &NodeId) -> usize {
+        self.pipeline
+            .forbidden_by_author
+            .get(author)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The remote changes of one record, by authors the policy forbids, queued for (or in)
     /// a log append.
     pub(crate) fn pipeline_forbidden_changes<'a>(
@@ -1529,7 +1569,7 @@ impl Node {
             .author_verdict(&change.author, change.record.collection())
             .is_err()
         {
-            self.pipeline.forbidden.insert(id.clone());
+            self.pipeline.note_forbidden(id.clone(), change.author);
         }
         self.pipeline.remote.insert(id);
         let mut counted = false;
@@ -1604,7 +1644,7 @@ impl Node {
                 let forbidden = self
                     .author_verdict(&pending.change.author, pending.change.record.collection())
                     .is_err();
-                if forbidden && !self.quarantine_has_room(&id.0) {
+                if forbidden && !self.quarantine_has_room(&id.0, &pending.change.author) {
                     // The same bound as on arrival (see `admit_changes`).
                     self.counters.changes_dropped += 1;
                     continue;

@@ -27,7 +27,8 @@ use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, VerifiedChang
 use serde::Serialize;
 
 use crate::limits::{
-    QUARANTINE_PER_RECORD_MAX, RECEIPTS_MAX, REFUSED_CHANGES_MAX, REFUSED_PEERS_MAX,
+    QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_RECORD_MAX, QUARANTINE_TOTAL_MAX, RECEIPTS_MAX,
+    REFUSED_CHANGES_MAX, REFUSED_PEERS_MAX,
 };
 use crate::node::{CommandError, CommandId, Effect, Event, Node, Reply};
 use crate::records::Quarantined;
@@ -501,16 +502,29 @@ impl Node {
             if policy::judge_author(new, &me, collection).is_err() {
                 continue;
             }
-            let loses_a_writer =
-                self.records
-                    .doc_mut(&key)
-                    .changes_after(&[])
-                    .iter()
-                    .any(|change| {
-                        NodeId::from_slice(change.actor_id().to_bytes()).map_or(true, |author| {
-                            policy::judge_author(new, &author, collection).is_err()
-                        })
-                    });
+            // Only history by authors who were allowed to write it is kept: under the
+            // previous policy, or before the first one this node and its trusted peers.
+            // Writes by keys that never had the right (a stranger while the mesh was open)
+            // are not laundered into accepted history.
+            let previous = self
+                .policy
+                .in_force
+                .as_ref()
+                .map(|in_force| &in_force.policy);
+            let trusted = self.config.trusted_peers.as_ref();
+            let was_allowed = |author: &NodeId| match previous {
+                Some(previous) => policy::judge_author(previous, author, collection).is_ok(),
+                None => *author == me || trusted.is_some_and(|trusted| trusted.contains(author)),
+            };
+            let loses_a_writer = self
+                .records
+                .doc_mut(&key)
+                .changes_after(&[])
+                .iter()
+                .filter_map(|change| NodeId::from_slice(change.actor_id().to_bytes()).ok())
+                .any(|author| {
+                    was_allowed(&author) && policy::judge_author(new, &author, collection).is_err()
+                });
             if !loses_a_writer {
                 continue;
             }
@@ -883,7 +897,7 @@ impl Node {
         let entry = self.records.entry_mut(key).expect("record exists");
         entry.heads = heads;
         entry.signatures = signatures;
-        entry.quarantine = quarantine;
+        self.records.set_quarantine(key, quarantine);
         if changed || quarantine_changed {
             self.records.refresh_item(key);
         }
@@ -896,7 +910,7 @@ impl Node {
     /// Whether the record can take another quarantined change (a bound against a member
     /// flooding one record with changes it may not make). Changes of the record still on
     /// their way to the log count too, so one large message cannot overshoot the bound.
-    pub(crate) fn quarantine_has_room(&self, key: &str) -> bool {
+    pub(crate) fn quarantine_has_room(&self, key: &str, author: &NodeId) -> bool {
         let held = self
             .records
             .entry(key)
@@ -905,7 +919,13 @@ impl Node {
             .pipeline_forbidden_changes(key)
             .take(QUARANTINE_PER_RECORD_MAX)
             .count();
+        // Over all records too, per author and in all: per record alone, a member could
+        // fill the quarantine of every record it can name. Changes in flight count.
         held + in_flight < QUARANTINE_PER_RECORD_MAX
+            && self.records.quarantined_by(author) + self.pipeline_forbidden_by(author)
+                < QUARANTINE_PER_AUTHOR_MAX
+            && self.records.quarantined_total() + self.pipeline_forbidden_len()
+                < QUARANTINE_TOTAL_MAX
     }
 
     /// Tells the author of a change this node rejected, if it is connected.

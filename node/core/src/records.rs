@@ -73,6 +73,10 @@ pub struct Records {
     loaded: BTreeMap<u64, String>,
     use_clock: u64,
     loaded_max: usize,
+    /// Quarantined changes held, over all records and by author: the bounds against a
+    /// member that floods many records (see `Node::quarantine_has_room`).
+    quarantined_total: usize,
+    quarantined_by_author: BTreeMap<NodeId, usize>,
 }
 
 impl Records {
@@ -87,6 +91,8 @@ impl Records {
             total: Accumulator::default(),
             author,
             loaded: BTreeMap::new(),
+            quarantined_total: 0,
+            quarantined_by_author: BTreeMap::new(),
             use_clock: 0,
             loaded_max,
         }
@@ -154,6 +160,40 @@ impl Records {
         self.touch(record.as_str());
     }
 
+    /// Replaces a record's quarantine, keeping the tallies right.
+    pub fn set_quarantine(&mut self, key: &str, quarantine: BTreeMap<ChangeHash, Quarantined>) {
+        self.tally(&quarantine, true);
+        let entry = self.entries.get_mut(key).expect("record exists");
+        let old = std::mem::replace(&mut entry.quarantine, quarantine);
+        self.tally(&old, false);
+    }
+
+    fn tally(&mut self, quarantine: &BTreeMap<ChangeHash, Quarantined>, add: bool) {
+        for held in quarantine.values() {
+            let count = self.quarantined_by_author.entry(held.author).or_default();
+            if add {
+                *count += 1;
+                self.quarantined_total += 1;
+            } else {
+                *count = count.saturating_sub(1);
+                self.quarantined_total = self.quarantined_total.saturating_sub(1);
+                if *count == 0 {
+                    self.quarantined_by_author.remove(&held.author);
+                }
+            }
+        }
+    }
+
+    /// Quarantined changes held over all records.
+    pub fn quarantined_total(&self) -> usize {
+        self.quarantined_total
+    }
+
+    /// Quarantined changes by `author` held over all records.
+    pub fn quarantined_by(&self, author: &NodeId) -> usize {
+        self.quarantined_by_author.get(author).copied().unwrap_or(0)
+    }
+
     /// Removes a record that has neither durable nor pending changes (a first write that
     /// failed), so that it does not appear.
     pub fn remove_empty(&mut self, key: &str) {
@@ -180,7 +220,9 @@ impl Records {
         if let Some(old) = self.entries.remove(record.as_str()) {
             self.total.remove(&old.item);
             self.loaded.remove(&old.last_used);
+            self.tally(&old.quarantine, false);
         }
+        self.tally(&quarantine, true);
         self.total.add(&item);
         self.entries.insert(
             record.as_str().to_owned(),

@@ -794,6 +794,11 @@ impl Node {
         if count == 0 {
             // They have nothing here: send everything.
             for (key, _, _) in &mine {
+                if output.truncated {
+                    // The round's budget is spent: the rest waits for the next round,
+                    // and no document is loaded for changes that would not be sent.
+                    break;
+                }
                 let envelopes = self.envelopes_after(key, &[]);
                 output.add_changes(envelopes);
             }
@@ -868,6 +873,9 @@ impl Node {
             .map(|entry| entry.record.as_str().to_owned())
             .collect();
         for key in missing_there {
+            if output.truncated {
+                break;
+            }
             let envelopes = self.envelopes_after(&key, &[]);
             output.add_changes(envelopes);
         }
@@ -909,11 +917,16 @@ impl Node {
         }
         let all_known = their_heads.iter().all(|head| self.is_known(key, head));
         if all_known {
+            if output.truncated {
+                return;
+            }
             let envelopes = self.envelopes_after(key, their_heads);
             output.add_changes(envelopes);
             return;
         }
-        if let Some(ancestors) = their_ancestors {
+        if let Some(ancestors) = their_ancestors
+            && !output.truncated
+        {
             // Their history forked from ours: send what follows the hashes we share.
             let have: Vec<ChangeHash> = their_heads.iter().chain(ancestors).copied().collect();
             let envelopes = self.envelopes_after(key, &have);

@@ -277,6 +277,9 @@ enum SyncCommand {
 }
 
 fn main() -> ExitCode {
+    // Automerge panics on some crafted changes; the door catches them, and they need not
+    // reach stderr as if the daemon had crashed.
+    crdt_schema::guard::quiet_guarded_panics();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
