@@ -33,6 +33,10 @@ const PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/stream/1");
 const WRITE_BYTES_MAX: usize = 1024 * 1024;
 /// Most messages queued for one peer; past it the peer is too slow and is disconnected.
 const QUEUE_MESSAGES_MAX: usize = 16_384;
+/// Most bytes queued for one peer; past it the peer is disconnected as not keeping up.
+const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most bytes reserved for a frame before its bytes arrive.
+const FRAME_PREALLOCATE_MAX: usize = 64 * 1024;
 /// Established connections, in all and per peer, and pending ones.
 const CONNECTIONS_MAX: u32 = 256;
 const CONNECTIONS_PER_PEER_MAX: u32 = 2;
@@ -75,14 +79,23 @@ struct Behaviour {
 /// The queue of one connected peer, drained by its writer task.
 struct Outbox {
     queue: mpsc::Sender<Vec<u8>>,
+    /// Bytes in `queue`, bounded by [`QUEUE_BYTES_MAX`]: the message bound alone would let
+    /// a peer that stops reading hold 16,384 messages of up to 8 MiB.
+    queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Which connection of the peer the writer serves.
     generation: u64,
 }
 
 /// What the stream tasks tell the network.
 enum TaskEvent {
-    /// A reader task took a new inbound stream of the peer.
-    Opened { peer: PeerId, stream: u64 },
+    /// A new inbound stream of the peer, and the reader task that will read it once told
+    /// to start (so that this event comes before any of its frames).
+    Opened {
+        peer: PeerId,
+        stream: u64,
+        reader: tokio::task::AbortHandle,
+        start: tokio::sync::oneshot::Sender<()>,
+    },
     /// A frame arrived on an inbound stream.
     Frame {
         peer: PeerId,
@@ -113,8 +126,9 @@ pub struct Net {
     control: libp2p_stream::Control,
     outboxes: BTreeMap<PeerId, Outbox>,
     next_generation: u64,
-    /// Each connected peer's current inbound stream; frames of any other are dropped.
-    inbound: BTreeMap<PeerId, u64>,
+    /// Each connected peer's current inbound stream and its reader; frames of any other
+    /// are dropped, and an older reader is stopped: one live inbound stream per peer.
+    inbound: BTreeMap<PeerId, (u64, tokio::task::AbortHandle)>,
     tasks_tx: mpsc::Sender<TaskEvent>,
     tasks: mpsc::Receiver<TaskEvent>,
     bootstrap: Vec<Multiaddr>,
@@ -309,7 +323,16 @@ impl Net {
         let Some(outbox) = self.outboxes.get(&peer) else {
             return;
         };
+        use std::sync::atomic::Ordering;
+        let length = bytes.len();
+        if outbox.queued_bytes.load(Ordering::Relaxed) + length > QUEUE_BYTES_MAX {
+            tracing::warn!(%peer, "peer is not keeping up ({QUEUE_BYTES_MAX} bytes queued); disconnecting");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        }
+        outbox.queued_bytes.fetch_add(length, Ordering::Relaxed);
         if let Err(mpsc::error::TrySendError::Full(_)) = outbox.queue.try_send(bytes) {
+            outbox.queued_bytes.fetch_sub(length, Ordering::Relaxed);
             tracing::warn!(%peer, "peer is not keeping up; disconnecting");
             let _ = self.swarm.disconnect_peer_id(peer);
         }
@@ -337,14 +360,24 @@ impl Net {
 
     fn task_event(&mut self, event: TaskEvent) -> NetEvent {
         match event {
-            TaskEvent::Opened { peer, stream } => {
-                // Readers start in any order; the newest stream of a connected peer wins.
+            TaskEvent::Opened {
+                peer,
+                stream,
+                reader,
+                start,
+            } => {
+                // The newest stream of a connected peer wins; the reader of any other stops.
                 let newer = self
                     .inbound
                     .get(&peer)
-                    .is_none_or(|current| stream > *current);
+                    .is_none_or(|(current, _)| stream > *current);
                 if self.outboxes.contains_key(&peer) && newer {
-                    self.inbound.insert(peer, stream);
+                    if let Some((_, old)) = self.inbound.insert(peer, (stream, reader)) {
+                        old.abort();
+                    }
+                    let _ = start.send(());
+                } else {
+                    reader.abort();
                 }
                 NetEvent::Nothing
             }
@@ -352,7 +385,10 @@ impl Net {
                 peer,
                 stream,
                 bytes,
-            } => match (self.inbound.get(&peer) == Some(&stream), node_id(&peer)) {
+            } => match (
+                self.inbound.get(&peer).map(|(current, _)| *current) == Some(stream),
+                node_id(&peer),
+            ) {
                 (true, Some(from)) => NetEvent::Message { from, bytes },
                 _ => NetEvent::Nothing,
             },
@@ -366,7 +402,9 @@ impl Net {
                         .outboxes
                         .get(&peer)
                         .is_some_and(|outbox| outbox.generation == generation),
-                    StreamOf::Reader(id) => self.inbound.get(&peer) == Some(&id),
+                    StreamOf::Reader(id) => {
+                        self.inbound.get(&peer).map(|(current, _)| *current) == Some(id)
+                    }
                 };
                 if current {
                     // Lost messages: the core expects the connection to drop with them.
@@ -400,15 +438,26 @@ impl Net {
                         self.next_generation += 1;
                         let generation = self.next_generation;
                         let (queue, queued) = mpsc::channel(QUEUE_MESSAGES_MAX);
+                        let queued_bytes = std::sync::Arc::default();
                         tokio::spawn(write_stream(
                             self.control.clone(),
                             peer_id,
                             generation,
                             queued,
+                            std::sync::Arc::clone(&queued_bytes),
                             self.tasks_tx.clone(),
                         ));
-                        self.outboxes.insert(peer_id, Outbox { queue, generation });
-                        self.inbound.remove(&peer_id);
+                        self.outboxes.insert(
+                            peer_id,
+                            Outbox {
+                                queue,
+                                queued_bytes,
+                                generation,
+                            },
+                        );
+                        if let Some((_, reader)) = self.inbound.remove(&peer_id) {
+                            reader.abort();
+                        }
                         NetEvent::Connected(node)
                     }
                     (_, None) => {
@@ -428,7 +477,8 @@ impl Net {
                 // Only a connection the peer used (it opened its message stream) resets the
                 // backoff: one it refused at the handshake (not a member of its policy)
                 // must not be redialled every second.
-                if self.inbound.remove(&peer_id).is_some() {
+                if let Some((_, reader)) = self.inbound.remove(&peer_id) {
+                    reader.abort();
                     for (address, _) in self.dialed.iter().filter(|(_, peer)| **peer == peer_id) {
                         self.backoff.remove(address);
                     }
@@ -472,8 +522,10 @@ async fn write_stream(
     peer: PeerId,
     generation: u64,
     mut queued: mpsc::Receiver<Vec<u8>>,
+    queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     events: mpsc::Sender<TaskEvent>,
 ) {
+    use std::sync::atomic::Ordering;
     let failed = |error: String| TaskEvent::Failed {
         peer,
         stream: StreamOf::Writer(generation),
@@ -492,10 +544,12 @@ async fn write_stream(
     while let Some(first) = queued.recv().await {
         buffer.clear();
         frame(&mut buffer, &first);
+        queued_bytes.fetch_sub(first.len(), Ordering::Relaxed);
         while buffer.len() < WRITE_BYTES_MAX
             && let Ok(next) = queued.try_recv()
         {
             frame(&mut buffer, &next);
+            queued_bytes.fetch_sub(next.len(), Ordering::Relaxed);
         }
         let written = async {
             stream.write_all(&buffer).await?;
@@ -523,7 +577,24 @@ async fn accept_streams(
     let mut next_stream = 0u64;
     while let Some((peer, stream)) = incoming.next().await {
         next_stream += 1;
-        tokio::spawn(read_stream(peer, next_stream, stream, events.clone()));
+        let (start, started) = tokio::sync::oneshot::channel();
+        let reader = tokio::spawn(read_stream(
+            peer,
+            next_stream,
+            stream,
+            started,
+            events.clone(),
+        ))
+        .abort_handle();
+        let opened = TaskEvent::Opened {
+            peer,
+            stream: next_stream,
+            reader,
+            start,
+        };
+        if events.send(opened).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -533,16 +604,12 @@ async fn read_stream(
     peer: PeerId,
     stream_id: u64,
     mut stream: libp2p::Stream,
+    started: tokio::sync::oneshot::Receiver<()>,
     events: mpsc::Sender<TaskEvent>,
 ) {
-    if events
-        .send(TaskEvent::Opened {
-            peer,
-            stream: stream_id,
-        })
-        .await
-        .is_err()
-    {
+    // Told to start once the network made this the peer's current stream (a stale one is
+    // aborted instead).
+    if started.await.is_err() {
         return;
     }
     loop {
@@ -568,9 +635,21 @@ async fn read_stream(
                 .await;
             return;
         }
-        let mut bytes = vec![0; length];
-        if let Err(error) = stream.read_exact(&mut bytes).await {
+        // Grown as the bytes arrive: a peer that announces 8 MiB and sends nothing costs
+        // nothing.
+        let mut bytes = Vec::with_capacity(length.min(FRAME_PREALLOCATE_MAX));
+        let read = (&mut stream)
+            .take(length as u64)
+            .read_to_end(&mut bytes)
+            .await;
+        if let Err(error) = read {
             let _ = events.send(failed(error.to_string())).await;
+            return;
+        }
+        if bytes.len() != length {
+            let _ = events
+                .send(failed("the stream ended inside a frame".into()))
+                .await;
             return;
         }
         let frame = TaskEvent::Frame {
