@@ -261,26 +261,28 @@ impl PolicyPlay {
     }
 }
 
-/// Checks that every change of a reference record's accepted document was written by a
-/// master of `policy` or is built on by such a change; returns the first offender.
-pub fn reference_offender(
+/// The first change of a record's accepted document (as `changes`: hash, author, deps)
+/// that no author `policy` lets write `collection` wrote or built on, by the policy's own
+/// rules read here (a member, not revoked, with a writer role; a collection the policy
+/// does not name is open to every member), not the core's.
+pub fn accepted_offender(
     policy: &Policy,
+    collection: &str,
     changes: &[(ChangeHash, NodeId, Vec<ChangeHash>)],
 ) -> Option<(ChangeHash, NodeId)> {
-    let master = |author: &NodeId| {
+    let writer = |author: &NodeId| {
         !policy.revoked.contains(author)
             && policy.members.values().any(|member| {
                 member.node == *author
-                    && member
-                        .roles
-                        .iter()
-                        .any(|role| policy.collections[REFERENCE].writers.contains(role))
+                    && policy.collections.get(collection).is_none_or(|rule| {
+                        member.roles.iter().any(|role| rule.writers.contains(role))
+                    })
             })
     };
     let mut vouched: BTreeSet<ChangeHash> = BTreeSet::new();
     let mut stack: Vec<ChangeHash> = changes
         .iter()
-        .filter(|(_, author, _)| master(author))
+        .filter(|(_, author, _)| writer(author))
         .map(|(hash, _, _)| *hash)
         .collect();
     while let Some(hash) = stack.pop() {

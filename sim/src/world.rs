@@ -29,7 +29,7 @@ use mesh_core::{
 
 use crate::checkers::{Checkers, Failure};
 use crate::plan::{FaultPlan, Options};
-use crate::policy::{PolicyPlay, REFERENCE, reference_offender};
+use crate::policy::{PolicyPlay, REFERENCE, accepted_offender};
 use crate::rng::SimRng;
 
 /// Virtual time in milliseconds since the start of the run.
@@ -910,16 +910,16 @@ impl<'a> World<'a> {
                     && !play.is_byzantine(node)
                 {
                     match &event {
-                        mesh_core::Event::RecordChanged { record, .. }
-                            if record.collection() == REFERENCE =>
-                        {
+                        mesh_core::Event::RecordChanged { record, .. } => {
                             self.to_check.push((node, record.clone()));
                         }
                         mesh_core::Event::PolicyAdopted { .. } => {
-                            for id in 0..self.plan.records_per_collection {
-                                let record = RecordId::new(REFERENCE, &format!("r{id}"))
-                                    .expect("valid names");
-                                self.to_check.push((node, record));
+                            for collection in COLLECTIONS.iter().chain([&"crafted"]) {
+                                for id in 0..self.plan.records_per_collection {
+                                    let record = RecordId::new(collection, &format!("r{id}"))
+                                        .expect("valid names");
+                                    self.to_check.push((node, record));
+                                }
                             }
                         }
                         _ => {}
@@ -1388,7 +1388,9 @@ impl<'a> World<'a> {
         self.schedule(self.now + next, Event::Byzantine);
     }
 
-    /// No honest node shows reference data that no master wrote or built on.
+    /// No honest node shows a change that no writer its policy allows wrote or built on
+    /// (a revoked key, a non-member, a role that may not write the collection), in any
+    /// collection; judged by the simulator's own reading of the policy.
     fn check_reference_data(&mut self) {
         let checks = std::mem::take(&mut self.to_check);
         let Some(play) = &self.play else { return };
@@ -1399,12 +1401,18 @@ impl<'a> World<'a> {
             };
             let policy = core.policy().unwrap_or_else(|| first.clone());
             let changes = core.record_changes(&record);
-            if let Some((hash, author)) = reference_offender(&policy, &changes) {
+            if let Some((hash, author)) = accepted_offender(&policy, record.collection(), &changes)
+            {
+                let checker = if record.collection() == REFERENCE {
+                    "reference-written-by-non-master"
+                } else {
+                    "written-by-non-writer"
+                };
                 let message = format!(
-                    "node {node} shows change {hash} to {record} by {author}, which no master of policy version {} wrote or built on",
+                    "node {node} shows change {hash} to {record} by {author}, which no writer policy version {} allows wrote or built on",
                     policy.version
                 );
-                return self.fail("reference-written-by-non-master", message);
+                return self.fail(checker, message);
             }
         }
     }
