@@ -76,6 +76,12 @@ pub enum VerifyError {
     },
 }
 
+/// The bytes a change signature covers, for code that checks signatures another way (a
+/// benchmark against another ed25519 crate).
+pub fn signed_message_for(org: &OrgId, record: &RecordId, hash: &ChangeHash) -> Vec<u8> {
+    signed_message(org, record, hash)
+}
+
 /// The bytes a change signature covers.
 pub(crate) fn signed_message(org: &OrgId, record: &RecordId, hash: &ChangeHash) -> Vec<u8> {
     let record = record.as_str().as_bytes();

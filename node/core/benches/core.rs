@@ -478,11 +478,83 @@ fn signature(c: &mut Criterion) {
     group.finish();
 }
 
+/// crdt-schema's own ed25519 check (verify.rs) against ed25519-zebra, which accepts the
+/// same signatures (see the differential test in verify.rs): one signature alone, and a
+/// batch of 1,000 by 10 authors, in the same run.
+fn ed25519(c: &mut Criterion) {
+    use rand_core::SeedableRng as _;
+    let org = crdt_schema::OrgId::default();
+    let authors: Vec<Identity> = (1..=10).map(Identity::from_seed).collect();
+    let envelopes: Vec<crdt_schema::Envelope> = (0..1000)
+        .map(|n| {
+            let identity = &authors[n % authors.len()];
+            let mut doc = crdt_schema::RecordDoc::new(&identity.node_id());
+            let edit = crdt_schema::Edit::Put(record_fields(n as i64));
+            let change = doc.edit(&edit, 0).unwrap().unwrap();
+            let record = format!("stock/item-{n}").parse().unwrap();
+            crdt_schema::VerifiedChange::sign(identity, &org, record, change).envelope
+        })
+        .collect();
+    // What each check needs: (key bytes, signature, signed message), taken from the
+    // envelopes by the same rule the nodes use.
+    let zebra_items: Vec<([u8; 32], [u8; 64], Vec<u8>)> = envelopes
+        .iter()
+        .map(|envelope| {
+            let verified = envelope.verify(&org).unwrap();
+            let message =
+                crdt_schema::change::signed_message_for(&org, &verified.record, &verified.hash());
+            (*verified.author.as_bytes(), verified.signature(), message)
+        })
+        .collect();
+    let mut group = c.benchmark_group("ed25519");
+    group.sample_size(10);
+    group.bench_function("one/crdt_schema", |b| {
+        let mut keys = crdt_schema::KeyCache::default();
+        b.iter(|| envelopes[0].verify_with(&org, &mut keys).unwrap());
+    });
+    let zebra_keys: Vec<ed25519_zebra::VerificationKey> = zebra_items
+        .iter()
+        .map(|(key, _, _)| ed25519_zebra::VerificationKey::try_from(*key).unwrap())
+        .collect();
+    group.bench_function("one/ed25519_zebra", |b| {
+        let (_, signature, message) = &zebra_items[0];
+        let signature = ed25519_zebra::Signature::from_bytes(signature);
+        b.iter(|| zebra_keys[0].verify(&signature, message).unwrap());
+    });
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("batch_1000/crdt_schema", |b| {
+        let mut keys = crdt_schema::KeyCache::default();
+        b.iter(|| {
+            let parsed: Vec<_> = envelopes.iter().map(|e| e.parse().unwrap()).collect();
+            let results = crdt_schema::verify_all(&org, &mut keys, None, parsed);
+            assert!(results.iter().all(Result::is_ok));
+        });
+    });
+    group.bench_function("batch_1000/ed25519_zebra", |b| {
+        b.iter(|| {
+            // Parsing as the nodes do, so both sides pay for it.
+            let parsed: Vec<_> = envelopes.iter().map(|e| e.parse().unwrap()).collect();
+            let mut batch = ed25519_zebra::batch::Verifier::new();
+            for (key, signature, message) in &zebra_items {
+                let key = ed25519_zebra::VerificationKeyBytes::from(*key);
+                batch.queue((
+                    key,
+                    ed25519_zebra::Signature::from_bytes(signature),
+                    message,
+                ));
+            }
+            let rng = rand_chacha::ChaCha20Rng::seed_from_u64(parsed.len() as u64);
+            batch.verify(rng).unwrap();
+        });
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = create, edit, apply_remote, verify_judge_apply, door, signature }
+criterion_group! { name = benches; config = config(); targets = create, edit, apply_remote, verify_judge_apply, door, signature, ed25519 }
 criterion_main!(benches);
