@@ -1090,15 +1090,15 @@ impl Node {
 /// that is not one more than the author's latest in the change's own history, a number two
 /// held changes of one author share (a fork), or a dependency that is itself broken. A pure
 /// function of the held set.
-/// The sound held changes (not in `broken`) that Automerge cannot take, applied one at a
-/// time in dependency order (ties by hash, so every node replays alike), and everything
-/// built on them.
-fn damaging_changes(
-    me: &NodeId,
+/// For Kahn's order over the held changes: how many held dependencies each change waits
+/// for, and which held changes depend on each.
+#[allow(clippy::type_complexity)]
+fn dependency_graph(
     held: &BTreeMap<ChangeHash, (Change, NodeId)>,
-    broken: &BTreeMap<ChangeHash, RejectReason>,
-) -> BTreeMap<ChangeHash, RejectReason> {
-    let mut damaging: BTreeMap<ChangeHash, RejectReason> = BTreeMap::new();
+) -> (
+    BTreeMap<ChangeHash, usize>,
+    BTreeMap<ChangeHash, Vec<ChangeHash>>,
+) {
     let mut waiting: BTreeMap<ChangeHash, usize> = BTreeMap::new();
     let mut dependants: BTreeMap<ChangeHash, Vec<ChangeHash>> = BTreeMap::new();
     for (hash, (change, _)) in held {
@@ -1113,6 +1113,19 @@ fn damaging_changes(
             dependants.entry(dep).or_default().push(*hash);
         }
     }
+    (waiting, dependants)
+}
+
+/// The sound held changes (not in `broken`) that Automerge cannot take, applied one at a
+/// time in dependency order (ties by hash, so every node replays alike), and everything
+/// built on them.
+fn damaging_changes(
+    me: &NodeId,
+    held: &BTreeMap<ChangeHash, (Change, NodeId)>,
+    broken: &BTreeMap<ChangeHash, RejectReason>,
+) -> BTreeMap<ChangeHash, RejectReason> {
+    let mut damaging: BTreeMap<ChangeHash, RejectReason> = BTreeMap::new();
+    let (mut waiting, dependants) = dependency_graph(held);
     let mut ready: BTreeSet<ChangeHash> = waiting
         .iter()
         .filter(|(_, count)| **count == 0)
@@ -1178,20 +1191,7 @@ fn broken_history(
     }
     // Dependencies first (Kahn's order); each change learns its authors' latest numbers in
     // its own history.
-    let mut waiting: BTreeMap<ChangeHash, usize> = BTreeMap::new();
-    let mut dependants: BTreeMap<ChangeHash, Vec<ChangeHash>> = BTreeMap::new();
-    for (hash, (change, _)) in held {
-        let deps: Vec<ChangeHash> = change
-            .deps()
-            .iter()
-            .filter(|dep| held.contains_key(*dep))
-            .copied()
-            .collect();
-        waiting.insert(*hash, deps.len());
-        for dep in deps {
-            dependants.entry(dep).or_default().push(*hash);
-        }
-    }
+    let (mut waiting, dependants) = dependency_graph(held);
     let mut ready: Vec<ChangeHash> = waiting
         .iter()
         .filter(|(_, count)| **count == 0)

@@ -107,18 +107,12 @@ impl Store {
                 "the data directory was readable by other users; it is now 0700"
             );
         }
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.lock())
-            .with_context(|| format!("cannot open {}", dir.lock().display()))?;
-        if lock.try_lock().is_err() {
-            bail!(
+        let lock = take_lock(dir).with_context(|| {
+            format!(
                 "another mesh daemon is already running on {}; stop it first or use another --data-dir",
                 dir.root().display()
-            );
-        }
+            )
+        })?;
         let (log, report) = ChangeLog::open(&dir.log())
             .with_context(|| format!("cannot open the change log {}", dir.log().display()))?;
         let db = sled::Config::new()
@@ -228,18 +222,12 @@ pub fn repair(dir: &DataDir) -> anyhow::Result<crate::changelog::RepairReport> {
             dir.root().display()
         );
     }
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.lock())
-        .with_context(|| format!("cannot open {}", dir.lock().display()))?;
-    if lock.try_lock().is_err() {
-        bail!(
+    let _lock = take_lock(dir).with_context(|| {
+        format!(
             "a mesh daemon is running on {}; stop it before repairing its change log",
             dir.root().display()
-        );
-    }
+        )
+    })?;
     ChangeLog::repair(&dir.log())
         .with_context(|| format!("cannot repair the change log {}", dir.log().display()))
 }
@@ -251,4 +239,19 @@ pub fn daemon_holds_lock(dir: &DataDir) -> bool {
         Ok(file) => file.try_lock().is_err(),
         Err(_) => false,
     }
+}
+
+/// Takes the data directory's LOCK (held while the returned file lives): only one process
+/// at a time runs a node on, or repairs, a directory. Fails if another holds it.
+fn take_lock(dir: &DataDir) -> anyhow::Result<File> {
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.lock())
+        .with_context(|| format!("cannot open {}", dir.lock().display()))?;
+    if lock.try_lock().is_err() {
+        bail!("{} is locked by another process", dir.lock().display());
+    }
+    Ok(lock)
 }
