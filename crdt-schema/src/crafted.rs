@@ -90,6 +90,24 @@ pub fn panicking_mutant(base: &RecordDoc, change: &Change) -> Option<Change> {
     })
 }
 
+/// The first mutant of `change` (see [`byte_mutants`]) that Automerge alone parses, with
+/// its author and a matching checksum, but that re-encodes to other bytes: a run or a
+/// number written in a form Automerge would not write. The door must refuse it.
+pub fn non_canonical_mutant(change: &Change) -> Option<Vec<u8>> {
+    byte_mutants(change.raw_bytes()).find(|mutant| {
+        let Ok(parsed) = parse_unguarded(mutant) else {
+            return false;
+        };
+        if parsed.actor_id() != change.actor_id() || mutant[4..8] != parsed.hash().0[..4] {
+            return false;
+        }
+        let re_encoded = crate::guard::no_panic("decoding the mutant", || {
+            Ok(Change::from(parsed.decode()).raw_bytes().to_vec())
+        });
+        re_encoded.is_ok_and(|bytes| bytes != *mutant)
+    })
+}
+
 /// Rewrites the checksum so Automerge parses the chunk (it is the first four bytes of
 /// SHA-256 over everything after it).
 pub fn fix_checksum(bytes: &mut [u8]) {

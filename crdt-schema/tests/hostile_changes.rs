@@ -115,3 +115,20 @@ fn an_unknown_column_is_refused_as_non_canonical() {
     let error = read_change(&mutant).unwrap_err();
     assert!(error.to_string().contains("canonical"), "{error}");
 }
+
+#[test]
+fn a_re_encoded_run_is_refused_as_non_canonical() {
+    let (_, change) = base_and_change();
+    let mutant = crdt_schema::crafted::non_canonical_mutant(&change)
+        .expect("some one-byte rewrite of the op columns parses but is not canonical");
+    // Automerge parses it, and it re-encodes to other bytes: the envelope's hash would not
+    // be the hash the node serves again.
+    let parsed = Change::from_bytes(mutant.clone()).expect("automerge parses it");
+    assert_ne!(
+        Change::from(parsed.decode()).raw_bytes(),
+        mutant.as_slice(),
+        "the mutant must re-encode differently, or this test shows nothing"
+    );
+    let error = read_change(&mutant).unwrap_err();
+    assert!(error.to_string().contains("canonical"), "{error}");
+}
