@@ -41,6 +41,10 @@ const FRAME_PREALLOCATE_MAX: usize = 64 * 1024;
 const CONNECTIONS_MAX: u32 = 256;
 const CONNECTIONS_PER_PEER_MAX: u32 = 2;
 const PENDING_CONNECTIONS_MAX: u32 = 64;
+/// Most inbound connections from one IP address still in their handshake: one host cannot
+/// hold every pending slot (each is held up to the 10 s handshake timeout) and keep the
+/// others out. Admitted peers behind one NAT rarely handshake more than a few at once.
+const PENDING_CONNECTIONS_PER_IP_MAX: u32 = 8;
 /// Most stream events (mostly received messages) waiting for the driver. A full queue
 /// stops the readers, and TCP flow control then slows the peers that send too much,
 /// instead of received messages piling up in memory.
@@ -70,6 +74,7 @@ pub enum NetEvent {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     members: membership::Behaviour,
+    per_ip: per_ip::Behaviour,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -208,6 +213,7 @@ impl Net {
         let mut swarm = builder
             .with_behaviour(|key| Behaviour {
                 members: membership::Behaviour::default(),
+                per_ip: per_ip::Behaviour::new(PENDING_CONNECTIONS_PER_IP_MAX),
                 limits: connection_limits::Behaviour::new(limits),
                 mdns: Toggle::from(
                     use_mdns
@@ -703,6 +709,149 @@ fn check_port_free(address: &str) -> anyhow::Result<()> {
             "TCP port {port} on {ip} is already in use (another mesh daemon, or another program): choose another --listen address in config.toml"
         ),
         Err(error) => Err(error).with_context(|| format!("cannot listen on {address}")),
+    }
+}
+
+/// Bounds the inbound connections one IP address has in their handshake.
+mod per_ip {
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+    use std::net::IpAddr;
+    use std::task::{Context, Poll};
+
+    use libp2p::core::Endpoint;
+    use libp2p::core::transport::PortUse;
+    use libp2p::multiaddr::Protocol;
+    use libp2p::swarm::{
+        ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+        THandlerOutEvent, ToSwarm, dummy,
+    };
+    use libp2p::{Multiaddr, PeerId};
+
+    #[derive(Debug)]
+    struct TooManyPending(IpAddr, u32);
+
+    impl std::fmt::Display for TooManyPending {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "{} already has {} connections in their handshake",
+                self.0, self.1
+            )
+        }
+    }
+
+    impl std::error::Error for TooManyPending {}
+
+    pub struct Behaviour {
+        max: u32,
+        /// The address of each pending inbound connection this behaviour counted.
+        pending: BTreeMap<ConnectionId, IpAddr>,
+        per_ip: BTreeMap<IpAddr, u32>,
+    }
+
+    impl Behaviour {
+        pub fn new(max: u32) -> Behaviour {
+            Behaviour {
+                max,
+                pending: BTreeMap::new(),
+                per_ip: BTreeMap::new(),
+            }
+        }
+
+        /// The handshake ended, in a connection or in a failure.
+        fn settled(&mut self, connection: ConnectionId) {
+            let Some(ip) = self.pending.remove(&connection) else {
+                return;
+            };
+            if let Some(count) = self.per_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+
+    fn ip_of(address: &Multiaddr) -> Option<IpAddr> {
+        address.iter().find_map(|protocol| match protocol {
+            Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+            _ => None,
+        })
+    }
+
+    impl NetworkBehaviour for Behaviour {
+        type ConnectionHandler = dummy::ConnectionHandler;
+        type ToSwarm = Infallible;
+
+        fn handle_pending_inbound_connection(
+            &mut self,
+            connection: ConnectionId,
+            _: &Multiaddr,
+            remote: &Multiaddr,
+        ) -> Result<(), ConnectionDenied> {
+            let Some(ip) = ip_of(remote) else {
+                return Ok(());
+            };
+            let count = self.per_ip.entry(ip).or_default();
+            if *count >= self.max {
+                tracing::debug!(%ip, "refused: too many connections in their handshake");
+                return Err(ConnectionDenied::new(TooManyPending(ip, *count)));
+            }
+            *count += 1;
+            self.pending.insert(connection, ip);
+            Ok(())
+        }
+
+        fn handle_established_inbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: &Multiaddr,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn handle_established_outbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: Endpoint,
+            _: PortUse,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn on_swarm_event(&mut self, event: FromSwarm) {
+            match event {
+                FromSwarm::ConnectionEstablished(established) => {
+                    self.settled(established.connection_id)
+                }
+                FromSwarm::ListenFailure(failure) => self.settled(failure.connection_id),
+                FromSwarm::ConnectionClosed(closed) => self.settled(closed.connection_id),
+                _ => {}
+            }
+        }
+
+        fn on_connection_handler_event(
+            &mut self,
+            _: PeerId,
+            _: ConnectionId,
+            event: THandlerOutEvent<Self>,
+        ) {
+            let never: Infallible = event;
+            match never {}
+        }
+
+        fn poll(
+            &mut self,
+            _: &mut Context<'_>,
+        ) -> Poll<ToSwarm<Infallible, THandlerInEvent<Self>>> {
+            Poll::Pending
+        }
     }
 }
 

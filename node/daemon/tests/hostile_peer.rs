@@ -542,3 +542,82 @@ fn only_the_newest_inbound_stream_of_a_peer_is_read() {
     );
     mesh_ok(&dir.0, &["put", "stock", "after", "count=1"]);
 }
+
+/// A TCP connection to `address` (a `/ip4/…/tcp/…` multiaddr) from source IP `from`, that
+/// never starts its handshake.
+fn idle_tcp_from(from: [u8; 4], address: &str) -> std::net::TcpStream {
+    let port: u16 = address
+        .rsplit_once("/tcp/")
+        .and_then(|(_, port)| port.split('/').next()?.parse().ok())
+        .expect("a TCP port");
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    let source = std::net::SocketAddr::from((from, 0));
+    socket
+        .bind(&source.into())
+        .expect("binds a loopback source");
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    socket.connect(&target.into()).expect("connects");
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    stream
+}
+
+/// Whether the daemon closed this connection (without it, a read times out).
+fn closed_by_daemon(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => !matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn one_host_cannot_hold_every_handshake_slot() {
+    let dir = TempDir::new("per-ip");
+    init(&dir.0, "a");
+    let _daemon = start(&dir.0);
+    let address = listen_addr(&dir.0);
+    // 127.0.0.2 plays a stranger opening connections it never finishes.
+    let mut held: Vec<_> = (0..8)
+        .map(|_| idle_tcp_from([127, 0, 0, 2], &address))
+        .collect();
+    let mut ninth = idle_tcp_from([127, 0, 0, 2], &address);
+    // Closed at once, not at the 10 s handshake timeout that ends the other eight.
+    let opened = std::time::Instant::now();
+    while !closed_by_daemon(&mut ninth) {
+        assert!(
+            opened.elapsed() < Duration::from_secs(5),
+            "the ninth connection from one host is refused at once"
+        );
+    }
+    for stream in &mut held {
+        assert!(
+            !closed_by_daemon(stream),
+            "the first eight wait for their handshake"
+        );
+    }
+    // Another host still gets in, and is served.
+    let mut peer = HandMadePeer::dial(&Identity::from_seed(82), &address, true);
+    let stream = peer.greet();
+    peer.send(
+        stream,
+        &push(&[&signed_put(&Identity::from_seed(82), "stock/other", "n")]),
+    );
+    eventually("the other host's push applied", || {
+        has_record(&dir.0, "stock", "other").then_some(())
+    });
+    // Once the stranger's handshakes end, its slots are free again.
+    drop(held);
+    eventually("a new connection from 127.0.0.2 is let wait", || {
+        let mut stream = idle_tcp_from([127, 0, 0, 2], &address);
+        (!closed_by_daemon(&mut stream)).then_some(())
+    });
+}
