@@ -389,3 +389,155 @@ fn changes_waiting_for_their_dependencies_are_bounded_in_bytes() {
         "the rest are counted as dropped"
     );
 }
+
+/// A node restarted from a checkpoint of `records` records of about 1 MiB each, none of
+/// whose documents is loaded, and greeted by a peer. Returns the node, the peer, the time,
+/// and every record's changes as signed envelopes (rebuilt from the checkpoint).
+fn restarted_with_big_records(
+    records: usize,
+) -> (
+    mesh_core::Node,
+    crdt_schema::NodeId,
+    mesh_core::Instant,
+    Vec<EnvelopeBytes>,
+) {
+    let mut mesh = Harness::new(1);
+    let big = "b".repeat(1024 * 1024);
+    for n in 0..records {
+        mesh.put(
+            0,
+            &format!("stock/big-{n:03}"),
+            &[("blob", FieldValue::Str(big.clone()))],
+        );
+    }
+    // Checkpointed, so the restart takes them from the saved records, not the log.
+    mesh.advance(std::time::Duration::from_secs(2));
+    mesh.complete_all_storage();
+    let saved: Vec<mesh_core::SavedRecord> = mesh.nodes[0].saved.values().cloned().collect();
+    let author = Identity::from_seed(1).node_id();
+    let mut envelopes = Vec::new();
+    for record in &saved {
+        let doc = RecordDoc::load(&record.document, &author).expect("a saved document");
+        for change in doc.changes_after(&[]) {
+            let (_, signature) = record
+                .signatures
+                .iter()
+                .find(|(hash, _)| *hash == change.hash().0)
+                .expect("every change is signed");
+            let envelope = Envelope::encode(&record.record, change.raw_bytes(), &signature.0);
+            envelopes.push(EnvelopeBytes(envelope.into_bytes()));
+        }
+    }
+    let restore = mesh_core::Restore {
+        records: saved,
+        log: mesh.nodes[0].log.clone(),
+        policy: None,
+    };
+    let mut node = mesh_core::Node::new(mesh_core::Config::default(), Identity::from_seed(1), 0);
+    let now = mesh.now;
+    node.handle(now, mesh_core::Input::Restore(restore));
+    assert_eq!(node.status().records_total as usize, records);
+    assert_eq!(
+        node.status().loaded_documents,
+        0,
+        "the restart loads no document, or this test shows nothing"
+    );
+    let peer = Identity::from_seed(9).node_id();
+    node.handle(now, mesh_core::Input::PeerConnected { peer });
+    let hello = Message::Hello {
+        name: "asker".into(),
+        scope: None,
+        policy: None,
+        org: *OrgId::default().as_bytes(),
+    };
+    node.handle(
+        now,
+        mesh_core::Input::MessageReceived {
+            from: peer,
+            bytes: hello.encode(),
+        },
+    );
+    (node, peer, now, envelopes)
+}
+
+fn bytes_sent(effects: &[mesh_core::Effect]) -> usize {
+    effects
+        .iter()
+        .map(|effect| match effect {
+            mesh_core::Effect::Send { bytes, .. } => bytes.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn a_round_that_asks_for_everything_loads_only_what_its_budget_sends() {
+    use mesh_core::limits::SYNC_ROUND_BYTES_MAX;
+    use mesh_core::wire::{Range, RangeSummary, Round};
+    let (mut node, peer, now, _) = restarted_with_big_records(40);
+    // "I have nothing at all": a tiny message that asks for the whole database.
+    let round = Round {
+        session: 1,
+        ranges: vec![Range {
+            lower: String::new(),
+            upper: None,
+            summary: RangeSummary::Fingerprint {
+                fingerprint: [0; 16],
+                count: 0,
+            },
+        }],
+        needs: vec![],
+        policy: None,
+    };
+    let effects = node.handle(
+        now,
+        mesh_core::Input::MessageReceived {
+            from: peer,
+            bytes: Message::SyncRequest(round).encode(),
+        },
+    );
+    let sent = bytes_sent(&effects);
+    assert!(
+        sent > 8 * 1024 * 1024,
+        "the round sends changes ({sent} bytes)"
+    );
+    assert!(
+        sent <= SYNC_ROUND_BYTES_MAX + 64 * 1024,
+        "one round sends at most its budget ({sent} bytes)"
+    );
+    // 16 MiB of 1 MiB records, plus the one that found the budget spent.
+    let loaded = node.status().loaded_documents;
+    assert!(
+        loaded <= 17,
+        "{loaded} of 40 documents loaded for one round"
+    );
+}
+
+#[test]
+fn duplicates_of_held_changes_load_no_document() {
+    let (mut node, peer, now, envelopes) = restarted_with_big_records(20);
+    assert!(envelopes.len() >= 20);
+    // The peer pushes back every change the node holds, four (about 4 MiB) a message.
+    for changes in envelopes.chunks(4) {
+        let push = Message::Push {
+            changes: changes.to_vec(),
+        };
+        node.handle(
+            now,
+            mesh_core::Input::MessageReceived {
+                from: peer,
+                bytes: push.encode(),
+            },
+        );
+    }
+    let status = node.status();
+    assert_eq!(
+        status.loaded_documents, 0,
+        "telling duplicates apart loads no document"
+    );
+    assert!(
+        status.counters.changes_duplicate >= 20,
+        "{:?}",
+        status.counters
+    );
+}
