@@ -742,6 +742,133 @@ fn a_member_flooding_one_record_with_forbidden_changes_cannot_stall_honest_sync(
     }
 }
 
+/// `count` changes by clinic1's key to one catalogue record (which it may not write), each
+/// a first change of its own: as many concurrent heads.
+fn forbidden_flood(record: &str, count: i64) -> Vec<EnvelopeBytes> {
+    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
+    (0..count)
+        .map(|value| {
+            let mut doc = RecordDoc::new(&identity.node_id());
+            let change = doc
+                .edit(
+                    &Edit::Put(fields(&[("price", FieldValue::Int(value))])),
+                    1_790_000_000_000,
+                )
+                .unwrap()
+                .unwrap();
+            let signed =
+                VerifiedChange::sign(&identity, &org_id(), record.parse().unwrap(), change);
+            EnvelopeBytes(signed.envelope.as_bytes().to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn nodes_flooded_with_different_forbidden_changes_hold_the_same_ones_after_exchanging() {
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // clinic1 sends half of 100 forbidden changes of one record to hq and the other half to
+    // clinic2: each may hold 32, and each first holds 32 of its own half.
+    let flood = forbidden_flood("catalogue/flood", 100);
+    let (to_hq, to_clinic2) = flood.split_at(50);
+    mesh.inject(
+        CLINIC1,
+        HQ,
+        Message::Push {
+            changes: to_hq.to_vec(),
+        }
+        .encode(),
+    );
+    mesh.inject(
+        CLINIC1,
+        CLINIC2,
+        Message::Push {
+            changes: to_clinic2.to_vec(),
+        }
+        .encode(),
+    );
+    settle(&mut mesh);
+    let held: Vec<BTreeSet<crdt_schema::ChangeHash>> = (0..3)
+        .map(|index| {
+            quarantined(&mesh, index)
+                .into_iter()
+                .map(|(_, hash)| hash)
+                .collect()
+        })
+        .collect();
+    assert_eq!(held[HQ].len(), mesh_core::limits::QUARANTINE_PER_RECORD_MAX);
+    assert_eq!(
+        held[HQ], held[CLINIC2],
+        "hq and clinic2 hold the same changes"
+    );
+    assert_eq!(held[HQ], held[CLINIC1]);
+    assert!(mesh.converged(), "and their digests agree");
+}
+
+#[test]
+fn one_peer_relaying_forbidden_changes_by_many_keys_is_slowed_not_believed() {
+    use mesh_core::limits::{QUARANTINE_PEER_WINDOW, QUARANTINE_PER_PEER_PER_WINDOW};
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // clinic1 relays changes by 10 keys that are not members, each well inside the
+    // per-author and per-record bounds: 4,960 in all, more than a peer may relay at once.
+    let mut flood = Vec::new();
+    for key in 0..10u64 {
+        let stranger = Identity::from_seed(70_000 + key);
+        for record in 0..16 {
+            for value in 0..31 {
+                let mut doc = RecordDoc::new(&stranger.node_id());
+                let change = doc
+                    .edit(
+                        &Edit::Put(fields(&[("price", FieldValue::Int(value))])),
+                        1_790_000_000_000,
+                    )
+                    .unwrap()
+                    .unwrap();
+                let signed = VerifiedChange::sign(
+                    &stranger,
+                    &org_id(),
+                    format!("catalogue/k{key}-{record}").parse().unwrap(),
+                    change,
+                );
+                flood.push(EnvelopeBytes(signed.envelope.as_bytes().to_vec()));
+            }
+        }
+    }
+    let send = |mesh: &mut Harness| {
+        for batch in flood.chunks(1000) {
+            mesh.inject(
+                CLINIC1,
+                HQ,
+                Message::Push {
+                    changes: batch.to_vec(),
+                }
+                .encode(),
+            );
+            mesh.run_until_quiet(1000);
+        }
+    };
+    send(&mut mesh);
+    let held = quarantined(&mesh, HQ).len();
+    assert!(
+        held <= QUARANTINE_PER_PEER_PER_WINDOW,
+        "hq took {held} forbidden changes from one peer at once"
+    );
+    assert!(mesh.status(HQ).counters.changes_dropped > 0);
+    // Slowed, not refused for good: once the window is over the rest are taken.
+    mesh.advance(QUARANTINE_PEER_WINDOW + Duration::from_secs(1));
+    send(&mut mesh);
+    assert_eq!(quarantined(&mesh, HQ).len(), flood.len());
+    // And hq's own relay to clinic2 goes at the same rate, to the same end.
+    settle(&mut mesh);
+    assert_eq!(quarantined(&mesh, CLINIC2).len(), flood.len());
+    assert!(mesh.converged());
+}
+
 #[test]
 fn an_applied_policy_is_acknowledged_only_once_it_is_durable() {
     let mut mesh = mesh(1);

@@ -73,6 +73,11 @@ pub const QUARANTINE_PER_RECORD_MAX: usize = 32;
 pub const QUARANTINE_PER_AUTHOR_MAX: usize = 4096;
 /// Most quarantined changes over all records and authors.
 pub const QUARANTINE_TOTAL_MAX: usize = 65_536;
+/// Most changes the policy forbids that one peer may relay in [`QUARANTINE_PEER_WINDOW`];
+/// past it they are dropped until the window ends (reconciliation offers them again).
+pub const QUARANTINE_PER_PEER_PER_WINDOW: usize = 4096;
+/// The window of [`QUARANTINE_PER_PEER_PER_WINDOW`].
+pub const QUARANTINE_PEER_WINDOW: Duration = Duration::from_secs(60);
 /// Most rejection receipts kept.
 pub const RECEIPTS_MAX: usize = 256;
 /// Most changes refused on arrival (bad signature, malformed) remembered for the operator.

@@ -437,6 +437,10 @@ pub(crate) struct Peer {
     /// The highest session number this peer started on the current connection; older
     /// requests are stale (duplicated or delayed) and ignored.
     pub(crate) inbound_session_max: u64,
+    /// Changes the policy forbids that this peer relayed in the current window (its start
+    /// and the count), bounded by [`QUARANTINE_PER_PEER_PER_WINDOW`]: kept across
+    /// reconnections, so that a peer cannot reset it by dialling again.
+    pub(crate) forbidden_relayed: (Instant, usize),
 }
 
 /// One mesh node: all it decides, none of its IO.
@@ -1500,12 +1504,15 @@ impl Node {
                 }
             };
             let key = change.record.as_str().to_owned();
-            if !self.quarantine_has_room(&key, &change.author)
-                && self
-                    .author_verdict(&change.author, change.record.collection())
-                    .is_err()
+            let forbidden = self
+                .author_verdict(&change.author, change.record.collection())
+                .is_err();
+            if forbidden
+                && (!self.quarantine_has_room(&key, &change.author, &change.hash())
+                    || !self.relay_of_forbidden_allowed(from))
             {
-                // A member flooding one record with changes it may not make: held no further.
+                // A member flooding records with changes it may not make: held no further.
+                // Reconciliation offers what was dropped for the window again later.
                 self.counters.changes_dropped += 1;
                 continue;
             }
@@ -1516,6 +1523,27 @@ impl Node {
             }
         }
         all_valid
+    }
+
+    /// Whether `from` may relay one more change the policy forbids in this window (and
+    /// counts it): each costs a log append and a judgement, and a member relaying changes
+    /// by ever new keys passes every per-author bound. Honest relays of a large quarantine
+    /// (a node catching up on one) are slowed to this rate, never refused for good.
+    fn relay_of_forbidden_allowed(&mut self, from: NodeId) -> bool {
+        let now = self.now;
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return true;
+        };
+        let (since, count) = &mut peer.forbidden_relayed;
+        if now.saturating_since(*since) >= QUARANTINE_PEER_WINDOW {
+            *since = now;
+            *count = 0;
+        }
+        if *count >= QUARANTINE_PER_PEER_PER_WINDOW {
+            return false;
+        }
+        *count += 1;
+        true
     }
 
     /// Counts and reports a change that failed parsing or verification.
@@ -1644,7 +1672,7 @@ impl Node {
                 let forbidden = self
                     .author_verdict(&pending.change.author, pending.change.record.collection())
                     .is_err();
-                if forbidden && !self.quarantine_has_room(&id.0, &pending.change.author) {
+                if forbidden && !self.quarantine_has_room(&id.0, &pending.change.author, &id.1) {
                     // The same bound as on arrival (see `admit_changes`).
                     self.counters.changes_dropped += 1;
                     continue;

@@ -904,28 +904,85 @@ impl Node {
         if changed {
             self.records.refresh_deleted(key);
         }
+        if quarantine_changed {
+            self.enforce_quarantine_bounds(key);
+        }
         rejudged
     }
 
-    /// Whether the record can take another quarantined change (a bound against a member
-    /// flooding one record with changes it may not make). Changes of the record still on
-    /// their way to the log count too, so one large message cannot overshoot the bound.
-    pub(crate) fn quarantine_has_room(&self, key: &str, author: &NodeId) -> bool {
-        let held = self
-            .records
-            .entry(key)
-            .map_or(0, |entry| entry.quarantine.len());
+    /// Whether a change the policy would reject may be taken into the record's quarantine
+    /// (bounds against a member flooding records with changes it may not make): while a
+    /// bound has room, or when the change's hash is lower than the highest held under it,
+    /// which [`Node::enforce_quarantine_bounds`] then drops. Changes of the record still on
+    /// their way to the log count too, so one large message cannot overshoot by much.
+    pub(crate) fn quarantine_has_room(
+        &self,
+        key: &str,
+        author: &NodeId,
+        hash: &ChangeHash,
+    ) -> bool {
+        let quarantine = self.records.entry(key).map(|entry| &entry.quarantine);
+        let held = quarantine.map_or(0, BTreeMap::len);
         let in_flight = self
             .pipeline_forbidden_changes(key)
             .take(QUARANTINE_PER_RECORD_MAX)
             .count();
+        let below = |highest: Option<&ChangeHash>| highest.is_some_and(|top| hash < top);
         // Over all records too, per author and in all: per record alone, a member could
-        // fill the quarantine of every record it can name. Changes in flight count.
-        held + in_flight < QUARANTINE_PER_RECORD_MAX
-            && self.records.quarantined_by(author) + self.pipeline_forbidden_by(author)
+        // fill the quarantine of every record it can name.
+        (held + in_flight < QUARANTINE_PER_RECORD_MAX
+            || below(quarantine.and_then(|held| held.keys().next_back())))
+            && (self.records.quarantined_by(author) + self.pipeline_forbidden_by(author)
                 < QUARANTINE_PER_AUTHOR_MAX
-            && self.records.quarantined_total() + self.pipeline_forbidden_len()
+                || below(
+                    self.records
+                        .highest_quarantined_by(author)
+                        .map(|(top, _)| top),
+                ))
+            && (self.records.quarantined_total() + self.pipeline_forbidden_len()
                 < QUARANTINE_TOTAL_MAX
+                || below(self.records.highest_quarantined().map(|(top, _)| top)))
+    }
+
+    /// Brings the quarantine back within its bounds after `key`'s grew, per record, per
+    /// author and in all, by dropping the changes with the highest hashes (and what builds
+    /// on them). Which changes are held is then a function of the changes seen, not of
+    /// the order they came in: nodes that a member floods with different changes hold the
+    /// same ones once they have exchanged theirs, and their digests agree.
+    pub(crate) fn enforce_quarantine_bounds(&mut self, key: &str) {
+        let mut dropped = 0;
+        while let Some(top) = self
+            .records
+            .entry(key)
+            .filter(|entry| entry.quarantine.len() > QUARANTINE_PER_RECORD_MAX)
+            .and_then(|entry| entry.quarantine.keys().next_back().copied())
+        {
+            dropped += self.records.evict_quarantined(key, top);
+        }
+        let authors: BTreeSet<NodeId> = self
+            .records
+            .entry(key)
+            .map(|entry| entry.quarantine.values().map(|held| held.author).collect())
+            .unwrap_or_default();
+        for author in authors {
+            while self.records.quarantined_by(&author) > QUARANTINE_PER_AUTHOR_MAX {
+                let (top, record) = self
+                    .records
+                    .highest_quarantined_by(&author)
+                    .cloned()
+                    .expect("over the bound, so some are held");
+                dropped += self.records.evict_quarantined(&record, top);
+            }
+        }
+        while self.records.quarantined_total() > QUARANTINE_TOTAL_MAX {
+            let (top, record) = self
+                .records
+                .highest_quarantined()
+                .cloned()
+                .expect("over the bound, so some are held");
+            dropped += self.records.evict_quarantined(&record, top);
+        }
+        self.counters.changes_dropped += dropped as u64;
     }
 
     /// Tells the author of a change this node rejected, if it is connected.

@@ -73,10 +73,11 @@ pub struct Records {
     loaded: BTreeMap<u64, String>,
     use_clock: u64,
     loaded_max: usize,
-    /// Quarantined changes held, over all records and by author: the bounds against a
-    /// member that floods many records (see `Node::quarantine_has_room`).
-    quarantined_total: usize,
-    quarantined_by_author: BTreeMap<NodeId, usize>,
+    /// Quarantined changes held, over all records and by author, ordered by hash: the
+    /// bounds against a member that floods many records keep the lowest hashes (see
+    /// `Node::enforce_quarantine_bounds`), so they need the highest at hand.
+    quarantined_all: BTreeSet<(ChangeHash, String)>,
+    quarantined_by_author: BTreeMap<NodeId, BTreeSet<(ChangeHash, String)>>,
 }
 
 impl Records {
@@ -91,7 +92,7 @@ impl Records {
             total: Accumulator::default(),
             author,
             loaded: BTreeMap::new(),
-            quarantined_total: 0,
+            quarantined_all: BTreeSet::new(),
             quarantined_by_author: BTreeMap::new(),
             use_clock: 0,
             loaded_max,
@@ -162,36 +163,96 @@ impl Records {
 
     /// Replaces a record's quarantine, keeping the tallies right.
     pub fn set_quarantine(&mut self, key: &str, quarantine: BTreeMap<ChangeHash, Quarantined>) {
-        self.tally(&quarantine, true);
         let entry = self.entries.get_mut(key).expect("record exists");
-        let old = std::mem::replace(&mut entry.quarantine, quarantine);
-        self.tally(&old, false);
+        let old = std::mem::take(&mut entry.quarantine);
+        // Old first: the tallies are sets, and a change in both must stay counted.
+        self.tally(key, &old, false);
+        self.tally(key, &quarantine, true);
+        self.entries.get_mut(key).expect("exists").quarantine = quarantine;
     }
 
-    fn tally(&mut self, quarantine: &BTreeMap<ChangeHash, Quarantined>, add: bool) {
-        for held in quarantine.values() {
-            let count = self.quarantined_by_author.entry(held.author).or_default();
+    fn tally(&mut self, key: &str, quarantine: &BTreeMap<ChangeHash, Quarantined>, add: bool) {
+        for (hash, held) in quarantine {
+            let id = (*hash, key.to_owned());
+            let by_author = self.quarantined_by_author.entry(held.author).or_default();
             if add {
-                *count += 1;
-                self.quarantined_total += 1;
+                by_author.insert(id.clone());
+                self.quarantined_all.insert(id);
             } else {
-                *count = count.saturating_sub(1);
-                self.quarantined_total = self.quarantined_total.saturating_sub(1);
-                if *count == 0 {
+                by_author.remove(&id);
+                if by_author.is_empty() {
                     self.quarantined_by_author.remove(&held.author);
                 }
+                self.quarantined_all.remove(&id);
             }
         }
     }
 
     /// Quarantined changes held over all records.
     pub fn quarantined_total(&self) -> usize {
-        self.quarantined_total
+        self.quarantined_all.len()
     }
 
     /// Quarantined changes by `author` held over all records.
     pub fn quarantined_by(&self, author: &NodeId) -> usize {
-        self.quarantined_by_author.get(author).copied().unwrap_or(0)
+        self.quarantined_by_author
+            .get(author)
+            .map_or(0, BTreeSet::len)
+    }
+
+    /// The quarantined change with the highest hash, over all records, and its record.
+    pub fn highest_quarantined(&self) -> Option<&(ChangeHash, String)> {
+        self.quarantined_all.last()
+    }
+
+    /// The quarantined change by `author` with the highest hash, and its record.
+    pub fn highest_quarantined_by(&self, author: &NodeId) -> Option<&(ChangeHash, String)> {
+        self.quarantined_by_author.get(author)?.last()
+    }
+
+    /// Drops a quarantined change from a record, and every quarantined change of the record
+    /// built on it (held without it, they could never be judged again). Returns how many
+    /// were dropped.
+    pub fn evict_quarantined(&mut self, key: &str, hash: ChangeHash) -> usize {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return 0;
+        };
+        let mut gone: BTreeSet<ChangeHash> = BTreeSet::new();
+        if entry.quarantine.contains_key(&hash) {
+            gone.insert(hash);
+        }
+        // Quarantined changes only build on held changes, so a fixpoint over the record's
+        // quarantine finds every dependant.
+        loop {
+            let more: Vec<ChangeHash> = entry
+                .quarantine
+                .iter()
+                .filter(|(held, quarantined)| {
+                    !gone.contains(*held)
+                        && quarantined
+                            .change
+                            .deps()
+                            .iter()
+                            .any(|dep| gone.contains(dep))
+                })
+                .map(|(held, _)| *held)
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            gone.extend(more);
+        }
+        let mut dropped = BTreeMap::new();
+        for hash in &gone {
+            if let Some(quarantined) = entry.quarantine.remove(hash) {
+                dropped.insert(*hash, quarantined);
+            }
+        }
+        self.tally(key, &dropped, false);
+        if !dropped.is_empty() {
+            self.refresh_item(key);
+        }
+        dropped.len()
     }
 
     /// Removes a record that has neither durable nor pending changes (a first write that
@@ -220,9 +281,9 @@ impl Records {
         if let Some(old) = self.entries.remove(record.as_str()) {
             self.total.remove(&old.item);
             self.loaded.remove(&old.last_used);
-            self.tally(&old.quarantine, false);
+            self.tally(record.as_str(), &old.quarantine, false);
         }
-        self.tally(&quarantine, true);
+        self.tally(record.as_str(), &quarantine, true);
         self.total.add(&item);
         self.entries.insert(
             record.as_str().to_owned(),

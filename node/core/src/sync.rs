@@ -1198,6 +1198,7 @@ impl Peer {
             last_error: None,
             behind_estimate: 0,
             inbound_session_max: 0,
+            forbidden_relayed: (Instant::from_millis(0), 0),
         }
     }
 }

@@ -202,16 +202,24 @@ const POLICY_KEY: &[u8] = b"policy";
 /// fsyncs every file under `path`, subdirectories included (sled writes values over
 /// about 128 KiB to `blobs/` without an fsync of its own), then each directory.
 fn sync_tree(path: &Path) -> std::io::Result<()> {
+    sync_tree_with(path, &mut |file, _| file.sync_all())
+}
+
+/// [`sync_tree`] with the fsync handed in, so a test can see which paths it reaches.
+fn sync_tree_with(
+    path: &Path,
+    sync: &mut impl FnMut(&File, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     for entry in std::fs::read_dir(path)? {
         let entry = entry?;
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            sync_tree(&entry.path())?;
+            sync_tree_with(&entry.path(), sync)?;
         } else if kind.is_file() {
-            File::open(entry.path())?.sync_all()?;
+            sync(&File::open(entry.path())?, &entry.path())?;
         }
     }
-    File::open(path)?.sync_all()
+    sync(&File::open(path)?, path)
 }
 
 /// Repairs the change log of a stopped node (`mesh repair`): see [`ChangeLog::repair`].
@@ -254,4 +262,58 @@ fn take_lock(dir: &DataDir) -> anyhow::Result<File> {
         bail!("{} is locked by another process", dir.lock().display());
     }
     Ok(lock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mesh-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_checkpoint_fsyncs_the_blobs_below_the_db_directory_too() {
+        let db = temp_dir("sync-tree");
+        std::fs::create_dir_all(db.join("blobs")).unwrap();
+        std::fs::write(db.join("conf"), b"top").unwrap();
+        std::fs::write(db.join("blobs/17"), b"a value over 128 KiB").unwrap();
+        let mut synced = Vec::new();
+        sync_tree_with(&db, &mut |_, path| {
+            synced.push(path.strip_prefix(&db).unwrap().to_path_buf());
+            Ok(())
+        })
+        .unwrap();
+        for expected in ["conf", "blobs/17", "blobs", ""] {
+            assert!(
+                synced.contains(&PathBuf::from(expected)),
+                "{expected:?} not synced: {synced:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&db);
+    }
+
+    #[test]
+    fn a_damaged_record_store_is_reported_without_advice_that_loses_records() {
+        let root = temp_dir("damaged-db");
+        // A db that sled cannot open: a plain file where its directory should be.
+        std::fs::write(root.join("db"), b"not a sled database").unwrap();
+        let error = match Store::open(&DataDir::new(root.clone())) {
+            Ok(_) => panic!("a damaged store opened"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains("is damaged or unreadable"), "{error}");
+        assert!(
+            error.contains("holds only the changes since the last checkpoint"),
+            "{error}"
+        );
+        assert!(
+            error.contains("restore the data directory from a backup"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
