@@ -577,14 +577,14 @@ impl Node {
     pub fn holds_change(&self, record: &RecordId, hash: &ChangeHash) -> bool {
         self.records
             .entry(record.as_str())
-            .is_some_and(|entry| entry.signatures.contains_key(hash))
+            .is_some_and(|entry| entry.signatures().contains_key(hash))
     }
 
     /// Whether this node holds `hash` of `record` in quarantine. For checkers.
     pub fn holds_quarantined(&self, record: &RecordId, hash: &ChangeHash) -> bool {
         self.records
             .entry(record.as_str())
-            .is_some_and(|entry| entry.quarantine.contains_key(hash))
+            .is_some_and(|entry| entry.quarantine().contains_key(hash))
     }
 
     /// Every quarantined change as (record, change), in order. For checkers.
@@ -593,9 +593,9 @@ impl Node {
             .iter()
             .flat_map(|entry| {
                 entry
-                    .quarantine
+                    .quarantine()
                     .keys()
-                    .map(|hash| (entry.record.as_str().to_owned(), *hash))
+                    .map(|hash| (entry.record().as_str().to_owned(), *hash))
             })
             .collect()
     }
@@ -821,8 +821,8 @@ impl Node {
                         Some(&format!("{collection}0")),
                         &None,
                     )
-                    .filter(|entry| !entry.deleted && entry.is_visible())
-                    .map(|entry| entry.record.clone())
+                    .filter(|entry| !entry.is_deleted() && entry.is_visible())
+                    .map(|entry| entry.record().clone())
                     .collect();
                 let views = keys
                     .iter()
@@ -945,7 +945,7 @@ impl Node {
                     && self
                         .records
                         .entry(&key)
-                        .is_some_and(|entry| entry.heads.is_empty())
+                        .is_some_and(|entry| entry.heads().is_empty())
                 {
                     // Nothing was written, so the record must not appear.
                     self.records.remove_empty(&key);
@@ -958,8 +958,7 @@ impl Node {
                 .note_seq(&key, self.identity.node_id(), change.seq());
             let change =
                 VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
-            let entry = self.records.entry_mut(&key).expect("created above");
-            entry.unacked.insert(change.hash());
+            self.records.add_unacked(&key, change.hash());
             self.last_local_change = Some(self.now);
             change
         });
@@ -978,7 +977,7 @@ impl Node {
         };
         let me = self.node_id();
         let mut wanted: Vec<ChangeHash> = entry
-            .quarantine
+            .quarantine()
             .iter()
             .filter(|(_, held)| held.author == me)
             .map(|(hash, _)| *hash)
@@ -988,7 +987,7 @@ impl Node {
             if chain.contains_key(&hash) {
                 continue;
             }
-            if let Some(held) = entry.quarantine.get(&hash) {
+            if let Some(held) = entry.quarantine().get(&hash) {
                 wanted.extend(held.change.deps().iter().copied());
                 chain.insert(hash, held.change.clone());
             }
@@ -1030,9 +1029,7 @@ impl Node {
         self.records
             .note_seq(record.as_str(), self.identity.node_id(), change.seq());
         let change = VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
-        if let Some(entry) = self.records.entry_mut(record.as_str()) {
-            entry.unacked.insert(change.hash());
-        }
+        self.records.add_unacked(record.as_str(), change.hash());
         self.last_local_change = Some(self.now);
         let hash = change.hash();
         self.pipeline.queued.push(PipelineEntry::Local {
@@ -1097,9 +1094,7 @@ impl Node {
             if let Err(error) = result {
                 self.counters.storage_errors += 1;
                 for key in keys {
-                    if let Some(entry) = self.records.entry_mut(&key) {
-                        entry.dirty = true;
-                    }
+                    self.records.mark_dirty(&key);
                 }
                 self.schedule_checkpoint();
                 self.emit(Event::StorageFailed { error: error.0 });
@@ -1135,16 +1130,15 @@ impl Node {
                     own_durable.extend(change_hash);
                     let forbidden = change.as_ref().and_then(|change| {
                         let entry = self.records.entry(record.as_str())?;
-                        let held = entry.quarantine.get(&change.hash())?;
+                        let held = entry.quarantine().get(&change.hash())?;
                         Some(held.reason.clone())
                     });
                     if let Some(reason) = forbidden {
                         // A newer policy arrived while the append was in flight and forbids
                         // this write: it is durable, but in quarantine, never applied.
                         let key = record.as_str();
-                        if let Some(entry) = self.records.entry_mut(key) {
-                            entry.unacked.remove(&change_hash.expect("a change exists"));
-                        }
+                        self.records
+                            .remove_unacked(key, &change_hash.expect("a change exists"));
                         self.records.refresh_item(key);
                         if let Some(command) = command {
                             let version = self.policy().map_or(0, |policy| policy.version);
@@ -1163,7 +1157,7 @@ impl Node {
                         let quarantined_here = self
                             .records
                             .entry(key)
-                            .is_some_and(|entry| !entry.quarantine.is_empty());
+                            .is_some_and(|entry| !entry.quarantine().is_empty());
                         if quarantined_here && self.policy.in_force.is_some() {
                             // It may build on this node's quarantined changes (see
                             // `own_quarantined_chain`), which it accepts: judge again.
@@ -1171,7 +1165,7 @@ impl Node {
                         }
                         self.records.refresh_deleted(key);
                         self.counters.changes_local += 1;
-                        let heads = self.records.entry(key).expect("written").heads.clone();
+                        let heads = self.records.entry(key).expect("written").heads().to_vec();
                         self.emit(Event::RecordChanged {
                             record: record.clone(),
                             heads,
@@ -1182,7 +1176,7 @@ impl Node {
                     let heads = self
                         .records
                         .entry(record.as_str())
-                        .map(|entry| entry.heads.clone());
+                        .map(|entry| entry.heads().to_vec());
                     if let Some(command) = command {
                         self.complete(
                             command,
@@ -1245,7 +1239,7 @@ impl Node {
         pushed.retain(|(_, change)| {
             self.records
                 .entry(change.record.as_str())
-                .is_some_and(|entry| !entry.quarantine.contains_key(&change.hash()))
+                .is_some_and(|entry| !entry.quarantine().contains_key(&change.hash()))
         });
         self.schedule_checkpoint();
         self.push_to_peers(pushed);
@@ -1322,8 +1316,8 @@ impl Node {
         let Some(entry) = self.records.entry(key) else {
             return;
         };
-        let record = entry.record.clone();
-        let heads = entry.heads.clone();
+        let record = entry.record().clone();
+        let heads = entry.heads().to_vec();
         self.emit(Event::RecordChanged {
             record,
             heads,
@@ -1388,16 +1382,18 @@ impl Node {
         rebuilt
             .apply(kept)
             .expect("changes taken from a valid document apply to an empty one");
-        let entry = self.records.entry_mut(key).expect("record exists");
-        entry.unacked.retain(|hash| !undone.contains(hash));
+        for hash in undone {
+            self.records.remove_unacked(key, hash);
+        }
+        let entry = self.records.entry(key).expect("record exists");
         // A write a newer policy forbade while its append was in flight waits in quarantine;
         // the append failed, so it was never durable and must not be held either.
-        let quarantined = entry.quarantine.len();
-        let mut quarantine = entry.quarantine.clone();
+        let quarantined = entry.quarantine().len();
+        let mut quarantine = entry.quarantine().clone();
         quarantine.retain(|hash, _| !undone.contains(hash));
         let quarantine_changed = quarantine.len() != quarantined;
         let nothing_left =
-            entry.heads.is_empty() && entry.unacked.is_empty() && quarantine.is_empty();
+            entry.heads().is_empty() && entry.unacked().is_empty() && quarantine.is_empty();
         self.records.set_quarantine(key, quarantine);
         if nothing_left {
             self.records.remove_empty(key);
@@ -1422,9 +1418,9 @@ impl Node {
         }
         match self.records.entry(key) {
             Some(entry)
-                if entry.unacked.contains(hash)
-                    || entry.signatures.contains_key(hash)
-                    || entry.quarantine.contains_key(hash) =>
+                if entry.unacked().contains(hash)
+                    || entry.signatures().contains_key(hash)
+                    || entry.quarantine().contains_key(hash) =>
             {
                 true
             }
@@ -1722,25 +1718,25 @@ impl Node {
         let Some(entry) = self.records.entry(key) else {
             return Vec::new();
         };
-        let record = entry.record.clone();
-        let unacked = entry.unacked.clone();
+        let record = entry.record().clone();
+        let unacked = entry.unacked().clone();
         let changes = self.records.doc_mut(key).changes_after(have);
         let entry = self.records.entry(key).expect("checked above");
         let mut envelopes: Vec<Vec<u8>> = changes
             .iter()
             .filter(|change| !unacked.contains(&change.hash()))
             .filter_map(|change| {
-                let signature = entry.signatures.get(&change.hash())?;
+                let signature = entry.signatures().get(&change.hash())?;
                 Some(Envelope::encode(&record, change.raw_bytes(), signature).into_bytes())
             })
             .collect();
-        if !entry.quarantine.is_empty() {
+        if !entry.quarantine().is_empty() {
             // Quarantined changes travel by reconciliation too (never by push), so every
             // node judges the same set: those not behind `have`, in dependency order.
             let mut known: BTreeSet<ChangeHash> = BTreeSet::new();
             let mut stack: Vec<ChangeHash> = have.to_vec();
             while let Some(hash) = stack.pop() {
-                if let Some(held) = entry.quarantine.get(&hash)
+                if let Some(held) = entry.quarantine().get(&hash)
                     && known.insert(hash)
                 {
                     stack.extend(held.change.deps().iter().copied());
@@ -1750,14 +1746,14 @@ impl Node {
             let mut sent: BTreeSet<ChangeHash> = BTreeSet::new();
             loop {
                 let ready: Vec<ChangeHash> = entry
-                    .quarantine
+                    .quarantine()
                     .iter()
                     .filter(|(hash, _)| {
                         !known.contains(hash) && !sent.contains(hash) && !unacked.contains(hash)
                     })
                     .filter(|(_, held)| {
                         held.change.deps().iter().all(|dep| {
-                            !entry.quarantine.contains_key(dep)
+                            !entry.quarantine().contains_key(dep)
                                 || known.contains(dep)
                                 || sent.contains(dep)
                         })
@@ -1768,7 +1764,7 @@ impl Node {
                     break;
                 }
                 for hash in ready {
-                    envelopes.push(entry.quarantine[&hash].envelope.clone());
+                    envelopes.push(entry.quarantine()[&hash].envelope.clone());
                     sent.insert(hash);
                 }
             }
@@ -1809,7 +1805,7 @@ impl Node {
                     let heads = self
                         .records
                         .entry(change.record.as_str())
-                        .map(|entry| entry.heads.iter().map(|hash| hash.0).collect())
+                        .map(|entry| entry.heads().iter().map(|hash| hash.0).collect())
                         .unwrap_or_default();
                     let record = change.record.as_str().to_owned();
                     self.send(target, &Message::Announce { record, heads });
@@ -1841,7 +1837,7 @@ impl Node {
 
     pub(crate) fn schedule_checkpoint(&mut self) {
         if self.checkpoint_due.is_none()
-            && (self.policy.unsaved || self.records.iter().any(|entry| entry.dirty))
+            && (self.policy.unsaved || self.records.iter().any(|entry| entry.is_dirty()))
         {
             self.checkpoint_due = Some(self.now + self.config.checkpoint_interval);
         }
@@ -1851,13 +1847,13 @@ impl Node {
         let keys: Vec<String> = self
             .records
             .iter()
-            .filter(|entry| entry.dirty && !entry.has_unacked())
-            .map(|entry| entry.record.as_str().to_owned())
+            .filter(|entry| entry.is_dirty() && !entry.has_unacked())
+            .map(|entry| entry.record().as_str().to_owned())
             .collect();
         let compact_log = !self
             .records
             .iter()
-            .any(|entry| entry.dirty && entry.has_unacked());
+            .any(|entry| entry.is_dirty() && entry.has_unacked());
         self.checkpoint_due = None;
         let policy = self
             .policy
@@ -1874,19 +1870,19 @@ impl Node {
         let mut records = Vec::with_capacity(keys.len());
         for key in &keys {
             let document = self.records.document_bytes(key);
-            let entry = self.records.entry_mut(key).expect("listed above");
-            entry.dirty = false;
+            self.records.mark_clean(key);
+            let entry = self.records.entry(key).expect("listed above");
             records.push(SavedRecord {
-                record: entry.record.clone(),
-                heads: entry.heads.iter().map(|hash| hash.0).collect(),
+                record: entry.record().clone(),
+                heads: entry.heads().iter().map(|hash| hash.0).collect(),
                 document,
                 signatures: entry
-                    .signatures
+                    .signatures()
                     .iter()
                     .map(|(hash, signature)| (hash.0, Signature(*signature)))
                     .collect(),
                 quarantine: entry
-                    .quarantine
+                    .quarantine()
                     .values()
                     .map(|held| SavedQuarantined {
                         envelope: held.envelope.clone(),

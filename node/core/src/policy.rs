@@ -497,7 +497,7 @@ impl Node {
             if !entry.is_visible() {
                 continue;
             }
-            let record = entry.record.clone();
+            let record = entry.record().clone();
             let collection = record.collection();
             if policy::judge_author(new, &me, collection).is_err() {
                 continue;
@@ -607,7 +607,7 @@ impl Node {
             .records
             .entry(key)
             .expect("the caller created the record");
-        let mut direct = entry.quarantine.is_empty()
+        let mut direct = entry.quarantine().is_empty()
             && new
                 .iter()
                 .all(|change| self.author_verdict(&change.author, &collection).is_ok());
@@ -642,7 +642,7 @@ impl Node {
             if !self.records.doc_mut(key).has_change(&hash) {
                 // Queued by Automerge for a missing dependency: cannot happen for changes
                 // whose dependencies were checked; judge the record whole rather than trust it.
-                self.records.entry_mut(key).expect("exists").author_seqs = None;
+                self.records.forget_author_seqs(key);
                 return self.rejudge_record(key, Vec::new());
             }
             let deps = change.change.deps().to_vec();
@@ -689,14 +689,14 @@ impl Node {
         let me = self.node_id();
         let now = self.now;
         let entry = self.records.entry(key).expect("record exists");
-        let record = entry.record.clone();
+        let record = entry.record().clone();
         let collection = record.collection().to_owned();
-        let unacked = entry.unacked.clone();
-        let old_quarantine = entry.quarantine.clone();
+        let unacked = entry.unacked().clone();
+        let old_quarantine = entry.quarantine().clone();
         if !unacked.is_empty() {
             self.rejudge_after_ack.insert(key.to_owned());
         }
-        let mut signatures = entry.signatures.clone();
+        let mut signatures = entry.signatures().clone();
         let doc_changes = self.records.doc_mut(key).changes_after(&[]);
         let in_doc: BTreeSet<ChangeHash> = doc_changes.iter().map(Change::hash).collect();
 
@@ -812,7 +812,7 @@ impl Node {
             result
         } else if !joins.is_empty() {
             let result = self.records.doc_mut(key).apply(joins);
-            self.records.entry_mut(key).expect("exists").author_seqs = None;
+            self.records.forget_author_seqs(key);
             result
         } else {
             Ok(())
@@ -894,9 +894,7 @@ impl Node {
 
         let quarantine_changed =
             quarantine.len() != old_quarantine.len() || quarantine.keys().ne(old_quarantine.keys());
-        let entry = self.records.entry_mut(key).expect("record exists");
-        entry.heads = heads;
-        entry.signatures = signatures;
+        self.records.set_judged(key, heads, signatures);
         self.records.set_quarantine(key, quarantine);
         if changed || quarantine_changed {
             self.records.refresh_item(key);
@@ -921,7 +919,7 @@ impl Node {
         author: &NodeId,
         hash: &ChangeHash,
     ) -> bool {
-        let quarantine = self.records.entry(key).map(|entry| &entry.quarantine);
+        let quarantine = self.records.entry(key).map(|entry| entry.quarantine());
         let held = quarantine.map_or(0, BTreeMap::len);
         let in_flight = self
             .pipeline_forbidden_changes(key)
@@ -954,15 +952,21 @@ impl Node {
         while let Some(top) = self
             .records
             .entry(key)
-            .filter(|entry| entry.quarantine.len() > QUARANTINE_PER_RECORD_MAX)
-            .and_then(|entry| entry.quarantine.keys().next_back().copied())
+            .filter(|entry| entry.quarantine().len() > QUARANTINE_PER_RECORD_MAX)
+            .and_then(|entry| entry.quarantine().keys().next_back().copied())
         {
             dropped += self.records.evict_quarantined(key, top);
         }
         let authors: BTreeSet<NodeId> = self
             .records
             .entry(key)
-            .map(|entry| entry.quarantine.values().map(|held| held.author).collect())
+            .map(|entry| {
+                entry
+                    .quarantine()
+                    .values()
+                    .map(|held| held.author)
+                    .collect()
+            })
             .unwrap_or_default();
         for author in authors {
             while self.records.quarantined_by(&author) > QUARANTINE_PER_AUTHOR_MAX {
@@ -1034,7 +1038,7 @@ impl Node {
         let me = self.node_id();
         let own = match self.records.entry(&record) {
             None => false,
-            Some(entry) => match entry.quarantine.get(&hash) {
+            Some(entry) => match entry.quarantine().get(&hash) {
                 Some(held) => held.author == me,
                 None => self
                     .records
@@ -1072,8 +1076,8 @@ impl Node {
         self.records
             .iter()
             .flat_map(|entry| {
-                entry.quarantine.iter().map(|(hash, held)| QuarantineRow {
-                    record: entry.record.as_str().to_owned(),
+                entry.quarantine().iter().map(|(hash, held)| QuarantineRow {
+                    record: entry.record().as_str().to_owned(),
                     change: hash.to_string(),
                     author: held.author,
                     author_name: policy
@@ -1116,11 +1120,11 @@ impl Node {
             .iter()
             .flat_map(|entry| {
                 entry
-                    .quarantine
+                    .quarantine()
                     .iter()
                     .filter(|(_, held)| held.author == me)
                     .map(|(hash, held)| Receipt {
-                        record: entry.record.as_str().to_owned(),
+                        record: entry.record().as_str().to_owned(),
                         change: hash.to_string(),
                         reason: held.reason.to_string(),
                         rejected_by: me,

@@ -19,30 +19,74 @@ use crate::time::Instant;
 /// Collections a reconciliation covers; `None` means all.
 pub type Scope = Option<BTreeSet<String>>;
 
-/// One record's state.
+/// One record's state. The fields are private: every change goes through `Records`, whose
+/// mutators keep the record's digest item (and the node's total) in step with its heads
+/// and quarantine.
 pub struct Entry {
     /// The record's address.
-    pub record: RecordId,
+    record: RecordId,
     /// Heads of the durable changes.
-    pub heads: Vec<ChangeHash>,
+    heads: Vec<ChangeHash>,
     /// This record's contribution to digests.
-    pub item: ItemHash,
+    item: ItemHash,
     /// Whether the record carries a tombstone, as of its last durable change.
-    pub deleted: bool,
+    deleted: bool,
     /// Signatures of the durable changes.
-    pub signatures: BTreeMap<ChangeHash, [u8; 64]>,
+    signatures: BTreeMap<ChangeHash, [u8; 64]>,
     /// Local changes made but not yet durable.
-    pub unacked: BTreeSet<ChangeHash>,
+    unacked: BTreeSet<ChangeHash>,
     /// Durable, validly signed changes the policy rejects: never applied, never pushed,
     /// but held and reconciled so that every honest node judges the same set.
-    pub quarantine: BTreeMap<ChangeHash, Quarantined>,
+    quarantine: BTreeMap<ChangeHash, Quarantined>,
     /// The latest sequence number of each author in the document, once computed: what a
     /// new change must continue (Automerge panics on a gap).
-    pub author_seqs: Option<BTreeMap<NodeId, u64>>,
+    author_seqs: Option<BTreeMap<NodeId, u64>>,
     /// Changed since the last checkpoint.
-    pub dirty: bool,
+    dirty: bool,
     body: Body,
     last_used: u64,
+}
+
+impl Entry {
+    /// The record's address.
+    pub fn record(&self) -> &RecordId {
+        &self.record
+    }
+
+    /// Heads of the durable changes.
+    pub fn heads(&self) -> &[ChangeHash] {
+        &self.heads
+    }
+
+    /// This record's contribution to digests.
+    pub fn item(&self) -> &ItemHash {
+        &self.item
+    }
+
+    /// Whether the record carries a tombstone, as of its last durable change.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+
+    /// Signatures of the durable changes.
+    pub fn signatures(&self) -> &BTreeMap<ChangeHash, [u8; 64]> {
+        &self.signatures
+    }
+
+    /// Local changes made but not yet durable.
+    pub fn unacked(&self) -> &BTreeSet<ChangeHash> {
+        &self.unacked
+    }
+
+    /// The changes the policy rejects, held.
+    pub fn quarantine(&self) -> &BTreeMap<ChangeHash, Quarantined> {
+        &self.quarantine
+    }
+
+    /// Whether the record changed since the last checkpoint.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
 }
 
 /// A change the policy rejected, kept with why.
@@ -104,9 +148,54 @@ impl Records {
         self.entries.get(key)
     }
 
-    /// The record's entry for changing bookkeeping fields.
-    pub fn entry_mut(&mut self, key: &str) -> Option<&mut Entry> {
-        self.entries.get_mut(key)
+    /// Notes a local change of the record made but not yet durable.
+    pub fn add_unacked(&mut self, key: &str, hash: ChangeHash) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.unacked.insert(hash);
+        }
+    }
+
+    /// Forgets a local change that will never be durable as accepted history.
+    pub fn remove_unacked(&mut self, key: &str, hash: &ChangeHash) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.unacked.remove(hash);
+        }
+    }
+
+    /// Marks the record for the next checkpoint.
+    pub fn mark_dirty(&mut self, key: &str) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.dirty = true;
+        }
+    }
+
+    /// Notes that the record was handed to a checkpoint.
+    pub fn mark_clean(&mut self, key: &str) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.dirty = false;
+        }
+    }
+
+    /// Drops the cached sequence numbers of the record's authors; computed again from the
+    /// document when next needed.
+    pub fn forget_author_seqs(&mut self, key: &str) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.author_seqs = None;
+        }
+    }
+
+    /// Sets the record's durable heads and the signatures of its accepted changes after
+    /// it was judged whole; its digest item follows.
+    pub fn set_judged(
+        &mut self,
+        key: &str,
+        heads: Vec<ChangeHash>,
+        signatures: BTreeMap<ChangeHash, [u8; 64]>,
+    ) {
+        let entry = self.entries.get_mut(key).expect("record exists");
+        entry.heads = heads;
+        entry.signatures = signatures;
+        self.update_item(key);
     }
 
     /// Number of records.
@@ -169,6 +258,7 @@ impl Records {
         self.tally(key, &old, false);
         self.tally(key, &quarantine, true);
         self.entries.get_mut(key).expect("exists").quarantine = quarantine;
+        self.update_item(key);
     }
 
     fn tally(&mut self, key: &str, quarantine: &BTreeMap<ChangeHash, Quarantined>, add: bool) {
@@ -372,14 +462,22 @@ impl Records {
         self.refresh_item(key);
     }
 
-    /// Recomputes a record's digest contribution after its heads or quarantine changed.
+    /// Marks the record for the next checkpoint and brings its digest item up to date.
     pub fn refresh_item(&mut self, key: &str) {
+        self.mark_dirty(key);
+        self.update_item(key);
+    }
+
+    /// Recomputes a record's digest contribution from its heads and quarantine: every
+    /// mutator of either calls it, so the digest is never stale.
+    fn update_item(&mut self, key: &str) {
         let entry = self.entries.get_mut(key).expect("record exists");
-        entry.dirty = true;
         let item = ItemHash::of(key, &entry.advertised());
-        self.total.remove(&entry.item);
-        self.total.add(&item);
-        entry.item = item;
+        if item != entry.item {
+            self.total.remove(&entry.item);
+            self.total.add(&item);
+            entry.item = item;
+        }
     }
 
     /// Keys of every record, in order.

@@ -780,8 +780,8 @@ impl Node {
             .range(&range.lower, upper, scope)
             .map(|entry| {
                 (
-                    entry.record.as_str().to_owned(),
-                    entry.item,
+                    entry.record().as_str().to_owned(),
+                    *entry.item(),
                     hashes(&entry.advertised_for_wire()),
                 )
             })
@@ -869,8 +869,8 @@ impl Node {
         let missing_there: Vec<String> = self
             .records
             .range(&range.lower, range.upper.as_deref(), scope)
-            .filter(|entry| !theirs.contains_key(entry.record.as_str()))
-            .map(|entry| entry.record.as_str().to_owned())
+            .filter(|entry| !theirs.contains_key(entry.record().as_str()))
+            .map(|entry| entry.record().as_str().to_owned())
             .collect();
         for key in missing_there {
             if output.truncated {
@@ -1125,10 +1125,10 @@ impl Node {
         for entry in self
             .records
             .iter()
-            .filter(|entry| !entry.deleted && !entry.heads.is_empty())
+            .filter(|entry| !entry.is_deleted() && !entry.heads().is_empty())
         {
             *records
-                .entry(entry.record.collection().to_owned())
+                .entry(entry.record().collection().to_owned())
                 .or_default() += 1;
         }
         let peers = self
@@ -1168,7 +1168,7 @@ impl Node {
             quarantined_changes: self
                 .records
                 .iter()
-                .map(|entry| entry.quarantine.len() as u64)
+                .map(|entry| entry.quarantine().len() as u64)
                 .sum(),
             own_changes_rejected: self.own_rejections(),
             refused_connections: self.policy.refused.values().cloned().collect(),
