@@ -7,8 +7,6 @@ use std::time::Duration;
 
 /// Largest message a peer may send us, in bytes. Larger ones are refused before decoding.
 pub const MESSAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
-/// How many peers a relayed (not own) change is pushed to.
-pub const PUSH_RELAY_FANOUT: usize = 4;
 /// Largest change pushed whole by gossip; larger ones are announced by heads and pulled.
 pub const PUSH_CHANGE_BYTES_MAX: usize = 64 * 1024;
 /// Most envelope bytes in one `SyncChanges` batch message.
