@@ -1,0 +1,110 @@
+//! What every command prints with: lines made safe for the terminal, JSON or text, and the
+//! small formatters tables share.
+
+use serde_json::Value;
+
+/// `text` with every control character but newline and tab, and the Unicode controls that
+/// reorder text, replaced by U+FFFD: an escape sequence from a peer (in its name, a refusal
+/// reason or a record) would otherwise act on the operator's terminal.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if text.chars().any(unsafe_char) {
+        text.chars()
+            .map(|c| if unsafe_char(c) { '\u{fffd}' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
+pub(crate) fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("values serialise")
+        );
+    } else {
+        human(value);
+    }
+}
+
+pub(crate) fn print_written(written: &Value, verb: &str) {
+    match written["change"].as_str() {
+        Some(change) => out!(
+            "{} {verb} (change {})",
+            written["record"].as_str().unwrap_or("?"),
+            &change[..change.len().min(12)]
+        ),
+        None => out!("{} unchanged", written["record"].as_str().unwrap_or("?")),
+    }
+}
+
+pub(crate) fn print_record(record: &Value) {
+    let deleted = if record["deleted"].as_bool() == Some(true) {
+        "  (deleted)"
+    } else {
+        ""
+    };
+    out!(
+        "{}/{}{deleted}",
+        record["collection"].as_str().unwrap_or("?"),
+        record["id"].as_str().unwrap_or("?")
+    );
+    if let Some(fields) = record["fields"].as_object() {
+        let width = fields.keys().map(String::len).max().unwrap_or(0);
+        for (name, value) in fields {
+            match value.as_str() {
+                Some(text) => out!("  {name:width$}  {text}"),
+                None => out!("  {name:width$}  {value}"),
+            }
+        }
+    }
+}
+
+pub(crate) fn ago(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "never".into() };
+    let now = mesh_now_ms();
+    let seconds = now.saturating_sub(ms) / 1000;
+    match seconds {
+        0..=59 => format!("{seconds} s ago"),
+        60..=3599 => format!("{} min ago", seconds / 60),
+        3600..=86_399 => format!("{} h ago", seconds / 3600),
+        _ => format!("{} days ago", seconds / 86_400),
+    }
+}
+
+pub(crate) fn mesh_now_ms() -> u64 {
+    crate::clock::Clock::default().now().as_millis()
+}
+
+/// `count` and the noun, in the plural unless the count is one.
+pub(crate) fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
+/// The first `len` characters of an id, for tables.
+pub(crate) fn short(text: Option<&str>, len: usize) -> &str {
+    let text = text.unwrap_or("?");
+    text.get(..len).unwrap_or(text)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(super::printable("hq"), "hq");
+        assert_eq!(super::printable("a\tb\nc"), "a\tb\nc");
+        assert_eq!(
+            super::printable("\u{1b}[2J\u{1b}]0;owned\u{7}hq\u{202e}"),
+            "\u{fffd}[2J\u{fffd}]0;owned\u{fffd}hq\u{fffd}"
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! `mesh put`: set fields of a record.
+
+use anyhow::{Context as _, anyhow};
+use serde_json::{Value, json};
+
+use super::output::print_written;
+use super::{Context, record_path};
+use crate::client::ClientError;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The collection.
+    collection: String,
+    /// The record id.
+    id: String,
+    /// Fields to set.
+    fields: Vec<String>,
+    /// Fields as a JSON object, merged with FIELD=VALUE pairs.
+    #[arg(long = "json", value_name = "OBJECT")]
+    json_fields: Option<String>,
+}
+
+pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
+    let mut object = match args.json_fields {
+        Some(text) => {
+            match serde_json::from_str::<Value>(&text).context("--json is not valid JSON")? {
+                Value::Object(object) => object,
+                _ => return Err(anyhow!("--json must be a JSON object of fields").into()),
+            }
+        }
+        None => serde_json::Map::new(),
+    };
+    for pair in &args.fields {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("`{pair}` is not FIELD=VALUE"))?;
+        if object.contains_key(name) {
+            return Err(anyhow!("field `{name}` is given twice").into());
+        }
+        object.insert(name.to_owned(), parse_value(value)?);
+    }
+    if object.is_empty() {
+        return Err(anyhow!("give fields as FIELD=VALUE or --json '{{...}}'").into());
+    }
+    let path = record_path(&args.collection, &args.id)?;
+    let written = context
+        .client()?
+        .send("PUT", &path, &Value::Object(object))?;
+    print_written(&written, "written");
+    Ok(())
+}
+
+/// Reads a FIELD=VALUE value. Only what reads back the same becomes a number: `007` stays
+/// text (codes keep their zeros), as do `nan` and `inf`, which JSON cannot carry; an
+/// integer too large for 64 bits is refused rather than rounded.
+fn parse_value(text: &str) -> anyhow::Result<Value> {
+    if text.starts_with('+') {
+        // `+41 79 …` is a phone number, not a number.
+        return Ok(json!(text));
+    }
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let integer = !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit());
+    let leading_zero = digits.len() > 1 && digits.starts_with('0') && !digits.starts_with("0.");
+    Ok(if text == "null" {
+        Value::Null
+    } else if text == "true" || text == "false" {
+        json!(text == "true")
+    } else if leading_zero {
+        json!(text)
+    } else if integer {
+        let number: i64 = text.parse().map_err(|_| {
+            anyhow!(
+                "`{text}` does not fit a 64-bit integer; to store it as text, use --json '{{\"field\": \"{text}\"}}'"
+            )
+        })?;
+        json!(number)
+    } else if let Ok(number) = text.parse::<f64>() {
+        if number.is_finite() && text.bytes().any(|byte| byte.is_ascii_digit()) {
+            json!(number)
+        } else if number.is_finite() || text.bytes().any(|byte| byte.is_ascii_digit()) {
+            return Err(anyhow!("`{text}` is out of range for a number"));
+        } else {
+            json!(text)
+        }
+    } else {
+        json!(text)
+    })
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_back_as_typed_and_never_become_a_removal() {
+        let read = |text: &str| parse_value(text).unwrap();
+        assert_eq!(read("12"), json!(12));
+        assert_eq!(read("-3"), json!(-3));
+        assert_eq!(read("1.5"), json!(1.5));
+        assert_eq!(read("0.25"), json!(0.25));
+        assert_eq!(read("0"), json!(0));
+        assert_eq!(read("true"), json!(true));
+        assert_eq!(read("null"), Value::Null);
+        assert_eq!(read("007"), json!("007"), "codes keep their zeros");
+        assert_eq!(read("nan"), json!("nan"));
+        assert_eq!(read("-inf"), json!("-inf"));
+        assert_eq!(read("Infinity"), json!("Infinity"));
+        assert_eq!(read("Aspirin 500"), json!("Aspirin 500"));
+        assert_eq!(read(""), json!(""));
+        assert_eq!(read("+41791234567"), json!("+41791234567"));
+        assert_eq!(read("+5"), json!("+5"));
+        let error = parse_value("99999999999999999999").unwrap_err().to_string();
+        assert!(error.contains("does not fit a 64-bit integer"), "{error}");
+        assert!(parse_value("1e400").is_err());
+    }
+}
