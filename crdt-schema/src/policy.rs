@@ -44,6 +44,29 @@ pub struct Policy {
     /// Collections by name.
     #[serde(default)]
     pub collections: BTreeMap<String, CollectionRule>,
+    /// What a collection the policy does not name is: open to every member (the default),
+    /// or refused, so that a typo (`stokc`) is an error instead of a new collection that
+    /// replicates everywhere. Left out of the canonical encoding when open, so policies
+    /// signed before it existed stay canonical.
+    #[serde(default, skip_serializing_if = "UnnamedCollections::is_open")]
+    pub unnamed_collections: UnnamedCollections,
+}
+
+/// See [`Policy::unnamed_collections`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnnamedCollections {
+    /// Every member may write a collection the policy does not name.
+    #[default]
+    Open,
+    /// Nobody may.
+    Refused,
+}
+
+impl UnnamedCollections {
+    fn is_open(&self) -> bool {
+        *self == UnnamedCollections::Open
+    }
 }
 
 /// One member node.
@@ -124,6 +147,11 @@ pub enum RejectReason {
         collection: String,
         /// The roles that may.
         writers: Vec<String>,
+    },
+    /// The policy names no such collection and refuses unnamed ones.
+    UnnamedCollection {
+        /// The collection.
+        collection: String,
     },
     /// The change does not continue its author's chain: its sequence number is not one more
     /// than the author's latest change in its history, another change of the author has the
@@ -308,7 +336,13 @@ pub fn judge_author(
     let Some((name, member)) = policy.member(author) else {
         return Err(RejectReason::NotAMember { author: *author });
     };
-    if let Some(rule) = policy.collections.get(collection)
+    let rule = policy.collections.get(collection);
+    if rule.is_none() && policy.unnamed_collections == UnnamedCollections::Refused {
+        return Err(RejectReason::UnnamedCollection {
+            collection: collection.to_owned(),
+        });
+    }
+    if let Some(rule) = rule
         && rule.writers.is_disjoint(&member.roles)
     {
         return Err(RejectReason::MayNotWrite {
@@ -363,6 +397,10 @@ impl fmt::Display for RejectReason {
                 write!(f, "author {author} is not a member of the policy")
             }
             RejectReason::Revoked { author } => write!(f, "author {author} is revoked"),
+            RejectReason::UnnamedCollection { collection } => write!(
+                f,
+                "the policy names no collection `{collection}` and refuses unnamed ones (a typo?)"
+            ),
             RejectReason::MayNotWrite {
                 member,
                 collection,
@@ -426,6 +464,7 @@ mod tests {
             roles: [role.to_owned()].into(),
         };
         Policy {
+            unnamed_collections: Default::default(),
             version,
             members: [
                 ("hq".to_owned(), member(1, "master")),

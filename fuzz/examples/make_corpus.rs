@@ -204,6 +204,7 @@ fn main() {
     // signed_policy: a policy signed by the org key the target trusts.
     let org_key = Identity::from_seed(105);
     let policy = Policy {
+        unnamed_collections: Default::default(),
         version: 1,
         members: [(
             "hq".to_owned(),

@@ -124,6 +124,7 @@ impl PolicyPlay {
             ..Default::default()
         };
         Policy {
+            unnamed_collections: Default::default(),
             version,
             members,
             revoked,
@@ -274,9 +275,13 @@ pub fn accepted_offender(
         !policy.revoked.contains(author)
             && policy.members.values().any(|member| {
                 member.node == *author
-                    && policy.collections.get(collection).is_none_or(|rule| {
-                        member.roles.iter().any(|role| rule.writers.contains(role))
-                    })
+                    && match policy.collections.get(collection) {
+                        Some(rule) => member.roles.iter().any(|role| rule.writers.contains(role)),
+                        None => {
+                            policy.unnamed_collections
+                                != crdt_schema::policy::UnnamedCollections::Refused
+                        }
+                    }
             })
     };
     let mut vouched: BTreeSet<ChangeHash> = BTreeSet::new();

@@ -35,6 +35,7 @@ fn policy(version: u64, members: &[(&str, usize, &str)], revoked: &[usize]) -> S
         ..Default::default()
     };
     Policy {
+        unnamed_collections: Default::default(),
         version,
         members: members
             .iter()
@@ -195,6 +196,7 @@ fn older_foreign_and_tied_policies_resolve_the_same_way_everywhere() {
 
     // Signed by a key that is not the org's: refused with an error naming the problem.
     let forged = Policy {
+        unnamed_collections: Default::default(),
         version: 9,
         ..Policy::default()
     }
@@ -500,6 +502,7 @@ fn hex(bytes: &[u8]) -> String {
 fn a_change_that_breaks_the_policy_schema_is_refused_locally_and_quarantined_remotely() {
     use crdt_schema::{CollectionSchema, FieldSchema, FieldType};
     let mut policy = Policy {
+        unnamed_collections: Default::default(),
         version: 1,
         members: [
             (
@@ -867,6 +870,73 @@ fn one_peer_relaying_forbidden_changes_by_many_keys_is_slowed_not_believed() {
     settle(&mut mesh);
     assert_eq!(quarantined(&mesh, CLINIC2).len(), flood.len());
     assert!(mesh.converged());
+}
+
+#[test]
+fn a_policy_that_refuses_unnamed_collections_turns_a_typo_into_an_error() {
+    let mut mesh = mesh(3);
+    let mut strict: Policy = serde_json::from_str(&standard(1).policy).unwrap();
+    strict.unnamed_collections = crdt_schema::policy::UnnamedCollections::Refused;
+    apply(&mut mesh, HQ, strict.sign(&org()));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // A named collection is written as before.
+    try_put(
+        &mut mesh,
+        CLINIC1,
+        "stock/c1",
+        &[("count", FieldValue::Int(1))],
+    )
+    .unwrap();
+    // A typo is refused at once, with the rule.
+    match try_put(
+        &mut mesh,
+        CLINIC1,
+        "stokc/c1",
+        &[("count", FieldValue::Int(1))],
+    ) {
+        Err(CommandError::Forbidden { reason, .. }) => assert_eq!(
+            reason,
+            RejectReason::UnnamedCollection {
+                collection: "stokc".into()
+            }
+        ),
+        other => panic!("a write to an unnamed collection: {other:?}"),
+    }
+    // And a change to it from a node that did not refuse it is quarantined everywhere.
+    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
+    let mut doc = RecordDoc::new(&identity.node_id());
+    let change = doc
+        .edit(&Edit::Put(fields(&[("count", FieldValue::Int(2))])), 0)
+        .unwrap()
+        .unwrap();
+    let signed = VerifiedChange::sign(&identity, &org_id(), "stokc/c2".parse().unwrap(), change);
+    let push = Message::Push {
+        changes: vec![EnvelopeBytes(signed.envelope.as_bytes().to_vec())],
+    };
+    mesh.inject(CLINIC1, HQ, push.encode());
+    settle(&mut mesh);
+    assert!(mesh.converged());
+    for index in [HQ, CLINIC2] {
+        assert!(mesh.get(index, "stokc/c2").is_none(), "node {index}");
+        assert_eq!(quarantined(&mesh, index).len(), 1, "node {index}");
+        assert!(mesh.get(index, "stock/c1").is_some(), "node {index}");
+    }
+}
+
+#[test]
+fn a_policy_signed_before_unnamed_collections_existed_is_still_canonical() {
+    // The canonical text of an open policy has no `unnamed_collections` key, so policies
+    // signed by earlier versions verify and are canonical as before.
+    let signed = standard(1);
+    assert!(!signed.policy.contains("unnamed_collections"));
+    let mut strict: Policy = serde_json::from_str(&signed.policy).unwrap();
+    strict.unnamed_collections = crdt_schema::policy::UnnamedCollections::Refused;
+    assert!(
+        strict
+            .canonical()
+            .contains("\"unnamed_collections\":\"refused\"")
+    );
 }
 
 #[test]

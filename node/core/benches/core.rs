@@ -286,6 +286,7 @@ fn verify_judge_apply(c: &mut Criterion) {
         roles: [role.to_owned()].into(),
     };
     let policy = Policy {
+        unnamed_collections: Default::default(),
         version: 1,
         members: [
             ("hq".to_owned(), member(1, "master")),

@@ -15,6 +15,9 @@ pub const API_ADDR_DEFAULT: &str = "127.0.0.1:7710";
 
 /// The node's settings as written in `config.toml`. Every field but `name` has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// A misspelt key (`peer = [...]`) would otherwise be ignored, leaving a node that never
+// dials anyone and no clue why.
+#[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// A human name for the node, shown in status. Set by `mesh init --name`.
     pub name: String,
@@ -277,15 +280,8 @@ pub fn sign_policy(policy: &Path, org_key: &Path) -> anyhow::Result<String> {
     let policy: crdt_schema::policy::Policy = toml::from_str(&text)
         .with_context(|| format!("{} is not a valid policy", policy.display()))?;
     policy.validate()?;
-    for (collection, role) in policy.roles_without_members() {
-        eprintln!(
-            "warning: collection `{collection}` may be written by role `{role}`, which no member holds"
-        );
-    }
-    for (collection, rule) in &policy.collections {
-        if rule.writers.is_empty() {
-            eprintln!("warning: collection `{collection}` lists no writers: nobody may write it");
-        }
+    for warning in policy_warnings(&policy) {
+        eprintln!("warning: {warning}");
     }
     let key = std::fs::read_to_string(org_key)
         .with_context(|| format!("cannot read {}", org_key.display()))?;
@@ -301,6 +297,58 @@ pub fn sign_policy(policy: &Path, org_key: &Path) -> anyhow::Result<String> {
         })?;
     let signed = policy.sign(&Identity::from_secret_bytes(secret));
     Ok(serde_json::to_string_pretty(&signed)?)
+}
+
+/// What in a well-formed policy is most likely a mistake: a role a collection names that no
+/// member holds, a collection nobody may write, a member role no collection names (a typo
+/// such as `stie`), and `replicated_by`, which is not enforced yet.
+pub fn policy_warnings(policy: &crdt_schema::policy::Policy) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (collection, role) in policy.roles_without_members() {
+        warnings.push(format!(
+            "collection `{collection}` may be written by role `{role}`, which no member holds"
+        ));
+    }
+    let held: std::collections::BTreeSet<&String> = policy
+        .members
+        .values()
+        .flat_map(|member| &member.roles)
+        .collect();
+    for (collection, rule) in &policy.collections {
+        if rule.writers.is_empty() {
+            warnings.push(format!(
+                "collection `{collection}` lists no writers: nobody may write it"
+            ));
+        } else if !rule.writers.iter().any(|role| held.contains(role)) {
+            warnings.push(format!(
+                "no member holds a writer role of collection `{collection}`: nobody may write it"
+            ));
+        }
+        if rule.replicated_by.is_some() {
+            warnings.push(format!(
+                "collection `{collection}`: `replicated_by` is not enforced yet; every member receives it"
+            ));
+        }
+    }
+    let named: std::collections::BTreeSet<&String> = policy
+        .collections
+        .values()
+        .flat_map(|rule| {
+            rule.writers
+                .iter()
+                .chain(rule.replicated_by.iter().flatten())
+        })
+        .collect();
+    for (name, member) in &policy.members {
+        for role in &member.roles {
+            if !named.contains(role) {
+                warnings.push(format!(
+                    "member `{name}` has role `{role}`, which no collection names"
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Reads a signed policy file and checks it is the org's; returns its text and version.
@@ -368,4 +416,66 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signing_warns_about_roles_and_collections_that_are_likely_typos() {
+        let node = Identity::from_seed(1).node_id();
+        let policy: crdt_schema::policy::Policy = toml::from_str(&format!(
+            r#"
+version = 1
+[members.hq]
+node = "{node}"
+roles = ["master"]
+[members.clinic1]
+node = "{node}"
+roles = ["stie"]
+[collections.catalogue]
+writers = ["master"]
+[collections.stock]
+writers = ["site"]
+replicated_by = ["master"]
+"#
+        ))
+        .unwrap();
+        let warnings = policy_warnings(&policy).join("\n");
+        assert!(
+            warnings.contains("member `clinic1` has role `stie`, which no collection names"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("role `site`, which no member holds"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("no member holds a writer role of collection `stock`"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("`replicated_by` is not enforced yet"),
+            "{warnings}"
+        );
+        assert!(
+            !warnings.contains("catalogue"),
+            "catalogue is fine: {warnings}"
+        );
+        assert!(!warnings.contains("`hq`"), "hq's role is named: {warnings}");
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_config_is_refused_by_name() {
+        let good = "name = \"hq\"\npeers = [\"/ip4/10.0.0.2/tcp/4001\"]\n";
+        assert!(toml::from_str::<FileConfig>(good).is_ok());
+        let typo = "name = \"hq\"\npeer = [\"/ip4/10.0.0.2/tcp/4001\"]\n";
+        let error = toml::from_str::<FileConfig>(typo).unwrap_err().to_string();
+        assert!(error.contains("unknown field `peer`"), "{error}");
+        assert!(
+            error.contains("peers"),
+            "the error lists the keys there are: {error}"
+        );
+    }
 }
