@@ -236,6 +236,18 @@ fn older_foreign_and_tied_policies_resolve_the_same_way_everywhere() {
         conflicts >= 1,
         "the side that lost the tie raises the alarm"
     );
+    // Signing a higher version is the fix the alarm asks for; once it is in force the
+    // alarm goes, everywhere.
+    apply(&mut mesh, HQ, standard(4));
+    mesh.run_until_quiet(100);
+    for index in [HQ, CLINIC1] {
+        let policy = mesh.status(index).policy.expect("in force");
+        assert_eq!(policy.version, 4, "node {index}");
+        assert_eq!(
+            policy.conflict, None,
+            "node {index}: the version 3 tie is settled"
+        );
+    }
 }
 
 #[test]

@@ -464,6 +464,15 @@ impl Node {
     /// members.
     pub(crate) fn adopt_policy(&mut self, in_force: InForce) {
         let version = in_force.policy.version;
+        // A tie of an older version is settled once a newer policy is in force.
+        if self
+            .policy
+            .conflict
+            .as_ref()
+            .is_some_and(|conflict| conflict.version < version)
+        {
+            self.policy.conflict = None;
+        }
         self.policy.in_force = Some(in_force);
         self.policy.unsaved = true;
         self.rejudge_all();
