@@ -56,6 +56,9 @@ pub struct NodeInfo {
 }
 
 /// The API's routes.
+/// Largest request body the API takes (a record's fields or a signed policy).
+pub const BODY_BYTES_MAX: usize = 2 * 1024 * 1024;
+
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/status", get(status))
@@ -73,11 +76,29 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/changes", get(changes))
         .route("/v1/policy", get(show_policy).post(apply_policy))
         .route("/v1/quarantine", get(quarantine))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorise,
         ))
         .with_state(state)
+}
+
+/// Why a JSON body was refused: too large (413, with the limit), or not what was expected.
+fn body_refused(rejection: &JsonRejection, not_valid: &str) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than the API takes ({} MiB); store large values outside the record",
+                BODY_BYTES_MAX / (1024 * 1024)
+            ),
+        );
+    }
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        format!("{not_valid}: {}", rejection.body_text()),
+    )
 }
 
 /// An API error: a status and a message.
@@ -251,12 +272,8 @@ async fn write(
     body: Result<axum::Json<Value>, JsonRejection>,
 ) -> ApiResult {
     let record = record_id(&collection, &id)?;
-    let axum::Json(body) = body.map_err(|rejection| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {}", rejection.body_text()),
-        )
-    })?;
+    let axum::Json(body) =
+        body.map_err(|rejection| body_refused(&rejection, "the body is not valid JSON"))?;
     let Value::Object(object) = body else {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -375,12 +392,9 @@ async fn apply_policy(
     body: Result<axum::Json<crdt_schema::policy::SignedPolicy>, JsonRejection>,
 ) -> ApiResult {
     let axum::Json(signed) = body.map_err(|rejection| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "the body is not a signed policy as `mesh policy sign` writes it: {}",
-                rejection.body_text()
-            ),
+        body_refused(
+            &rejection,
+            "the body is not a signed policy as `mesh policy sign` writes it",
         )
     })?;
     let Reply::PolicyOffered(offer) = run(&state, Command::ApplyPolicy { signed }).await? else {

@@ -266,3 +266,69 @@ fn an_org_key_signs_the_example_policy_and_only_it_verifies() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("broken.toml is not a valid policy"));
 }
+
+#[test]
+fn fields_come_from_a_file_or_stdin_and_an_oversized_body_is_a_size_error() {
+    use std::io::Write as _;
+    let dir = TempDir::new("json-file");
+    init(&dir.0, "hq");
+    let _daemon = start(&dir.0);
+    // 300 KB: more than a command line takes.
+    let long = "x".repeat(300_000);
+    let file = dir.0.join("fields.json");
+    std::fs::write(&file, format!(r#"{{"note": "{long}", "count": 1}}"#)).unwrap();
+    let at_file = format!("@{}", file.display());
+    mesh_ok(&dir.0, &["put", "stock", "long", "--json", &at_file]);
+    let record: serde_json::Value =
+        serde_json::from_str(&mesh_ok(&dir.0, &["get", "stock", "long", "--json"])).unwrap();
+    assert_eq!(
+        record["fields"]["note"].as_str().map(str::len),
+        Some(300_000)
+    );
+
+    let mut child = std::process::Command::new(MESH)
+        .arg("--data-dir")
+        .arg(&dir.0)
+        .args(["put", "stock", "piped", "--json", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"count": 7}"#)
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(mesh_ok(&dir.0, &["get", "stock", "piped"]).contains('7'));
+
+    let missing = mesh(
+        &dir.0,
+        &["put", "stock", "x", "--json", "@/nonexistent/fields.json"],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("cannot read the fields from"),
+        "{missing:?}"
+    );
+
+    // 3 MB: over the API's body limit, said as such (not "not valid JSON").
+    std::fs::write(&file, format!(r#"{{"note": "{}"}}"#, "y".repeat(3_000_000))).unwrap();
+    let big = mesh(&dir.0, &["put", "stock", "big", "--json", &at_file]);
+    assert_eq!(big.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&big.stderr);
+    assert!(
+        stderr.contains("larger than the API takes (2 MiB)"),
+        "{stderr}"
+    );
+    assert!(!has_record(&dir.0, "stock", "big"));
+}
+
+fn has_record(dir: &Path, collection: &str, id: &str) -> bool {
+    mesh(dir, &["get", collection, id, "--json"])
+        .status
+        .success()
+}

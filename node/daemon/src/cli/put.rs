@@ -15,14 +15,31 @@ pub struct Args {
     id: String,
     /// Fields to set.
     fields: Vec<String>,
-    /// Fields as a JSON object, merged with FIELD=VALUE pairs.
+    /// Fields as a JSON object, merged with FIELD=VALUE pairs; `@FILE` reads the object
+    /// from a file, `-` from standard input (for values too long for a command line).
     #[arg(long = "json", value_name = "OBJECT")]
     json_fields: Option<String>,
 }
 
+/// The text of `--json`: as given, from a file (`@FILE`) or from standard input (`-`).
+fn json_argument(given: &str) -> anyhow::Result<String> {
+    if given == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read the fields from standard input")?;
+        return Ok(text);
+    }
+    if let Some(path) = given.strip_prefix('@') {
+        return std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the fields from {path}"));
+    }
+    Ok(given.to_owned())
+}
+
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     let mut object = match args.json_fields {
-        Some(text) => {
+        Some(given) => {
+            let text = json_argument(&given)?;
             match serde_json::from_str::<Value>(&text).context("--json is not valid JSON")? {
                 Value::Object(object) => object,
                 _ => return Err(anyhow!("--json must be a JSON object of fields").into()),
