@@ -34,6 +34,15 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
         bail!("{} exists; give the demo an empty --dir", root.display());
     }
     let exe = std::env::current_exe().context("cannot find the mesh binary")?;
+    // Signals are caught from here on, so that SIGTERM or Ctrl-C while the nodes start
+    // still ends in the cleanup below (taken once the nodes are up).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut stop = {
+        let _entered = runtime.enter();
+        StopSignals::new()?
+    };
     out!("starting 3 nodes on loopback in {}", root.display());
     // Made first, so that each node can trust the other two: a node admits only peers
     // it trusts.
@@ -68,12 +77,14 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
         command
             .arg("--data-dir")
             .arg(dir.root())
-            .args(["node", "run"]);
+            .args(["node", "run", "--stop-when-stdin-closes"]);
         if let Some(first) = nodes.first() {
             let address = format!("{}/p2p/{}", wait_listen_addr(&first.dir)?, ids[0]);
             command.args(["--peer", &address]);
         }
+        // The node ends when this pipe closes: with the demo, however the demo ends.
         let child = command
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -142,13 +153,13 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
     out!(
         "{}",
         match duration {
-            Some(duration) => format!("stopping in {} s (Ctrl-C stops sooner)", duration.as_secs()),
-            None => "Ctrl-C stops the demo".to_owned(),
+            Some(duration) => format!(
+                "stopping in {} s (Ctrl-C or SIGTERM stops sooner)",
+                duration.as_secs()
+            ),
+            None => "Ctrl-C (or SIGTERM) stops the demo".to_owned(),
         }
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async {
         let until = async {
             match duration {
@@ -158,13 +169,48 @@ pub fn run(root: Option<PathBuf>, duration: Option<Duration>) -> anyhow::Result<
         };
         tokio::select! {
             () = until => {}
-            _ = tokio::signal::ctrl_c() => {}
+            () = stop.received() => {}
         }
     });
     drop(nodes);
     let _ = std::fs::remove_dir_all(&root);
     out!("demo stopped");
     Ok(())
+}
+
+/// SIGINT and SIGTERM, caught from the moment they are made (a signal that comes before
+/// anyone waits is kept).
+struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Must be called inside a tokio runtime.
+    fn new() -> anyhow::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                interrupt: signal(SignalKind::interrupt()).context("cannot catch SIGINT")?,
+                terminate: signal(SignalKind::terminate()).context("cannot catch SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    async fn received(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// The demo measures its own waits in wall-clock time; nothing here reaches a node.

@@ -291,3 +291,63 @@ fn nodes_of_different_orgs_say_so_and_sync_now_fails() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("beta: this peer trusts org"), "{stdout}");
 }
+
+/// Starts `mesh demo` in `root` and waits until its three nodes answer; returns the demo
+/// and the nodes' API addresses.
+fn demo_running(root: &Path) -> (std::process::Child, Vec<String>) {
+    let demo = std::process::Command::new(MESH)
+        .args(["demo", "--dir"])
+        .arg(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the demo starts");
+    let addresses = ["hq", "clinic-1", "clinic-2"]
+        .iter()
+        .map(|name| {
+            let dir = root.join(name);
+            eventually("a demo node to answer", || {
+                mesh(&dir, &["status", "--json"])
+                    .status
+                    .success()
+                    .then_some(())
+            });
+            std::fs::read_to_string(dir.join("api.addr")).expect("an api.addr")
+        })
+        .collect();
+    (demo, addresses)
+}
+
+fn all_stopped(addresses: &[String]) -> Option<()> {
+    addresses
+        .iter()
+        .all(|address| std::net::TcpStream::connect(address.trim()).is_err())
+        .then_some(())
+}
+
+#[test]
+fn the_demo_stops_its_nodes_on_sigterm_and_even_when_killed() {
+    let root = TempDir::new("demo-term");
+    let (mut demo, addresses) = demo_running(&root.0);
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(terminated.success());
+    let status = demo.wait().expect("the demo ends");
+    assert!(
+        status.success(),
+        "SIGTERM stops the demo cleanly: {status:?}"
+    );
+    eventually("every demo node to stop", || all_stopped(&addresses));
+    assert!(!root.0.exists(), "and its directory goes");
+
+    // SIGKILL leaves the demo no chance to clean up: its nodes still end with it.
+    let root = TempDir::new("demo-kill");
+    let (mut demo, addresses) = demo_running(&root.0);
+    demo.kill().expect("SIGKILL");
+    let _ = demo.wait();
+    eventually("every demo node to stop after the demo was killed", || {
+        all_stopped(&addresses)
+    });
+}

@@ -23,15 +23,51 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         json_logs: bool,
+        /// Stop when standard input closes: how `mesh demo` makes its nodes end with it,
+        /// however it ends (SIGKILL included).
+        #[arg(long, hide = true)]
+        stop_when_stdin_closes: bool,
     },
 }
 
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
-    let Command::Run { peer, json_logs } = args.command;
-    Ok(run_daemon(&context.dir()?, &peer, json_logs)?)
+    let Command::Run {
+        peer,
+        json_logs,
+        stop_when_stdin_closes,
+    } = args.command;
+    Ok(run_daemon(
+        &context.dir()?,
+        &peer,
+        json_logs,
+        stop_when_stdin_closes,
+    )?)
 }
 
-fn run_daemon(dir: &DataDir, peers: &[String], json_logs: bool) -> anyhow::Result<()> {
+/// Resolves once standard input reaches its end (the parent holding the other end of the
+/// pipe exited), or never if `watch` is false.
+async fn stdin_closed(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    let (closed, wait) = tokio::sync::oneshot::channel::<()>();
+    // A blocking read on a thread of its own: the runtime has one thread, and stdin is not
+    // worth a tokio feature.
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+        let _ = closed.send(());
+    });
+    let _ = wait.await;
+}
+
+fn run_daemon(
+    dir: &DataDir,
+    peers: &[String],
+    json_logs: bool,
+    stop_when_stdin_closes: bool,
+) -> anyhow::Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
@@ -65,6 +101,7 @@ fn run_daemon(dir: &DataDir, peers: &[String], json_logs: bool) -> anyhow::Resul
             result = server.into_future() => result.context("the API server stopped")?,
             _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
             _ = terminated() => tracing::info!("stopping (SIGTERM)"),
+            () = stdin_closed(stop_when_stdin_closes) => tracing::info!("stopping (standard input closed)"),
         }
         let _ = std::fs::remove_file(dir.api_addr());
         Ok(())
