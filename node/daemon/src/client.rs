@@ -147,6 +147,12 @@ impl Client {
             .to_owned();
         match status {
             404 => Err(ClientError::NotFound(message)),
+            // The API's own message is for HTTP clients; a CLI user needs the file.
+            401 => Err(anyhow!(
+                "the daemon did not accept the token in {}: was the node made again (`mesh init`) while its daemon ran? restart the daemon",
+                self.dir.token().display()
+            )
+            .into()),
             _ => Err(anyhow!("{message} (HTTP {status})").into()),
         }
     }

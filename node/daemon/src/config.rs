@@ -222,6 +222,7 @@ pub fn save_trusted_peer(dir: &DataDir, peer: &crdt_schema::NodeId) -> anyhow::R
 
 /// Creates a node in `dir`: key, config and API token. Refuses to overwrite a node.
 pub fn init(dir: &DataDir, options: InitOptions) -> anyhow::Result<Identity> {
+    check_node_name(&options.name)?;
     if dir.is_initialised() {
         bail!(
             "{} already holds a node; use another --data-dir, or delete it to start over",
@@ -270,6 +271,25 @@ pub fn create_org_key(path: &Path) -> anyhow::Result<OrgId> {
         )
     })?;
     Ok(OrgId::from_bytes(*identity.node_id().as_bytes()))
+}
+
+/// A node's name is shown to people (status, peers, the demo): it must say something, fit
+/// in a hello, and hold no control characters.
+pub fn check_node_name(name: &str) -> anyhow::Result<()> {
+    use mesh_core::limits::NAME_BYTES_MAX;
+    if name.trim().is_empty() {
+        bail!("a node's name cannot be empty; give --name, such as --name hq");
+    }
+    if name.len() > NAME_BYTES_MAX {
+        bail!(
+            "a node's name holds at most {NAME_BYTES_MAX} bytes; `{name}` has {}",
+            name.len()
+        );
+    }
+    if name.chars().any(char::is_control) {
+        bail!("a node's name cannot hold control characters");
+    }
+    Ok(())
 }
 
 /// Reads a policy in TOML, checks it, and signs it with the org key; returns the signed
@@ -464,6 +484,15 @@ replicated_by = ["master"]
             "catalogue is fine: {warnings}"
         );
         assert!(!warnings.contains("`hq`"), "hq's role is named: {warnings}");
+    }
+
+    #[test]
+    fn a_node_name_must_say_something_and_fit_in_a_hello() {
+        assert!(check_node_name("hq").is_ok());
+        assert!(check_node_name("clinic 2 (Lusaka)").is_ok());
+        for bad in ["", "   ", "a\u{1b}[2J", &"x".repeat(129)] {
+            assert!(check_node_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

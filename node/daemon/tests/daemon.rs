@@ -332,3 +332,25 @@ fn has_record(dir: &Path, collection: &str, id: &str) -> bool {
         .status
         .success()
 }
+
+#[test]
+fn a_nameless_node_is_refused_and_policy_show_answers_json_without_a_policy() {
+    let dir = TempDir::new("nameless");
+    let output = mesh(
+        &dir.0,
+        &["init", "--name", "", "--api", "127.0.0.1:0", "--no-mdns"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("name cannot be empty"),
+        "{output:?}"
+    );
+    assert!(!dir.0.join("config.toml").exists(), "nothing is made");
+    init(&dir.0, "hq");
+    let _daemon = start(&dir.0);
+    let shown = mesh(&dir.0, &["policy", "show", "--json"]);
+    assert_eq!(shown.status.code(), Some(1), "no policy is 'not found'");
+    let value: serde_json::Value =
+        serde_json::from_slice(&shown.stdout).expect("JSON on stdout even without a policy");
+    assert!(value.is_null());
+}

@@ -57,11 +57,18 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Apply { file } => apply(context, &file),
-        Command::Show { json } => {
-            let policy = context.client()?.get("/v1/policy")?;
-            print_or(json, &policy, print_policy);
-            Ok(())
-        }
+        Command::Show { json } => match context.client()?.get("/v1/policy") {
+            Ok(policy) => {
+                print_or(json, &policy, print_policy);
+                Ok(())
+            }
+            // No policy: JSON readers get `null` (and the exit code 1 of "not found").
+            Err(ClientError::NotFound(message)) if json => {
+                out!("null");
+                Err(ClientError::NotFound(message))
+            }
+            Err(error) => Err(error),
+        },
     }
 }
 
