@@ -282,6 +282,11 @@ pub enum Event {
         heads: Vec<ChangeHash>,
         /// The peer it came from, or `None` for a local write.
         from: Option<NodeId>,
+        /// Who wrote the changes that changed it (empty when a new policy changed what
+        /// is accepted).
+        authors: Vec<NodeId>,
+        /// Whether the record is now deleted.
+        deleted: bool,
     },
     /// A change from a peer was refused.
     ChangeRejected {
@@ -1165,11 +1170,14 @@ impl Node {
                         }
                         self.records.refresh_deleted(key);
                         self.counters.changes_local += 1;
-                        let heads = self.records.entry(key).expect("written").heads().to_vec();
+                        let entry = self.records.entry(key).expect("written");
+                        let (heads, deleted) = (entry.heads().to_vec(), entry.is_deleted());
                         self.emit(Event::RecordChanged {
                             record: record.clone(),
                             heads,
                             from: None,
+                            authors: vec![self.identity.node_id()],
+                            deleted,
                         });
                         pushed.push((None, change));
                     }
@@ -1229,7 +1237,7 @@ impl Node {
         for key in waiting {
             self.rejudge_after_ack.remove(&key);
             if self.records.entry(&key).is_some() && self.rejudge_record(&key, Vec::new()).changed {
-                self.announce_record(&key, None);
+                self.announce_record(&key, None, Vec::new());
             }
         }
         // Rejected changes are never pushed: only what is now accepted travels.
@@ -1270,9 +1278,13 @@ impl Node {
             let changes = items.iter().map(|(_, change, _)| change.clone()).collect();
             let settled = self.settle_record(&key, changes);
             let mut from = None;
+            let mut authors: Vec<NodeId> = Vec::new();
             for (peer, change, origin) in &items {
                 let hash = change.hash();
                 if settled.accepted.contains(&hash) {
+                    if !authors.contains(&change.author) {
+                        authors.push(change.author);
+                    }
                     accepted.insert((key.clone(), hash));
                     if *origin != Origin::Log {
                         self.counters.changes_applied += 1;
@@ -1302,7 +1314,7 @@ impl Node {
                 });
             }
             if settled.changed {
-                self.announce_record(&key, from);
+                self.announce_record(&key, from, authors);
             } else {
                 // A record created for changes that Automerge refused holds nothing.
                 self.records.remove_empty(&key);
@@ -1312,16 +1324,24 @@ impl Node {
     }
 
     /// Tells the change feed that a record's durable state changed.
-    pub(crate) fn announce_record(&mut self, key: &str, from: Option<NodeId>) {
+    pub(crate) fn announce_record(
+        &mut self,
+        key: &str,
+        from: Option<NodeId>,
+        authors: Vec<NodeId>,
+    ) {
         let Some(entry) = self.records.entry(key) else {
             return;
         };
         let record = entry.record().clone();
         let heads = entry.heads().to_vec();
+        let deleted = entry.is_deleted();
         self.emit(Event::RecordChanged {
             record,
             heads,
             from,
+            authors,
+            deleted,
         });
     }
 

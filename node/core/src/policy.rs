@@ -602,7 +602,7 @@ impl Node {
         for key in self.records.keys() {
             let rejudged = self.rejudge_record(&key, Vec::new());
             if rejudged.changed {
-                self.announce_record(&key, None);
+                self.announce_record(&key, None, Vec::new());
             }
         }
     }

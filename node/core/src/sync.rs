@@ -369,6 +369,13 @@ impl Node {
         }
     }
 
+    /// The name to show for another node: a member's name under a policy, else the name it
+    /// gave in its hello, if it is or was a peer.
+    pub fn name_of(&self, node: &NodeId) -> Option<String> {
+        let claimed = self.peers.get(node).and_then(|peer| peer.name.as_deref());
+        self.peer_name(node, claimed)
+    }
+
     fn hello(&mut self, from: NodeId, name: String, scope: Option<Vec<String>>) {
         if let Some(collections) = &scope
             && let Some(bad) = collections

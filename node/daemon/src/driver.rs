@@ -38,6 +38,22 @@ pub struct FeedEvent {
     pub heads: Vec<String>,
     /// The peer it came from, or `None` for a local write.
     pub from: Option<String>,
+    /// That peer's name (its member name under a policy), if known.
+    pub from_name: Option<String>,
+    /// Who wrote the changes: each with its id and, if known, its name; this node's own
+    /// writes are named "this node".
+    pub authors: Vec<FeedAuthor>,
+    /// Whether the record is now deleted.
+    pub deleted: bool,
+}
+
+/// An author in the change feed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeedAuthor {
+    /// Its node id.
+    pub id: String,
+    /// Its name, if known.
+    pub name: Option<String>,
 }
 
 /// Handles to a running driver.
@@ -345,11 +361,27 @@ impl Driver {
                 record,
                 heads,
                 from,
+                authors,
+                deleted,
             } => {
+                let me = self.node.node_id();
+                let name_of = |node: &crdt_schema::NodeId| match *node == me {
+                    true => Some("this node".to_owned()),
+                    false => self.node.name_of(node),
+                };
                 let _ = self.feed.send(FeedEvent {
                     record: record.to_string(),
                     heads: heads.iter().map(ToString::to_string).collect(),
+                    from_name: from.as_ref().and_then(name_of),
                     from: from.map(|peer| peer.to_string()),
+                    authors: authors
+                        .iter()
+                        .map(|author| FeedAuthor {
+                            id: author.to_string(),
+                            name: name_of(author),
+                        })
+                        .collect(),
+                    deleted,
                 });
             }
             Event::StorageFailed { error } => tracing::error!(%error, "storage failed"),

@@ -224,11 +224,9 @@ fn watch_prints_changes_from_peers_as_they_arrive() {
         json = json.take().or_else(|| json_lines.recv_timeout(wait).ok());
         (text.is_some() && json.is_some()).then_some(())
     });
+    // Named by its author (the peer's name: no policy here), not by a relaying id.
     let line = text.expect("seen");
-    assert!(
-        line.starts_with("stock/aspirin changed from 12D3KooW"),
-        "{line}"
-    );
+    assert_eq!(line, "stock/aspirin changed by a", "{line}");
     let line = json.expect("seen");
     let event: serde_json::Value = serde_json::from_str(&line).expect("one JSON object a line");
     assert_eq!(event["record"], "stock/aspirin", "{line}");
@@ -237,6 +235,17 @@ fn watch_prints_changes_from_peers_as_they_arrive() {
             .as_str()
             .is_some_and(|from| from.starts_with("12D3KooW"))
     );
+    assert_eq!(event["authors"][0]["name"], "a", "{line}");
+    assert_eq!(event["deleted"], false, "{line}");
+    // A delete says so.
+    mesh_ok(&a.0, &["delete", "stock", "aspirin"]);
+    let deleted = eventually("the delete in the watch output", || {
+        text_lines
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .ok()
+            .filter(|line| line.contains("deleted"))
+    });
+    assert_eq!(deleted, "stock/aspirin deleted by a");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use super::Context;
+use super::output::short;
 use crate::client::ClientError;
 
 #[derive(clap::Args)]
@@ -35,14 +36,79 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
         }
         let event: Value = serde_json::from_str(line).unwrap_or(Value::Null);
         match event["record"].as_str() {
-            Some(record) => {
-                let from = event["from"]
-                    .as_str()
-                    .map_or("here".to_owned(), |peer| format!("from {peer}"));
-                out!("{record} changed {from}");
-            }
+            Some(record) => out!("{}", describe(record, &event)),
             None => out!("{line}"),
         }
     })?;
     Ok(())
+}
+
+/// One feed event in words: `stock/x deleted by clinic-2 (via hq)`.
+fn describe(record: &str, event: &Value) -> String {
+    let verb = if event["deleted"] == true {
+        "deleted"
+    } else {
+        "changed"
+    };
+    let named = |name: &Value, id: &Value| -> String {
+        name.as_str()
+            .map(str::to_owned)
+            .or_else(|| id.as_str().map(|id| short(Some(id), 16).to_owned() + "…"))
+            .unwrap_or_else(|| "?".to_owned())
+    };
+    let authors: Vec<String> = event["authors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|author| named(&author["name"], &author["id"]))
+        .collect();
+    let by = match authors.as_slice() {
+        [] => " (the policy in force changed what is accepted)".to_owned(),
+        names => format!(" by {}", names.join(", ")),
+    };
+    let via = match event["from"].as_str() {
+        None => String::new(),
+        Some(_) => {
+            let peer = named(&event["from_name"], &event["from"]);
+            if authors.contains(&peer) {
+                String::new()
+            } else {
+                format!(" (via {peer})")
+            }
+        }
+    };
+    format!("{record} {verb}{by}{via}")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_change_is_told_with_its_verb_authors_and_relay() {
+        let event = json!({
+            "record": "stock/a", "deleted": true, "from": "12D3KooWPeerOfHq", "from_name": "hq",
+            "authors": [{"id": "12D3KooWClinic2", "name": "clinic-2"}],
+        });
+        assert_eq!(
+            super::describe("stock/a", &event),
+            "stock/a deleted by clinic-2 (via hq)"
+        );
+        let local = json!({
+            "record": "stock/a", "deleted": false, "from": null,
+            "authors": [{"id": "12D3KooWMe", "name": "this node"}],
+        });
+        assert_eq!(
+            super::describe("stock/a", &local),
+            "stock/a changed by this node"
+        );
+        let unnamed = json!({
+            "record": "stock/a", "deleted": false, "from": "12D3KooWAbcdefghijklmnop",
+            "authors": [{"id": "12D3KooWAbcdefghijklmnop", "name": null}],
+        });
+        assert_eq!(
+            super::describe("stock/a", &unnamed),
+            "stock/a changed by 12D3KooWAbcdefgh…"
+        );
+    }
 }
