@@ -354,3 +354,21 @@ fn a_nameless_node_is_refused_and_policy_show_answers_json_without_a_policy() {
         serde_json::from_slice(&shown.stdout).expect("JSON on stdout even without a policy");
     assert!(value.is_null());
 }
+
+#[test]
+fn completions_and_manual_pages_come_from_the_command_definitions() {
+    let dir = TempDir::new("man");
+    let bash = mesh(&dir.0, &["completions", "bash"]);
+    assert!(bash.status.success());
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(script.contains("_mesh()"), "a bash completion function");
+    for command in ["put", "status", "policy", "completions"] {
+        assert!(script.contains(command), "completes `{command}`");
+    }
+    let pages = dir.0.join("man");
+    mesh_ok(&dir.0, &["man", "--out", pages.to_str().unwrap()]);
+    let put = std::fs::read_to_string(pages.join("mesh-put.1")).expect("a page per command");
+    assert!(put.contains(".TH mesh-put 1"), "{put}");
+    assert!(put.contains("FIELDS"), "the page lists the arguments");
+    assert!(pages.join("mesh.1").exists());
+}

@@ -2,6 +2,7 @@
 //! run function (as jj's `cli/src/commands/` does), a shared [`Context`] for the data
 //! directory and the API client, and [`output`] for everything printed.
 
+mod completions;
 mod delete;
 mod demo;
 mod export;
@@ -9,6 +10,7 @@ mod get;
 mod history;
 mod init;
 mod list;
+mod man;
 mod node;
 mod org;
 pub(crate) mod output;
@@ -31,7 +33,7 @@ use crate::store::DataDir;
 
 /// Keep the records of every site in step, without a master server.
 #[derive(Parser)]
-#[command(name = "mesh", version, about)]
+#[command(name = "mesh", version)]
 pub struct Cli {
     /// The node's data directory. Default: $MESH_DATA_DIR, else the platform data directory.
     #[arg(long, global = true, env = "MESH_DATA_DIR")]
@@ -79,6 +81,11 @@ enum Commands {
     Repair,
     /// Write a record's Automerge document (standard binary format) to a file.
     Export(export::Args),
+    /// Print a shell completion script (for example `mesh completions bash >
+    /// /etc/bash_completion.d/mesh`).
+    Completions(completions::Args),
+    /// Print the manual page, or write one per command with --out DIR.
+    Man(man::Args),
 }
 
 /// What every command may need: the data directory (resolved only when asked for, since
@@ -93,16 +100,11 @@ impl Context {
         if let Some(dir) = &self.given_data_dir {
             return Ok(DataDir::new(dir.clone()));
         }
-        let base = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share"))
-            })
-            .or_else(|| std::env::var_os("APPDATA").map(PathBuf::from))
-            .ok_or_else(|| {
-                anyhow!("cannot find a data directory: pass --data-dir or set MESH_DATA_DIR")
-            })?;
-        Ok(DataDir::new(base.join("mesh")))
+        // $XDG_DATA_HOME/mesh or ~/.local/share/mesh on Linux, the platform's own elsewhere.
+        let dirs = directories::ProjectDirs::from("", "", "mesh").ok_or_else(|| {
+            anyhow!("cannot find a data directory: pass --data-dir or set MESH_DATA_DIR")
+        })?;
+        Ok(DataDir::new(dirs.data_dir().to_path_buf()))
     }
 
     /// Whether the data directory was given (the demo ignores it and says so).
@@ -139,6 +141,8 @@ pub fn run(cli: Cli) -> Result<(), ClientError> {
         Commands::Demo(args) => demo::run(&context, args),
         Commands::Repair => repair::run(&context),
         Commands::Export(args) => export::run(&context, args),
+        Commands::Completions(args) => completions::run(args),
+        Commands::Man(args) => man::run(args),
     }
 }
 

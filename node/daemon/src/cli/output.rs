@@ -21,6 +21,19 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Writes bytes to stdout as they are (a script, a manual page), ending the program quietly
+/// when nobody reads any more, as `out!` does.
+pub(crate) fn write_stdout(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        panic!("cannot write to stdout: {error}");
+    }
+}
+
 pub(crate) fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
     if json {
         out!(
