@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crdt_schema::policy::{self, Policy, PolicyError, RejectReason, SignedPolicy};
 use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, VerifiedChange};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::limits::{
     QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_RECORD_MAX, QUARANTINE_TOTAL_MAX, RECEIPTS_MAX,
@@ -82,7 +82,7 @@ enum OfferVerdict {
 
 /// A change refused on arrival: it failed parsing or verification, so it is not held, not
 /// judged and not passed on; only this record of it is kept, for the operator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedChange {
     /// The peer that sent it.
     pub from: NodeId,
@@ -93,7 +93,7 @@ pub struct RefusedChange {
 }
 
 /// Two different policies with the same version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyConflict {
     /// The version both claim.
     pub version: u64,
@@ -104,7 +104,7 @@ pub struct PolicyConflict {
 }
 
 /// A peer that tried to connect without being a member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedPeer {
     /// The peer's node id.
     pub peer_id: NodeId,
@@ -117,7 +117,7 @@ pub struct RefusedPeer {
 }
 
 /// A peer's word that it rejected one of this node's changes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     /// The record.
     pub record: String,
@@ -132,7 +132,7 @@ pub struct Receipt {
 }
 
 /// One quarantined change, as `mesh quarantine` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineRow {
     /// The record.
     pub record: String,
@@ -153,7 +153,7 @@ pub struct QuarantineRow {
 }
 
 /// The policy as `mesh policy show` prints it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyView {
     /// Its version.
     pub version: u64,
@@ -166,7 +166,7 @@ pub struct PolicyView {
 }
 
 /// What became of a policy offered to the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
 pub enum PolicyOffer {
     /// It is now in force.

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use crdt_schema::NodeId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::time::Instant;
 
 /// A peer's connection state, as the PRISMAsync seed shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerState {
     /// The transport reports the peer connected.
@@ -21,7 +21,7 @@ pub enum PeerState {
 }
 
 /// A node's view of itself.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// This node's id.
     pub node_id: NodeId,
@@ -62,7 +62,7 @@ pub struct Status {
 }
 
 /// The policy in force, as status shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicySummary {
     /// Its version.
     pub version: u64,
@@ -75,7 +75,7 @@ pub struct PolicySummary {
 }
 
 /// One peer as this node sees it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerStatus {
     /// The peer's id.
     pub peer_id: NodeId,
@@ -99,7 +99,7 @@ pub struct PeerStatus {
 }
 
 /// Per-peer traffic.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerCounters {
     /// Messages received.
     pub messages_received: u64,
@@ -118,7 +118,7 @@ pub struct PeerCounters {
 }
 
 /// Node-wide counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Changes this node made and made durable.
     pub changes_local: u64,
@@ -141,7 +141,7 @@ pub struct Counters {
 }
 
 /// How a sync session ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "status", content = "reason")]
 pub enum SyncOutcome {
     /// Both sides were found in sync.
@@ -153,7 +153,7 @@ pub enum SyncOutcome {
 }
 
 /// One row of the sync history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncRecord {
     /// The peer.
     pub peer: NodeId,

@@ -166,24 +166,20 @@ async fn status(State(state): State<ApiState>) -> ApiResult {
     let Reply::Status(status) = run(&state, Command::Status).await? else {
         return Err(unexpected());
     };
-    let mut body = serde_json::to_value(&*status).map_err(internal)?;
-    let object = body
-        .as_object_mut()
-        .expect("status serialises to an object");
-    object.insert("name".into(), json!(state.info.name));
-    object.insert(
-        "rejected_changes".into(),
-        json!(status.counters.changes_rejected),
-    );
-    object.insert("api_addr".into(), json!(state.info.api_addr));
     let listen_addrs = state
         .node
         .listen_addrs
         .lock()
         .map(|addrs| addrs.clone())
         .unwrap_or_default();
-    object.insert("listen_addrs".into(), json!(listen_addrs));
-    Ok(axum::Json(body).into_response())
+    Ok(axum::Json(crate::replies::StatusReply {
+        rejected_changes: status.counters.changes_rejected,
+        status: *status,
+        name: state.info.name.clone(),
+        api_addr: state.info.api_addr.clone(),
+        listen_addrs,
+    })
+    .into_response())
 }
 
 async fn peers(State(state): State<ApiState>) -> ApiResult {
@@ -196,11 +192,11 @@ async fn peers(State(state): State<ApiState>) -> ApiResult {
     } else {
         Vec::new()
     };
-    Ok(axum::Json(json!({
-        "peers": status.peers,
-        "pending": pending,
-        "open": status.open,
-    }))
+    Ok(axum::Json(crate::replies::PeersReply {
+        pending,
+        open: status.open,
+        peers: status.peers,
+    })
     .into_response())
 }
 
@@ -459,8 +455,4 @@ fn unexpected() -> ApiError {
         StatusCode::INTERNAL_SERVER_ERROR,
         "the node answered a different question".into(),
     )
-}
-
-fn internal(error: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
 }

@@ -63,6 +63,13 @@ impl Client {
         self.json(response)
     }
 
+    /// GET a JSON resource as the type the API answers with (see `replies.rs`).
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let value = self.get(path)?;
+        Ok(serde_json::from_value(value)
+            .with_context(|| format!("the daemon's answer to {path} is not what this mesh expects; are the CLI and the daemon the same version?"))?)
+    }
+
     /// GET raw bytes.
     pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
         let response = self.ok(self.authorised_get(&self.agent, path)?)?;

@@ -33,6 +33,7 @@ mod config;
 mod demo;
 mod driver;
 mod net;
+mod replies;
 mod store;
 
 use std::process::ExitCode;

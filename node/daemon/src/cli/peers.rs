@@ -1,11 +1,15 @@
 //! `mesh peers`: peers and their connection state; `mesh peers approve`.
 
 use anyhow::anyhow;
-use serde_json::{Value, json};
+use mesh_core::PeerState;
+use mesh_core::policy::RefusedPeer;
+use mesh_core::status::PeerStatus;
+use serde_json::json;
 
 use super::Context;
-use super::output::{ago, plural, print_or};
+use super::output::{ago, plural, short};
 use crate::client::ClientError;
+use crate::replies::PeersReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -47,28 +51,32 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
             Ok(())
         }
         None => {
-            let peers = context.client()?.get("/v1/peers")?;
-            print_or(args.json, &peers, |value| {
-                print_peers(&value["peers"]);
-                print_pending(value);
-            });
+            let reply: PeersReply = context.client()?.get_as("/v1/peers")?;
+            if args.json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply).expect("replies serialise")
+                );
+            } else {
+                print_peers(&reply.peers);
+                print_pending(&reply.pending);
+            }
             Ok(())
         }
     }
 }
 
-pub(crate) fn print_peers(peers: &Value) {
-    let peers = peers.as_array().cloned().unwrap_or_default();
+pub(crate) fn print_peers(peers: &[PeerStatus]) {
     if peers.is_empty() {
         out!("peers     none yet");
         return;
     }
     out!("peers");
-    let label = |peer: &Value| {
-        let id = peer["peer_id"].as_str().unwrap_or("?");
-        match peer["name"].as_str() {
-            Some(name) => format!("{name} ({}…)", &id[..id.len().min(14)]),
-            None => format!("{}…", &id[..id.len().min(20)]),
+    let label = |peer: &PeerStatus| {
+        let id = peer.peer_id.to_string();
+        match &peer.name {
+            Some(name) => format!("{name} ({}…)", short(Some(&id), 14)),
+            None => format!("{}…", short(Some(&id), 20)),
         }
     };
     let width = peers
@@ -76,38 +84,39 @@ pub(crate) fn print_peers(peers: &Value) {
         .map(|peer| label(peer).chars().count())
         .max()
         .unwrap_or(0);
-    for peer in &peers {
-        let syncing = if peer["syncing"].as_bool() == Some(true) {
-            "  syncing"
-        } else {
-            ""
+    for peer in peers {
+        let syncing = if peer.syncing { "  syncing" } else { "" };
+        let state = match peer.state {
+            PeerState::Connected => "connected",
+            PeerState::Connecting => "connecting",
+            PeerState::Disconnected => "disconnected",
         };
         out!(
             "  {:<width$} {:<12} last sync {:<12} behind ~{}{syncing}",
             label(peer),
-            peer["state"].as_str().unwrap_or("?"),
-            ago(peer["last_sync"].as_u64()),
-            peer["behind_estimate"].as_u64().unwrap_or(0)
+            state,
+            ago(peer.last_sync.map(|at| at.as_millis())),
+            peer.behind_estimate
         );
-        if let Some(error) = peer["last_error"].as_str() {
+        if let Some(error) = &peer.last_error {
             out!("  {:<width$} last error: {error}", "");
         }
     }
 }
+
 /// Peers waiting for `mesh peers approve` (no policy in force, not trusted).
-pub(crate) fn print_pending(value: &Value) {
-    let pending = value["pending"].as_array().cloned().unwrap_or_default();
+pub(crate) fn print_pending(pending: &[RefusedPeer]) {
     if pending.is_empty() {
         return;
     }
     out!("pending approval (they get nothing until `mesh peers approve ID`):");
-    for row in &pending {
+    for row in pending {
         out!(
             "  {}  from {}  ({}, last {})",
-            row["peer_id"].as_str().unwrap_or("?"),
-            row["address"].as_str().unwrap_or("an unknown address"),
-            plural(row["attempts"].as_u64().unwrap_or(0) as usize, "attempt"),
-            ago(row["last_at"].as_u64())
+            row.peer_id,
+            row.address.as_deref().unwrap_or("an unknown address"),
+            plural(row.attempts as usize, "attempt"),
+            ago(Some(row.last_at.as_millis()))
         );
     }
 }

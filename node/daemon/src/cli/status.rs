@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Value, json};
+use mesh_core::Instant;
 
 use super::Context;
-use super::output::{ago, plural, print_or, short};
+use super::output::{ago, plural, short};
 use super::peers::{print_peers, print_pending};
 use crate::client::ClientError;
+use crate::replies::StatusReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,34 +18,33 @@ pub struct Args {
 }
 
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
-    let status = context.client()?.get("/v1/status")?;
-    print_or(args.json, &status, print_status);
+    let status: StatusReply = context.client()?.get_as("/v1/status")?;
+    if args.json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("replies serialise")
+        );
+    } else {
+        print_status(&status);
+    }
     Ok(())
 }
 
-fn print_status(status: &Value) {
-    out!(
-        "node      {}  ({})",
-        status["name"].as_str().unwrap_or("?"),
-        status["node_id"].as_str().unwrap_or("?")
-    );
-    out!("api       {}", status["api_addr"].as_str().unwrap_or("?"));
-    let listen: Vec<&str> = status["listen_addrs"]
-        .as_array()
-        .map(|list| list.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+fn print_status(reply: &StatusReply) {
+    let status = &reply.status;
+    out!("node      {}  ({})", reply.name, status.node_id);
+    out!("api       {}", reply.api_addr);
     out!(
         "listen    {}",
-        if listen.is_empty() {
+        if reply.listen_addrs.is_empty() {
             "not yet".to_owned()
         } else {
-            listen.join(", ")
+            reply.listen_addrs.join(", ")
         }
     );
-    let records: BTreeMap<String, u64> =
-        serde_json::from_value(status["records"].clone()).unwrap_or_default();
-    let total: u64 = records.values().sum();
-    let by_collection: Vec<String> = records
+    let total: u64 = status.records.values().sum();
+    let by_collection: Vec<String> = status
+        .records
         .iter()
         .map(|(name, count)| format!("{name} {count}"))
         .collect();
@@ -56,39 +56,43 @@ fn print_status(status: &Value) {
             format!("  ({})", by_collection.join(", "))
         }
     );
-    out!("digest    {}", status["digest"].as_str().unwrap_or("?"));
-    let since_start = |ms: Option<u64>| ms.map_or("not since start".to_owned(), |ms| ago(Some(ms)));
+    out!("digest    {}", status.digest);
+    let since_start = |at: Option<Instant>| {
+        at.map_or("not since start".to_owned(), |at| ago(Some(at.as_millis())))
+    };
     out!(
         "changed   here {}, from peers {}",
-        since_start(status["last_local_change"].as_u64()),
-        since_start(status["last_remote_change"].as_u64())
+        since_start(status.last_local_change),
+        since_start(status.last_remote_change)
     );
-    out!("last sync {}", ago(status["last_sync"].as_u64()));
-    let counters = &status["counters"];
-    let count = |value: &Value| value.as_u64().unwrap_or(0) as usize;
+    out!(
+        "last sync {}",
+        ago(status.last_sync.map(|at| at.as_millis()))
+    );
+    let counters = &status.counters;
     out!(
         "rejected  {}, {}; {} in quarantine",
-        plural(count(&counters["changes_rejected"]), "change"),
-        plural(count(&counters["messages_rejected"]), "message"),
-        count(&status["quarantined_changes"])
+        plural(counters.changes_rejected as usize, "change"),
+        plural(counters.messages_rejected as usize, "message"),
+        status.quarantined_changes
     );
-    match status["policy"].as_object() {
+    match &status.policy {
         Some(policy) => {
             out!(
                 "policy    version {}, {}",
-                policy["version"],
-                plural(count(&policy["members"]), "member")
+                policy.version,
+                plural(policy.members as usize, "member")
             );
-            if let Some(conflict) = policy["conflict"].as_object() {
+            if let Some(conflict) = &policy.conflict {
                 out!(
                     "  WARNING two different policies claim version {}: {}… is in force, {}… lost the tie; sign a higher version",
-                    conflict["version"],
-                    short(conflict["kept"].as_str(), 12),
-                    short(conflict["other"].as_str(), 12)
+                    conflict.version,
+                    short(Some(&conflict.kept), 12),
+                    short(Some(&conflict.other), 12)
                 );
             }
         }
-        None if status["open"].as_bool() == Some(true) => {
+        None if status.open => {
             out!("policy    none");
             out!(
                 "  WARNING this node is open (made with --open): anyone who reaches its port reads and writes every record"
@@ -96,25 +100,17 @@ fn print_status(status: &Value) {
         }
         None => out!("policy    none (only trusted peers may connect: `mesh peers approve ID`)"),
     }
-    let own = status["own_changes_rejected"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     // One line per change, naming every node that rejected it (this node included).
-    let mut rejections: BTreeMap<(String, String), (String, Vec<String>)> = BTreeMap::new();
-    for row in &own {
-        let key = (
-            row["record"].as_str().unwrap_or("?").to_owned(),
-            row["change"].as_str().unwrap_or("?").to_owned(),
-        );
-        let by = if row["rejected_by"] == status["node_id"] {
+    let mut rejections: BTreeMap<(&str, &str), (&str, Vec<String>)> = BTreeMap::new();
+    for row in &status.own_changes_rejected {
+        let by = if row.rejected_by == status.node_id {
             "this node".to_owned()
         } else {
-            short(row["rejected_by"].as_str(), 14).to_owned() + "…"
+            short(Some(&row.rejected_by.to_string()), 14).to_owned() + "…"
         };
         let entry = rejections
-            .entry(key)
-            .or_insert_with(|| (row["reason"].as_str().unwrap_or("?").to_owned(), Vec::new()));
+            .entry((row.record.as_str(), row.change.as_str()))
+            .or_insert_with(|| (row.reason.as_str(), Vec::new()));
         if !entry.1.contains(&by) {
             entry.1.push(by);
         }
@@ -132,23 +128,20 @@ fn print_status(status: &Value) {
             out!("  … and {} more: mesh quarantine", rejections.len() - 5);
         }
     }
-    let refused = status["refused_connections"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if !refused.is_empty() && !status["policy"].is_null() {
+    let refused = &status.refused_connections;
+    if !refused.is_empty() && status.policy.is_some() {
         out!("refused non-members:");
-        for row in &refused {
+        for row in refused {
             out!(
                 "  {} ({}, last {})",
-                row["peer_id"].as_str().unwrap_or("?"),
-                plural(count(&row["attempts"]), "attempt"),
-                ago(row["last_at"].as_u64())
+                row.peer_id,
+                plural(row.attempts as usize, "attempt"),
+                ago(Some(row.last_at.as_millis()))
             );
         }
     }
-    print_peers(&status["peers"]);
-    print_pending(&json!({
-        "pending": if status["policy"].is_null() { refused } else { Vec::new() },
-    }));
+    print_peers(&status.peers);
+    if status.policy.is_none() {
+        print_pending(refused);
+    }
 }
