@@ -333,7 +333,7 @@ async fn history(State(state): State<ApiState>) -> ApiResult {
     let Reply::History(rows) = run(&state, Command::History).await? else {
         return Err(unexpected());
     };
-    Ok(axum::Json(json!({ "history": rows })).into_response())
+    Ok(axum::Json(crate::replies::HistoryReply { history: rows }).into_response())
 }
 
 /// Options of `POST /v1/sync/now`.
@@ -403,7 +403,11 @@ async fn quarantine(State(state): State<ApiState>) -> ApiResult {
     let Reply::Quarantine { held, refused } = run(&state, Command::Quarantine).await? else {
         return Err(unexpected());
     };
-    Ok(axum::Json(json!({ "quarantine": held, "refused": refused })).into_response())
+    Ok(axum::Json(crate::replies::QuarantineReply {
+        quarantine: held,
+        refused,
+    })
+    .into_response())
 }
 
 /// Which changes a follower wants.

@@ -2,8 +2,8 @@
 //! that reads them (`cli/`): a field renamed on one side fails to compile on the other,
 //! instead of printing "?" at run time.
 
-use mesh_core::policy::RefusedPeer;
-use mesh_core::status::PeerStatus;
+use mesh_core::policy::{QuarantineRow, RefusedChange, RefusedPeer};
+use mesh_core::status::{PeerStatus, SyncRecord};
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/status`: the core's status and what only the daemon knows.
@@ -31,4 +31,20 @@ pub struct PeersReply {
     pub pending: Vec<RefusedPeer>,
     /// Whether the node admits every key (`mesh init --open`, no policy).
     pub open: bool,
+}
+
+/// `GET /v1/history`: sync sessions, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryReply {
+    /// The sessions.
+    pub history: Vec<SyncRecord>,
+}
+
+/// `GET /v1/quarantine`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuarantineReply {
+    /// Changes the policy rejected, held.
+    pub quarantine: Vec<QuarantineRow>,
+    /// Changes refused on arrival (bad signature, malformed): not held.
+    pub refused: Vec<RefusedChange>,
 }

@@ -2,11 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Value, json};
+use crdt_schema::NodeId;
+use mesh_core::{SyncOutcome, SyncRecord};
+use serde_json::json;
 
 use super::Context;
-use super::output::{ago, plural, print_or, short};
+use super::output::{ago, plural, print_or, print_table, short};
 use crate::client::ClientError;
+use crate::replies::{HistoryReply, PeersReply};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,22 +27,16 @@ pub struct Args {
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     let Args { limit, page, json } = args;
     let client = context.client()?;
-    let history = client.get("/v1/history")?;
-    let names: BTreeMap<String, String> = client.get("/v1/peers")?["peers"]
-        .as_array()
+    let rows = client.get_as::<HistoryReply>("/v1/history")?.history;
+    let names: BTreeMap<NodeId, String> = client
+        .get_as::<PeersReply>("/v1/peers")?
+        .peers
         .into_iter()
-        .flatten()
-        .filter_map(|peer| {
-            Some((
-                peer["peer_id"].as_str()?.to_owned(),
-                peer["name"].as_str()?.to_owned(),
-            ))
-        })
+        .filter_map(|peer| Some((peer.peer_id, peer.name?)))
         .collect();
-    let rows = history["history"].as_array().cloned().unwrap_or_default();
     let (limit, page) = (limit as usize, page as usize);
     let start = limit.saturating_mul(page - 1);
-    let page_rows: Vec<Value> = rows.iter().skip(start).take(limit).cloned().collect();
+    let page_rows: Vec<SyncRecord> = rows.iter().skip(start).take(limit).cloned().collect();
     print_or(
         json,
         &json!({ "history": page_rows, "total": rows.len(), "page": page, "limit": limit }),
@@ -63,40 +60,45 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn print_history(rows: &[Value], total: usize, names: &BTreeMap<String, String>) {
+fn print_history(rows: &[SyncRecord], total: usize, names: &BTreeMap<NodeId, String>) {
     if rows.is_empty() {
         out!("no sync sessions yet");
         return;
     }
-    out!(
-        "{:<14} {:<10} {:<10} {:>8} {:>8} {:>10}  peer",
-        "started",
-        "took",
-        "status",
-        "received",
-        "sent",
-        "bytes"
+    let table = rows
+        .iter()
+        .map(|row| {
+            let took = row
+                .ended
+                .as_millis()
+                .saturating_sub(row.started.as_millis());
+            let status = match row.outcome {
+                SyncOutcome::Completed => "completed",
+                SyncOutcome::Error(_) => "error",
+                SyncOutcome::Aborted => "aborted",
+            };
+            let id = row.peer.to_string();
+            let peer = match names.get(&row.peer) {
+                Some(name) => format!("{name} ({}…)", short(Some(&id), 14)),
+                None => id,
+            };
+            vec![
+                ago(Some(row.started.as_millis())),
+                format!("{took} ms"),
+                status.to_owned(),
+                row.changes_received.to_string(),
+                row.changes_sent.to_string(),
+                (row.bytes_received + row.bytes_sent).to_string(),
+                peer,
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "started", "took", "status", "received", "sent", "bytes", "peer",
+        ],
+        table,
+        &[3, 4, 5],
     );
-    for row in rows {
-        let started = row["started"].as_u64();
-        let took = row["ended"]
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(started.unwrap_or(0));
-        out!(
-            "{:<14} {:<10} {:<10} {:>8} {:>8} {:>10}  {}",
-            ago(started),
-            format!("{took} ms"),
-            row["outcome"]["status"].as_str().unwrap_or("?"),
-            row["changes_received"].as_u64().unwrap_or(0),
-            row["changes_sent"].as_u64().unwrap_or(0),
-            row["bytes_received"].as_u64().unwrap_or(0) + row["bytes_sent"].as_u64().unwrap_or(0),
-            match row["peer"].as_str().map(|id| (id, names.get(id))) {
-                Some((id, Some(name))) => format!("{name} ({}…)", short(Some(id), 14)),
-                Some((id, None)) => id.to_owned(),
-                None => "?".to_owned(),
-            }
-        );
-    }
     out!("{} of {}", rows.len(), plural(total, "session"));
 }

@@ -34,6 +34,32 @@ pub(crate) fn write_stdout(bytes: &[u8]) {
     }
 }
 
+/// Prints a table: a header and aligned columns without borders, each line through `out!`
+/// (so peer-supplied text is made safe); the columns in `right` are right-aligned.
+pub(crate) fn print_table(header: &[&str], rows: Vec<Vec<String>>, right: &[usize]) {
+    use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    // Two spaces between columns, none before the first.
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    for index in right {
+        if let Some(column) = table.column_mut(*index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    for line in table.to_string().lines() {
+        out!("  {}", line.trim_end());
+    }
+}
+
 pub(crate) fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
     if json {
         out!(

@@ -7,7 +7,7 @@ use mesh_core::status::PeerStatus;
 use serde_json::json;
 
 use super::Context;
-use super::output::{ago, plural, short};
+use super::output::{ago, plural, print_table, short};
 use crate::client::ClientError;
 use crate::replies::PeersReply;
 
@@ -72,36 +72,34 @@ pub(crate) fn print_peers(peers: &[PeerStatus]) {
         return;
     }
     out!("peers");
-    let label = |peer: &PeerStatus| {
-        let id = peer.peer_id.to_string();
-        match &peer.name {
-            Some(name) => format!("{name} ({}…)", short(Some(&id), 14)),
-            None => format!("{}…", short(Some(&id), 20)),
-        }
-    };
-    let width = peers
+    let rows = peers
         .iter()
-        .map(|peer| label(peer).chars().count())
-        .max()
-        .unwrap_or(0);
-    for peer in peers {
-        let syncing = if peer.syncing { "  syncing" } else { "" };
-        let state = match peer.state {
-            PeerState::Connected => "connected",
-            PeerState::Connecting => "connecting",
-            PeerState::Disconnected => "disconnected",
-        };
-        out!(
-            "  {:<width$} {:<12} last sync {:<12} behind ~{}{syncing}",
-            label(peer),
-            state,
-            ago(peer.last_sync.map(|at| at.as_millis())),
-            peer.behind_estimate
-        );
-        if let Some(error) = &peer.last_error {
-            out!("  {:<width$} last error: {error}", "");
-        }
-    }
+        .map(|peer| {
+            let id = peer.peer_id.to_string();
+            let label = match &peer.name {
+                Some(name) => format!("{name} ({}…)", short(Some(&id), 14)),
+                None => format!("{}…", short(Some(&id), 20)),
+            };
+            let state = match peer.state {
+                PeerState::Connected => "connected",
+                PeerState::Connecting => "connecting",
+                PeerState::Disconnected => "disconnected",
+            };
+            let note = match (&peer.last_error, peer.syncing) {
+                (_, true) => "syncing".to_owned(),
+                (Some(error), false) => format!("last error: {error}"),
+                (None, false) => String::new(),
+            };
+            vec![
+                label,
+                state.to_owned(),
+                ago(peer.last_sync.map(|at| at.as_millis())),
+                format!("~{}", peer.behind_estimate),
+                note,
+            ]
+        })
+        .collect();
+    print_table(&["peer", "state", "last sync", "behind", ""], rows, &[3]);
 }
 
 /// Peers waiting for `mesh peers approve` (no policy in force, not trusted).

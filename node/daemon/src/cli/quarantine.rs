@@ -1,10 +1,11 @@
 //! `mesh quarantine`: changes the policy rejected, and changes refused on arrival.
 
-use serde_json::Value;
+use mesh_core::policy::{QuarantineRow, RefusedChange};
 
 use super::Context;
-use super::output::{ago, plural, print_or, short};
+use super::output::{ago, plural, print_table, short};
 use crate::client::ClientError;
+use crate::replies::QuarantineReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,32 +15,38 @@ pub struct Args {
 }
 
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
-    let rows = context.client()?.get("/v1/quarantine")?;
-    print_or(args.json, &rows, |value| {
-        let list = |name: &str| value[name].as_array().cloned().unwrap_or_default();
-        print_quarantine(&list("quarantine"), &list("refused"));
-    });
+    let reply: QuarantineReply = context.client()?.get_as("/v1/quarantine")?;
+    if args.json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&reply).expect("replies serialise")
+        );
+    } else {
+        print_quarantine(&reply.quarantine, &reply.refused);
+    }
     Ok(())
 }
 
-fn print_quarantine(rows: &[Value], refused: &[Value]) {
+fn print_quarantine(rows: &[QuarantineRow], refused: &[RefusedChange]) {
     if rows.is_empty() {
         out!("quarantine is empty: every change held was accepted");
     } else {
-        out!("{:<28} {:<14} {:<18} reason", "record", "change", "author");
-        for row in rows {
-            let author = match row["author_name"].as_str() {
-                Some(name) => name.to_owned(),
-                None => format!("{}…", short(row["author"].as_str(), 14)),
-            };
-            out!(
-                "{:<28} {:<14} {:<18} {}",
-                row["record"].as_str().unwrap_or("?"),
-                format!("{}…", short(row["change"].as_str(), 12)),
-                author,
-                row["reason_text"].as_str().unwrap_or("?")
-            );
-        }
+        let table = rows
+            .iter()
+            .map(|row| {
+                let author = match &row.author_name {
+                    Some(name) => name.clone(),
+                    None => format!("{}…", short(Some(&row.author.to_string()), 14)),
+                };
+                vec![
+                    row.record.clone(),
+                    format!("{}…", short(Some(&row.change), 12)),
+                    author,
+                    row.reason_text.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["record", "change", "author", "reason"], table, &[]);
         out!(
             "{} in quarantine; they are never applied",
             plural(rows.len(), "change")
@@ -51,9 +58,9 @@ fn print_quarantine(rows: &[Value], refused: &[Value]) {
         for row in refused.iter().rev().take(20) {
             out!(
                 "  {:<12} from {}…: {}",
-                ago(row["at"].as_u64()),
-                short(row["from"].as_str(), 14),
-                row["reason"].as_str().unwrap_or("?")
+                ago(Some(row.at.as_millis())),
+                short(Some(&row.from.to_string()), 14),
+                row.reason
             );
         }
     }
