@@ -39,6 +39,7 @@
 
 pub mod config;
 pub mod digest;
+mod judge;
 pub mod limits;
 pub mod node;
 pub mod policy;
