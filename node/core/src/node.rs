@@ -555,17 +555,8 @@ impl Node {
             consider(self.checkpoint_due);
         }
         for peer in self.peers.values() {
-            // Mirrors `sync_timers`: only peers whose hello arrived are synced.
-            if peer.state != PeerState::Connected || peer.scope.is_none() {
-                continue;
-            }
-            if peer.outbound.is_none() && peer.inbound.is_none() {
-                consider(peer.next_sync_at);
-            }
-            for session in peer.outbound.iter().chain(&peer.inbound) {
-                consider(Some(
-                    session.last_progress_at + self.config.sync_stall_timeout,
-                ));
+            for at in peer.timer_deadlines(self.config.sync_stall_timeout) {
+                consider(Some(at));
             }
         }
         consider(
@@ -1800,14 +1791,14 @@ impl Node {
         }
         let local = changes.iter().filter(|(from, _)| from.is_none()).count() as u64;
         for peer in self.peers.values_mut() {
-            if peer.state != PeerState::Connected || peer.scope.is_none() {
+            if !peer.is_ready() {
                 peer.behind_estimate += local;
             }
         }
         let targets: Vec<(NodeId, Option<Scope>)> = self
             .peers
             .iter()
-            .filter(|(_, peer)| peer.state == PeerState::Connected && peer.scope.is_some())
+            .filter(|(_, peer)| peer.is_ready())
             .map(|(id, peer)| (*id, peer.scope.clone()))
             .collect();
         for (target, scope) in targets {

@@ -556,9 +556,7 @@ impl Node {
         let targets: Vec<NodeId> = self
             .peers
             .iter()
-            .filter(|(id, peer)| {
-                peer.state == PeerState::Connected && peer.scope.is_some() && Some(**id) != except
-            })
+            .filter(|(id, peer)| peer.is_ready() && Some(**id) != except)
             .map(|(id, _)| *id)
             .collect();
         for peer in targets {
@@ -1010,7 +1008,7 @@ impl Node {
         let connected = self
             .peers
             .get(&author)
-            .is_some_and(|peer| peer.state == PeerState::Connected && peer.scope.is_some());
+            .is_some_and(crate::node::Peer::is_ready);
         if connected {
             let message = Message::Receipt {
                 record: record.to_owned(),

@@ -20,6 +20,7 @@
 //! pair for ever.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
 use crdt_schema::{ChangeHash, NodeId, RecordId};
 use rand_core::Rng;
@@ -85,6 +86,11 @@ impl RoundOutput {
 }
 
 impl Session {
+    /// When the session counts as stalled if it makes no progress before.
+    pub(crate) fn stall_deadline(&self, stall: Duration) -> Instant {
+        self.last_progress_at + stall
+    }
+
     pub(crate) fn deferred_len(&self) -> usize {
         self.deferred.len()
     }
@@ -974,7 +980,7 @@ impl Node {
             // them soon instead. Only new changes trigger this, so it dies out.
             let soon = now + SYNC_FOLLOW_UP_DELAY;
             for (id, other) in self.peers.iter_mut() {
-                if *id != peer && other.state == PeerState::Connected && other.scope.is_some() {
+                if *id != peer && other.is_ready() {
                     other.next_sync_at = Some(other.next_sync_at.map_or(soon, |at| at.min(soon)));
                 }
             }
@@ -1030,10 +1036,7 @@ impl Node {
 
     pub(crate) fn sync_now(&mut self, id: CommandId, only: Option<NodeId>) {
         if let Some(peer) = only {
-            let connected = self
-                .peers
-                .get(&peer)
-                .is_some_and(|entry| entry.state == PeerState::Connected && entry.scope.is_some());
+            let connected = self.peers.get(&peer).is_some_and(Peer::is_ready);
             if !connected {
                 return self.effects.push(Effect::Complete {
                     id,
@@ -1044,11 +1047,7 @@ impl Node {
         let targets: Vec<NodeId> = self
             .peers
             .iter()
-            .filter(|(peer, entry)| {
-                only.is_none_or(|only| only == **peer)
-                    && entry.state == PeerState::Connected
-                    && entry.scope.is_some()
-            })
+            .filter(|(peer, entry)| only.is_none_or(|only| only == **peer) && entry.is_ready())
             .map(|(peer, _)| *peer)
             .collect();
         for peer in &targets {
@@ -1088,13 +1087,13 @@ impl Node {
         let peers: Vec<NodeId> = self.peers.keys().copied().collect();
         for peer in peers {
             let entry = &self.peers[&peer];
-            if entry.state != PeerState::Connected || entry.scope.is_none() {
+            if !entry.is_ready() {
                 continue;
             }
             let stalled = |session: &Option<Session>| {
                 session
                     .as_ref()
-                    .is_some_and(|session| session.last_progress_at + stall <= now)
+                    .is_some_and(|session| session.stall_deadline(stall) <= now)
             };
             let reason = format!("no progress for {} s; starting afresh", stall.as_secs());
             if stalled(&entry.inbound) {
@@ -1118,9 +1117,10 @@ impl Node {
                 self.start_session(peer);
                 continue;
             }
-            let entry = &self.peers[&peer];
-            let due = entry.next_sync_at.is_some_and(|at| at <= now);
-            if due && entry.outbound.is_none() && entry.inbound.is_none() {
+            if self.peers[&peer]
+                .session_due_at()
+                .is_some_and(|at| at <= now)
+            {
                 self.start_session(peer);
             }
         }
@@ -1190,6 +1190,35 @@ impl Node {
 }
 
 impl Peer {
+    /// Connected and greeted (its hello arrived, so its scope is known): the peers that
+    /// are pushed to and synced with.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.state == PeerState::Connected && self.scope.is_some()
+    }
+
+    /// When this peer's next session is due: only while none runs in either direction.
+    pub(crate) fn session_due_at(&self) -> Option<Instant> {
+        match (&self.outbound, &self.inbound) {
+            (None, None) => self.next_sync_at,
+            _ => None,
+        }
+    }
+
+    /// The instants this peer's timers wait for (its next session, and when each running
+    /// session counts as stalled): the one rule both `sync_timers` and `next_deadline` read.
+    pub(crate) fn timer_deadlines(&self, stall: Duration) -> impl Iterator<Item = Instant> + '_ {
+        let ready = self.is_ready();
+        let sessions = self
+            .outbound
+            .iter()
+            .chain(&self.inbound)
+            .map(move |session| session.stall_deadline(stall));
+        self.session_due_at()
+            .into_iter()
+            .chain(sessions)
+            .filter(move |_| ready)
+    }
+
     pub(crate) fn new() -> Peer {
         Peer {
             state: PeerState::Disconnected,
