@@ -699,26 +699,7 @@ fn a_member_flooding_one_record_with_forbidden_changes_cannot_stall_honest_sync(
     // clinic1 crafts 100 different first changes of one catalogue record (100 concurrent
     // heads), all in one push: more than a record may hold in quarantine, and more heads
     // than a reconciliation message may list for one record.
-    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
-    let flood: Vec<EnvelopeBytes> = (0..100)
-        .map(|value| {
-            let mut doc = RecordDoc::new(&identity.node_id());
-            let change = doc
-                .edit(
-                    &Edit::Put(fields(&[("price", FieldValue::Int(value))])),
-                    1_790_000_000_000,
-                )
-                .unwrap()
-                .unwrap();
-            let signed = VerifiedChange::sign(
-                &identity,
-                &org_id(),
-                "catalogue/flood".parse().unwrap(),
-                change,
-            );
-            EnvelopeBytes(signed.envelope.as_bytes().to_vec())
-        })
-        .collect();
+    let flood = forbidden_flood("catalogue/flood", 100);
     mesh.inject(CLINIC1, HQ, Message::Push { changes: flood }.encode());
     mesh.run_until_quiet(1000);
     // Honest writes made afterwards still reach every node, and the mesh converges.
@@ -760,7 +741,11 @@ fn a_member_flooding_one_record_with_forbidden_changes_cannot_stall_honest_sync(
 /// `count` changes by clinic1's key to one catalogue record (which it may not write), each
 /// a first change of its own: as many concurrent heads.
 fn forbidden_flood(record: &str, count: i64) -> Vec<EnvelopeBytes> {
-    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
+    flood_by(&Identity::from_seed(CLINIC1 as u64 + 1), record, count)
+}
+
+/// `count` first changes of `record` by `identity`, each setting `price` to its number.
+fn flood_by(identity: &Identity, record: &str, count: i64) -> Vec<EnvelopeBytes> {
     (0..count)
         .map(|value| {
             let mut doc = RecordDoc::new(&identity.node_id());
@@ -771,8 +756,7 @@ fn forbidden_flood(record: &str, count: i64) -> Vec<EnvelopeBytes> {
                 )
                 .unwrap()
                 .unwrap();
-            let signed =
-                VerifiedChange::sign(&identity, &org_id(), record.parse().unwrap(), change);
+            let signed = VerifiedChange::sign(identity, &org_id(), record.parse().unwrap(), change);
             EnvelopeBytes(signed.envelope.as_bytes().to_vec())
         })
         .collect()
@@ -831,29 +815,14 @@ fn one_peer_relaying_forbidden_changes_by_many_keys_is_slowed_not_believed() {
     mesh.run_until_quiet(100);
     // clinic1 relays changes by 10 keys that are not members, each well inside the
     // per-author and per-record bounds: 4,960 in all, more than a peer may relay at once.
-    let mut flood = Vec::new();
-    for key in 0..10u64 {
-        let stranger = Identity::from_seed(70_000 + key);
-        for record in 0..16 {
-            for value in 0..31 {
-                let mut doc = RecordDoc::new(&stranger.node_id());
-                let change = doc
-                    .edit(
-                        &Edit::Put(fields(&[("price", FieldValue::Int(value))])),
-                        1_790_000_000_000,
-                    )
-                    .unwrap()
-                    .unwrap();
-                let signed = VerifiedChange::sign(
-                    &stranger,
-                    &org_id(),
-                    format!("catalogue/k{key}-{record}").parse().unwrap(),
-                    change,
-                );
-                flood.push(EnvelopeBytes(signed.envelope.as_bytes().to_vec()));
-            }
-        }
-    }
+    let flood: Vec<EnvelopeBytes> = (0..10u64)
+        .flat_map(|key| {
+            let stranger = Identity::from_seed(70_000 + key);
+            (0..16)
+                .flat_map(|record| flood_by(&stranger, &format!("catalogue/k{key}-{record}"), 31))
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let send = |mesh: &mut Harness| {
         for batch in flood.chunks(1000) {
             mesh.inject(
@@ -1261,28 +1230,15 @@ fn a_member_flooding_many_records_is_bounded_over_all_records() {
     mesh.run_until_quiet(100);
     // clinic1 writes catalogue records it may not write: the per-record bound in each of
     // enough records to pass the per-author bound.
-    let identity = Identity::from_seed(CLINIC1 as u64 + 1);
     let records = QUARANTINE_PER_AUTHOR_MAX / QUARANTINE_PER_RECORD_MAX + 4;
-    let mut flood = Vec::new();
-    for record in 0..records {
-        for value in 0..QUARANTINE_PER_RECORD_MAX as i64 {
-            let mut doc = RecordDoc::new(&identity.node_id());
-            let change = doc
-                .edit(
-                    &Edit::Put(fields(&[("price", FieldValue::Int(value))])),
-                    1_790_000_000_000,
-                )
-                .unwrap()
-                .unwrap();
-            let signed = VerifiedChange::sign(
-                &identity,
-                &org_id(),
-                format!("catalogue/flood-{record}").parse().unwrap(),
-                change,
-            );
-            flood.push(EnvelopeBytes(signed.envelope.as_bytes().to_vec()));
-        }
-    }
+    let flood: Vec<EnvelopeBytes> = (0..records)
+        .flat_map(|record| {
+            forbidden_flood(
+                &format!("catalogue/flood-{record}"),
+                QUARANTINE_PER_RECORD_MAX as i64,
+            )
+        })
+        .collect();
     for batch in flood.chunks(1000) {
         mesh.inject(
             CLINIC1,

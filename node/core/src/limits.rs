@@ -64,8 +64,9 @@ pub const SYNC_FOLLOW_UP_DELAY: Duration = Duration::from_millis(50);
 /// Entries kept in the in-memory sync history.
 pub const HISTORY_ENTRIES_MAX: usize = 1000;
 
-/// Most quarantined changes held for one record; past it, further changes the policy
-/// would reject are dropped (a member flooding one record).
+/// Most quarantined changes held for one record; past it, and past the per-author and total
+/// bounds below, the changes with the highest hashes are dropped, so that nodes flooded
+/// differently still hold the same ones (`Node::enforce_quarantine_bounds`).
 pub const QUARANTINE_PER_RECORD_MAX: usize = 32;
 /// Most quarantined changes by one author over all records.
 pub const QUARANTINE_PER_AUTHOR_MAX: usize = 4096;

@@ -327,12 +327,6 @@ fn fields_come_from_a_file_or_stdin_and_an_oversized_body_is_a_size_error() {
     assert!(!has_record(&dir.0, "stock", "big"));
 }
 
-fn has_record(dir: &Path, collection: &str, id: &str) -> bool {
-    mesh(dir, &["get", collection, id, "--json"])
-        .status
-        .success()
-}
-
 #[test]
 fn a_nameless_node_is_refused_and_policy_show_answers_json_without_a_policy() {
     let dir = TempDir::new("nameless");

@@ -295,12 +295,6 @@ fn digest(dir: &Path) -> String {
     status(dir)["digest"].as_str().expect("a digest").to_owned()
 }
 
-fn has_record(dir: &Path, collection: &str, id: &str) -> bool {
-    mesh(dir, &["get", collection, id, "--json"])
-        .status
-        .success()
-}
-
 fn push(envelopes: &[&Envelope]) -> Vec<u8> {
     Message::Push {
         changes: envelopes

@@ -60,11 +60,12 @@ pub(crate) fn print_table(header: &[&str], rows: Vec<Vec<String>>, right: &[usiz
     }
 }
 
-pub(crate) fn print_or(json: bool, value: &Value, human: impl FnOnce(&Value)) {
+/// Prints a reply as pretty JSON (`--json`) or in words, by `human`.
+pub(crate) fn print_or<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) {
     if json {
         out!(
             "{}",
-            serde_json::to_string_pretty(value).expect("values serialise")
+            serde_json::to_string_pretty(value).expect("replies serialise")
         );
     } else {
         human(value);

@@ -7,7 +7,7 @@ use mesh_core::status::PeerStatus;
 use serde_json::json;
 
 use super::Context;
-use super::output::{ago, plural, print_table, short};
+use super::output::{ago, plural, print_or, print_table, short};
 use crate::client::ClientError;
 use crate::replies::PeersReply;
 
@@ -52,15 +52,10 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
         }
         None => {
             let reply: PeersReply = context.client()?.get_as("/v1/peers")?;
-            if args.json {
-                out!(
-                    "{}",
-                    serde_json::to_string_pretty(&reply).expect("replies serialise")
-                );
-            } else {
+            print_or(args.json, &reply, |reply| {
                 print_peers(&reply.peers);
                 print_pending(&reply.pending);
-            }
+            });
             Ok(())
         }
     }

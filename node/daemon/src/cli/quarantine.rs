@@ -3,7 +3,7 @@
 use mesh_core::policy::{QuarantineRow, RefusedChange};
 
 use super::Context;
-use super::output::{ago, plural, print_table, short};
+use super::output::{ago, plural, print_or, print_table, short};
 use crate::client::ClientError;
 use crate::replies::QuarantineReply;
 
@@ -16,14 +16,9 @@ pub struct Args {
 
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     let reply: QuarantineReply = context.client()?.get_as("/v1/quarantine")?;
-    if args.json {
-        out!(
-            "{}",
-            serde_json::to_string_pretty(&reply).expect("replies serialise")
-        );
-    } else {
-        print_quarantine(&reply.quarantine, &reply.refused);
-    }
+    print_or(args.json, &reply, |reply| {
+        print_quarantine(&reply.quarantine, &reply.refused)
+    });
     Ok(())
 }
 

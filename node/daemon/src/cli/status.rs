@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use mesh_core::Instant;
 
 use super::Context;
-use super::output::{ago, plural, short};
+use super::output::{ago, plural, print_or, short};
 use super::peers::{print_peers, print_pending};
 use crate::client::ClientError;
 use crate::replies::StatusReply;
@@ -19,14 +19,7 @@ pub struct Args {
 
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     let status: StatusReply = context.client()?.get_as("/v1/status")?;
-    if args.json {
-        out!(
-            "{}",
-            serde_json::to_string_pretty(&status).expect("replies serialise")
-        );
-    } else {
-        print_status(&status);
-    }
+    print_or(args.json, &status, print_status);
     Ok(())
 }
 

@@ -108,6 +108,13 @@ pub fn start(dir: &Path) -> Daemon {
     start_with_peers(dir, &[])
 }
 
+/// Whether the node of `dir` holds the record (live or deleted).
+pub fn has_record(dir: &Path, collection: &str, id: &str) -> bool {
+    mesh(dir, &["get", collection, id, "--json"])
+        .status
+        .success()
+}
+
 pub fn status(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&mesh_ok(dir, &["status", "--json"])).expect("status is JSON")
 }
