@@ -37,6 +37,7 @@
 //! - [`policy`]: the org's policy in force, membership, and the verdict on every change.
 //! - [`limits`]: every bound, in one place.
 
+pub mod api;
 pub mod config;
 pub mod digest;
 mod judge;
@@ -50,10 +51,10 @@ mod sync;
 pub mod time;
 pub mod wire;
 
+pub use api::{Command, CommandError, CommandId, Effect, Event, Input, PolicyOffer, Queues, Reply};
 pub use config::Config;
 pub use digest::Digest;
-pub use node::{Command, CommandError, CommandId, Effect, Event, Input, Node, Queues, Reply};
-pub use policy::{PolicyOffer, PolicyView, QuarantineRow};
-pub use status::{PeerState, Status, SyncOutcome, SyncRecord};
+pub use node::Node;
+pub use status::{PeerState, PolicyView, QuarantineRow, Status, SyncOutcome, SyncRecord};
 pub use storage::{Restore, SavedRecord, StorageError, StorageOpId, StorageRequest};
 pub use time::Instant;

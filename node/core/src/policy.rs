@@ -24,17 +24,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crdt_schema::policy::{self, Policy, PolicyError, RejectReason, SignedPolicy};
 use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, VerifiedChange};
-use serde::{Deserialize, Serialize};
 
+use crate::api::{CommandError, CommandId, Effect, Event, PolicyOffer, Reply};
 use crate::judge::{broken_history, damaging_changes, schema_verdict};
 use crate::limits::{
     QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_RECORD_MAX, QUARANTINE_TOTAL_MAX, RECEIPTS_MAX,
     REFUSED_CHANGES_MAX, REFUSED_PEERS_MAX,
 };
-use crate::node::{CommandError, CommandId, Effect, Event, Node, Reply};
+use crate::node::Node;
 use crate::records::Quarantined;
-use crate::status::PeerState;
-use crate::time::Instant;
+use crate::status::{
+    PeerState, PolicyConflict, PolicyView, QuarantineRow, Receipt, RefusedChange, RefusedPeer,
+};
 use crate::wire::{Message, PolicyTag};
 
 /// The policy this node enforces, with its signature.
@@ -79,112 +80,6 @@ enum OfferVerdict {
     Adopt(Box<InForce>),
     /// Nothing to adopt; answer this.
     Answer(PolicyOffer),
-}
-
-/// A change refused on arrival: it failed parsing or verification, so it is not held, not
-/// judged and not passed on; only this record of it is kept, for the operator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefusedChange {
-    /// The peer that sent it.
-    pub from: NodeId,
-    /// Why, naming the record, claimed author and change where they could be read.
-    pub reason: String,
-    /// When.
-    pub at: Instant,
-}
-
-/// Two different policies with the same version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyConflict {
-    /// The version both claim.
-    pub version: u64,
-    /// The hash of the policy in force (the lower one).
-    pub kept: String,
-    /// The hash of the other one.
-    pub other: String,
-}
-
-/// A peer that tried to connect without being a member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefusedPeer {
-    /// The peer's node id.
-    pub peer_id: NodeId,
-    /// How many times.
-    pub attempts: u64,
-    /// The last attempt.
-    pub last_at: Instant,
-    /// The address it came from or was found at, if the driver knows it.
-    pub address: Option<String>,
-}
-
-/// A peer's word that it rejected one of this node's changes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Receipt {
-    /// The record.
-    pub record: String,
-    /// The change, hex.
-    pub change: String,
-    /// Why, as the rejecting node put it.
-    pub reason: String,
-    /// The node that rejected it.
-    pub rejected_by: NodeId,
-    /// When the receipt arrived.
-    pub at: Instant,
-}
-
-/// One quarantined change, as `mesh quarantine` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantineRow {
-    /// The record.
-    pub record: String,
-    /// The change, hex.
-    pub change: String,
-    /// Its author.
-    pub author: NodeId,
-    /// The author's name in the policy, if a member.
-    pub author_name: Option<String>,
-    /// The rule it broke.
-    pub reason: RejectReason,
-    /// The same, in words.
-    pub reason_text: String,
-    /// The node that rejected it (this one).
-    pub rejected_by: NodeId,
-    /// When.
-    pub rejected_at: Instant,
-}
-
-/// The policy as `mesh policy show` prints it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyView {
-    /// Its version.
-    pub version: u64,
-    /// The hash of its canonical text, hex.
-    pub hash: String,
-    /// The policy itself.
-    pub policy: Policy,
-    /// A same-version conflict, if one was seen.
-    pub conflict: Option<PolicyConflict>,
-}
-
-/// What became of a policy offered to the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "outcome")]
-pub enum PolicyOffer {
-    /// It is now in force.
-    Adopted {
-        /// Its version.
-        version: u64,
-    },
-    /// It is the policy already in force.
-    Unchanged {
-        /// Its version.
-        version: u64,
-    },
-    /// The node holds a newer policy (or the winner of a same-version tie).
-    Older {
-        /// The version in force.
-        in_force: u64,
-    },
 }
 
 /// What re-judging one record changed.

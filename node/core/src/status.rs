@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crdt_schema::NodeId;
+use crdt_schema::policy::{Policy, RejectReason};
 use serde::{Deserialize, Serialize};
 
 use crate::time::Instant;
@@ -53,9 +54,9 @@ pub struct Status {
     pub quarantined_changes: u64,
     /// This node's own changes that were rejected: by itself under a newer policy, or by
     /// peers (their receipts).
-    pub own_changes_rejected: Vec<crate::policy::Receipt>,
+    pub own_changes_rejected: Vec<Receipt>,
     /// Peers refused because they are not members.
-    pub refused_connections: Vec<crate::policy::RefusedPeer>,
+    pub refused_connections: Vec<RefusedPeer>,
     /// Whether any key may connect and write: no policy and no list of trusted peers (a
     /// node made with `mesh init --open`).
     pub open: bool,
@@ -71,7 +72,7 @@ pub struct PolicySummary {
     /// How many members it names.
     pub members: u64,
     /// Set when two different policies claimed the same version: an alarm.
-    pub conflict: Option<crate::policy::PolicyConflict>,
+    pub conflict: Option<PolicyConflict>,
 }
 
 /// One peer as this node sees it.
@@ -177,4 +178,89 @@ pub struct SyncRecord {
     pub bytes_received: u64,
     /// Bytes sent.
     pub bytes_sent: u64,
+}
+
+/// A change refused on arrival: it failed parsing or verification, so it is not held, not
+/// judged and not passed on; only this record of it is kept, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedChange {
+    /// The peer that sent it.
+    pub from: NodeId,
+    /// Why, naming the record, claimed author and change where they could be read.
+    pub reason: String,
+    /// When.
+    pub at: Instant,
+}
+
+/// Two different policies with the same version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyConflict {
+    /// The version both claim.
+    pub version: u64,
+    /// The hash of the policy in force (the lower one).
+    pub kept: String,
+    /// The hash of the other one.
+    pub other: String,
+}
+
+/// A peer that tried to connect without being a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedPeer {
+    /// The peer's node id.
+    pub peer_id: NodeId,
+    /// How many times.
+    pub attempts: u64,
+    /// The last attempt.
+    pub last_at: Instant,
+    /// The address it came from or was found at, if the driver knows it.
+    pub address: Option<String>,
+}
+
+/// A peer's word that it rejected one of this node's changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The record.
+    pub record: String,
+    /// The change, hex.
+    pub change: String,
+    /// Why, as the rejecting node put it.
+    pub reason: String,
+    /// The node that rejected it.
+    pub rejected_by: NodeId,
+    /// When the receipt arrived.
+    pub at: Instant,
+}
+
+/// One quarantined change, as `mesh quarantine` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRow {
+    /// The record.
+    pub record: String,
+    /// The change, hex.
+    pub change: String,
+    /// Its author.
+    pub author: NodeId,
+    /// The author's name in the policy, if a member.
+    pub author_name: Option<String>,
+    /// The rule it broke.
+    pub reason: RejectReason,
+    /// The same, in words.
+    pub reason_text: String,
+    /// The node that rejected it (this one).
+    pub rejected_by: NodeId,
+    /// When.
+    pub rejected_at: Instant,
+}
+
+/// The policy as `mesh policy show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// Its version.
+    pub version: u64,
+    /// The hash of its canonical text, hex.
+    pub hash: String,
+    /// The policy itself.
+    pub policy: Policy,
+    /// A same-version conflict, if one was seen.
+    pub conflict: Option<PolicyConflict>,
 }

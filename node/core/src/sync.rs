@@ -25,9 +25,10 @@ use std::time::Duration;
 use crdt_schema::{ChangeHash, NodeId, RecordId};
 use rand_core::Rng;
 
+use crate::api::{CommandError, CommandId, Effect, Event, Reply};
 use crate::digest::Accumulator;
 use crate::limits::*;
-use crate::node::{CommandError, CommandId, Effect, Event, Node, Origin, Peer, Reply};
+use crate::node::{Node, Origin, Peer};
 use crate::records::{Scope, in_scope};
 use crate::status::{
     PeerCounters, PeerState, PeerStatus, PolicySummary, Status, SyncOutcome, SyncRecord,

@@ -2,7 +2,7 @@
 //! that reads them (`cli/`): a field renamed on one side fails to compile on the other,
 //! instead of printing "?" at run time.
 
-use mesh_core::policy::{QuarantineRow, RefusedChange, RefusedPeer};
+use mesh_core::status::{QuarantineRow, RefusedChange, RefusedPeer};
 use mesh_core::status::{PeerStatus, SyncRecord};
 use serde::{Deserialize, Serialize};
 

@@ -2,7 +2,7 @@
 
 use anyhow::anyhow;
 use mesh_core::PeerState;
-use mesh_core::policy::RefusedPeer;
+use mesh_core::status::RefusedPeer;
 use mesh_core::status::PeerStatus;
 use serde_json::json;
 

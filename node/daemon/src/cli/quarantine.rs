@@ -1,6 +1,6 @@
 //! `mesh quarantine`: changes the policy rejected, and changes refused on arrival.
 
-use mesh_core::policy::{QuarantineRow, RefusedChange};
+use mesh_core::status::{QuarantineRow, RefusedChange};
 
 use super::Context;
 use super::output::{ago, plural, print_or, print_table, short};
