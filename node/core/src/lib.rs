@@ -43,6 +43,7 @@ pub mod digest;
 mod judge;
 pub mod limits;
 pub mod node;
+mod outbox;
 pub mod policy;
 pub mod records;
 pub mod status;

@@ -24,6 +24,7 @@ use crate::api::{
 };
 use crate::config::Config;
 use crate::limits::*;
+use crate::outbox::Outbox;
 use crate::policy::PolicyState;
 use crate::records::{Records, Scope};
 use crate::status::{Counters, PeerCounters, PeerState, SyncRecord};
@@ -150,7 +151,7 @@ pub struct Node {
     last_local_change: Option<Instant>,
     last_remote_change: Option<Instant>,
     pub(crate) last_sync: Option<Instant>,
-    pub(crate) effects: Vec<Effect>,
+    pub(crate) out: Outbox,
     keys: crdt_schema::change::KeyCache,
     pub(crate) policy: PolicyState,
     /// Records re-judged while local changes awaited their append; judged again after.
@@ -186,7 +187,7 @@ impl Node {
             last_local_change: None,
             last_remote_change: None,
             last_sync: None,
-            effects: Vec::new(),
+            out: Outbox::default(),
             keys: Default::default(),
             policy: PolicyState::default(),
             rejudge_after_ack: BTreeSet::new(),
@@ -221,7 +222,21 @@ impl Node {
             Input::Tick => self.tick(),
         }
         self.start_append();
-        std::mem::take(&mut self.effects)
+        let effects = self.out.take();
+        self.count_sends(&effects);
+        effects
+    }
+
+    /// Adds each message sent to its peer's counters.
+    fn count_sends(&mut self, effects: &[Effect]) {
+        for effect in effects {
+            if let Effect::Send { to, bytes } = effect
+                && let Some(peer) = self.peers.get_mut(to)
+            {
+                peer.counters.messages_sent += 1;
+                peer.counters.bytes_sent += bytes.len() as u64;
+            }
+        }
     }
 
     /// When the driver must next call `handle(now, Input::Tick)`.
@@ -320,30 +335,9 @@ impl Node {
         in_flight + self.pipeline.queued.len()
     }
 
-    pub(crate) fn emit(&mut self, event: Event) {
-        self.effects.push(Effect::Emit(event));
-    }
-
-    pub(crate) fn send(&mut self, to: NodeId, message: &Message) {
-        let bytes = message.encode();
-        debug_assert!(
-            bytes.len() <= MESSAGE_BYTES_MAX,
-            "the node never sends what it refuses"
-        );
-        if let Some(peer) = self.peers.get_mut(&to) {
-            peer.counters.messages_sent += 1;
-            peer.counters.bytes_sent += bytes.len() as u64;
-        }
-        self.effects.push(Effect::Send { to, bytes });
-    }
-
     fn next_op(&mut self) -> StorageOpId {
         self.next_op += 1;
         StorageOpId(self.next_op)
-    }
-
-    pub(crate) fn complete(&mut self, id: CommandId, result: Result<Reply, CommandError>) {
-        self.effects.push(Effect::Complete { id, result });
     }
 
     // ----- start -----
@@ -366,7 +360,7 @@ impl Node {
                 Ok(in_force) => self.policy.in_force = Some(in_force),
                 Err(error) => {
                     self.counters.storage_errors += 1;
-                    self.emit(Event::StorageFailed {
+                    self.out.emit(Event::StorageFailed {
                         error: format!(
                             "the stored policy is unreadable ({error}); a peer will send it again"
                         ),
@@ -383,7 +377,7 @@ impl Node {
                 Ok(doc) => doc,
                 Err(error) => {
                     self.counters.storage_errors += 1;
-                    self.emit(Event::StorageFailed {
+                    self.out.emit(Event::StorageFailed {
                         error: format!(
                             "stored record {} is damaged and was skipped: {error}",
                             saved.record
@@ -395,7 +389,7 @@ impl Node {
             let heads = doc.heads();
             if heads.iter().map(|hash| hash.0).collect::<Vec<_>>() != saved.heads {
                 self.counters.storage_errors += 1;
-                self.emit(Event::StorageFailed {
+                self.out.emit(Event::StorageFailed {
                     error: format!(
                         "stored heads of {} disagree with its document; the document wins",
                         saved.record
@@ -477,7 +471,7 @@ impl Node {
             Command::Put { record, fields } => self.write(id, record, Edit::Put(fields)),
             Command::Delete { record } => {
                 if self.records.entry(record.as_str()).is_none() {
-                    self.complete(id, Err(CommandError::NotFound(record)));
+                    self.out.complete(id, Err(CommandError::NotFound(record)));
                 } else {
                     self.write(id, record, Edit::Delete);
                 }
@@ -488,7 +482,7 @@ impl Node {
                     .entry(record.as_str())
                     .is_some_and(crate::records::Entry::is_visible)
                     .then(|| self.records.doc_mut(record.as_str()).view(&record));
-                self.complete(id, Ok(Reply::Record(view)));
+                self.out.complete(id, Ok(Reply::Record(view)));
             }
             Command::List { collection } => {
                 let keys: Vec<RecordId> = self
@@ -505,50 +499,51 @@ impl Node {
                     .iter()
                     .map(|record| self.records.doc_mut(record.as_str()).view(record))
                     .collect();
-                self.complete(id, Ok(Reply::Records(views)));
+                self.out.complete(id, Ok(Reply::Records(views)));
             }
             Command::Status => {
                 let status = self.status();
-                self.complete(id, Ok(Reply::Status(Box::new(status))));
+                self.out.complete(id, Ok(Reply::Status(Box::new(status))));
             }
             Command::SyncNow { peer } => self.sync_now(id, peer),
             Command::SyncAbort => {
                 let sessions = self.abort_syncs();
-                self.complete(id, Ok(Reply::SyncAborted { sessions }));
+                self.out.complete(id, Ok(Reply::SyncAborted { sessions }));
             }
             Command::History => {
                 let rows = self.history.iter().rev().cloned().collect();
-                self.complete(id, Ok(Reply::History(rows)));
+                self.out.complete(id, Ok(Reply::History(rows)));
             }
             Command::Export { record } => match self.records.entry(record.as_str()) {
                 Some(entry) if entry.is_visible() => {
                     let bytes = self.records.doc_mut(record.as_str()).save();
-                    self.complete(id, Ok(Reply::Document(bytes)));
+                    self.out.complete(id, Ok(Reply::Document(bytes)));
                 }
-                _ => self.complete(id, Err(CommandError::NotFound(record))),
+                _ => self.out.complete(id, Err(CommandError::NotFound(record))),
             },
             Command::ApplyPolicy { signed } => self.apply_policy(id, signed),
             Command::ShowPolicy => {
                 let view = self.policy_view().map(Box::new);
-                self.complete(id, Ok(Reply::Policy(view)));
+                self.out.complete(id, Ok(Reply::Policy(view)));
             }
             Command::Quarantine => {
                 let held = self.quarantine_rows();
                 let refused = self.policy.refused_changes.clone();
-                self.complete(id, Ok(Reply::Quarantine { held, refused }));
+                self.out
+                    .complete(id, Ok(Reply::Quarantine { held, refused }));
             }
             Command::ApprovePeer { peer } => {
                 if self.config.trusted_peers.is_none() {
                     let message = "this node is open (made with `mesh init --open`): it admits every key already".to_owned();
-                    return self.complete(id, Err(CommandError::Invalid(message)));
+                    return self.out.complete(id, Err(CommandError::Invalid(message)));
                 }
                 if peer == self.node_id() {
                     let message = "that is this node's own id".to_owned();
-                    return self.complete(id, Err(CommandError::Invalid(message)));
+                    return self.out.complete(id, Err(CommandError::Invalid(message)));
                 }
                 let newly = self.approve_peer(peer);
                 let policy_in_force = self.policy().is_some();
-                self.complete(
+                self.out.complete(
                     id,
                     Ok(Reply::PeerApproved {
                         newly,
@@ -565,7 +560,7 @@ impl Node {
                 "this node does not replicate collection `{}`; add it to the node's collections",
                 record.collection()
             );
-            return self.complete(id, Err(CommandError::Invalid(message)));
+            return self.out.complete(id, Err(CommandError::Invalid(message)));
         }
         let key = record.as_str().to_owned();
         let existed = self.records.entry(&key).is_some();
@@ -587,7 +582,7 @@ impl Node {
             let version = in_force.policy.version;
             let forbidden = |reason| CommandError::Forbidden { version, reason };
             if let Err(reason) = self.author_verdict(&self.node_id(), record.collection()) {
-                return self.complete(id, Err(forbidden(reason)));
+                return self.out.complete(id, Err(forbidden(reason)));
             }
             if in_force.policy.has_schema(record.collection()) {
                 let (fields, deleted) = preview(self, &edit);
@@ -595,7 +590,7 @@ impl Node {
                 if let Err(reason) =
                     crdt_schema::policy::judge_schema(policy, record.collection(), &fields, deleted)
                 {
-                    return self.complete(id, Err(forbidden(reason)));
+                    return self.out.complete(id, Err(forbidden(reason)));
                 }
             }
         }
@@ -604,7 +599,9 @@ impl Node {
             let schema = &self.config.schemas[record.collection()];
             if let Err(errors) = schema.check(&fields, deleted) {
                 let collection = record.collection().to_owned();
-                return self.complete(id, Err(CommandError::Schema { collection, errors }));
+                return self
+                    .out
+                    .complete(id, Err(CommandError::Schema { collection, errors }));
             }
         }
         self.records.create(&record);
@@ -612,7 +609,7 @@ impl Node {
             && let Err(error) = self.records.doc_mut(&key).apply(own_chain)
         {
             let message = format!("cannot continue this node's changes of {key}: {error}");
-            return self.complete(id, Err(CommandError::Invalid(message)));
+            return self.out.complete(id, Err(CommandError::Invalid(message)));
         }
         let time_ms = i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX);
         let change = match self.records.doc_mut(&key).edit(&edit, time_ms) {
@@ -627,7 +624,9 @@ impl Node {
                     // Nothing was written, so the record must not appear.
                     self.records.remove_empty(&key);
                 }
-                return self.complete(id, Err(CommandError::Invalid(error.to_string())));
+                return self
+                    .out
+                    .complete(id, Err(CommandError::Invalid(error.to_string())));
             }
         };
         let change = change.map(|change| {
@@ -680,7 +679,7 @@ impl Node {
             // The policy in force is saved, or being saved by the checkpoint in flight.
             match &mut self.policy_checkpoint {
                 Some((_, commands)) => commands.push((id, offer)),
-                None => self.complete(id, Ok(Reply::PolicyOffered(offer))),
+                None => self.out.complete(id, Ok(Reply::PolicyOffered(offer))),
             }
             return;
         }
@@ -739,10 +738,7 @@ impl Node {
             return;
         }
         let op = self.next_op();
-        self.effects.push(Effect::Storage {
-            op,
-            request: StorageRequest::Append { envelopes },
-        });
+        self.out.storage(op, StorageRequest::Append { envelopes });
         self.pipeline.in_flight = Some((op, entries));
     }
 
@@ -762,7 +758,7 @@ impl Node {
                             error.0
                         ))),
                     };
-                    self.complete(id, reply);
+                    self.out.complete(id, reply);
                 }
                 if result.is_err() {
                     self.policy.unsaved = true;
@@ -774,7 +770,7 @@ impl Node {
                     self.records.mark_dirty(&key);
                 }
                 self.schedule_checkpoint();
-                self.emit(Event::StorageFailed { error: error.0 });
+                self.out.emit(Event::StorageFailed { error: error.0 });
             }
             return;
         }
@@ -819,7 +815,7 @@ impl Node {
                         self.records.refresh_item(key);
                         if let Some(command) = command {
                             let version = self.policy().map_or(0, |policy| policy.version);
-                            self.complete(
+                            self.out.complete(
                                 command,
                                 Err(CommandError::Forbidden { version, reason }),
                             );
@@ -844,7 +840,7 @@ impl Node {
                         self.counters.changes_local += 1;
                         let entry = self.records.entry(key).expect("written");
                         let (heads, deleted) = (entry.heads().to_vec(), entry.is_deleted());
-                        self.emit(Event::RecordChanged {
+                        self.out.emit(Event::RecordChanged {
                             record: record.clone(),
                             heads,
                             from: None,
@@ -858,7 +854,7 @@ impl Node {
                         .entry(record.as_str())
                         .map(|entry| entry.heads().to_vec());
                     if let Some(command) = command {
-                        self.complete(
+                        self.out.complete(
                             command,
                             Ok(Reply::Written {
                                 record,
@@ -979,7 +975,7 @@ impl Node {
                         self.send_receipt(&key, *hash, *author, reason);
                     }
                 }
-                self.emit(Event::ChangeQuarantined {
+                self.out.emit(Event::ChangeQuarantined {
                     record: record.clone(),
                     change: *hash,
                     reason: reason.to_string(),
@@ -1008,7 +1004,7 @@ impl Node {
         let record = entry.record().clone();
         let heads = entry.heads().to_vec();
         let deleted = entry.is_deleted();
-        self.emit(Event::RecordChanged {
+        self.out.emit(Event::RecordChanged {
             record,
             heads,
             from,
@@ -1039,7 +1035,8 @@ impl Node {
                             .insert(change.hash());
                     }
                     if let Some(command) = command {
-                        self.complete(command, Err(CommandError::Storage(error.0.clone())));
+                        self.out
+                            .complete(command, Err(CommandError::Storage(error.0.clone())));
                     }
                 }
                 PipelineEntry::Remote { change, .. } => {
@@ -1058,7 +1055,7 @@ impl Node {
         // The dropped remote changes belonged to sessions that now cannot finish; end
         // them, and the next timer reconciles again.
         self.fail_all_sessions(&format!("storage failed: {}", error.0));
-        self.emit(Event::StorageFailed { error: error.0 });
+        self.out.emit(Event::StorageFailed { error: error.0 });
     }
 
     /// Rebuilds a record's document without the given local changes, which never left
@@ -1241,7 +1238,7 @@ impl Node {
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.counters.rejected += 1;
         }
-        self.emit(Event::ChangeRejected {
+        self.out.emit(Event::ChangeRejected {
             from,
             reason: error.to_string(),
         });
@@ -1333,7 +1330,7 @@ impl Node {
         if !asked {
             // Ask the sender for what we lack of this record, once per record.
             let need = self.need_for(&key);
-            self.send(from, &Message::Need { needs: vec![need] });
+            self.out.send(from, &Message::Need { needs: vec![need] });
         }
     }
 
@@ -1500,7 +1497,7 @@ impl Node {
                         .map(|entry| entry.heads().iter().map(|hash| hash.0).collect())
                         .unwrap_or_default();
                     let record = change.record.as_str().to_owned();
-                    self.send(target, &Message::Announce { record, heads });
+                    self.out.send(target, &Message::Announce { record, heads });
                     continue;
                 }
                 if batch_bytes + envelope.len() > SYNC_BATCH_BYTES_MAX {
@@ -1522,7 +1519,7 @@ impl Node {
         if let Some(peer) = self.peers.get_mut(&target) {
             peer.counters.changes_sent += changes.len() as u64;
         }
-        self.send(target, &Message::Push { changes });
+        self.out.send(target, &Message::Push { changes });
     }
 
     // ----- checkpoints and timers -----
@@ -1587,14 +1584,14 @@ impl Node {
         }
         let op = self.next_op();
         let saved_policy = policy.is_some();
-        self.effects.push(Effect::Storage {
+        self.out.storage(
             op,
-            request: StorageRequest::Checkpoint {
+            StorageRequest::Checkpoint {
                 records,
                 compact_log,
                 policy,
             },
-        });
+        );
         if saved_policy {
             let commands = std::mem::take(&mut self.policy_unsaved_commands);
             self.policy_checkpoint = Some((op, commands));

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crdt_schema::policy::{self, Policy, PolicyError, RejectReason, SignedPolicy};
 use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, VerifiedChange};
 
-use crate::api::{CommandError, CommandId, Effect, Event, PolicyOffer, Reply};
+use crate::api::{CommandError, CommandId, Event, PolicyOffer, Reply};
 use crate::judge::{broken_history, damaging_changes, schema_verdict};
 use crate::limits::{
     QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_RECORD_MAX, QUARANTINE_TOTAL_MAX, RECEIPTS_MAX,
@@ -195,10 +195,8 @@ impl Node {
         if !noted_now {
             self.note_refused(peer, None);
         }
-        self.effects.push(Effect::Disconnect {
-            peer,
-            reason: "not a member of the org's policy".into(),
-        });
+        self.out
+            .disconnect(peer, "not a member of the org's policy".into());
         self.peer_disconnected(peer);
     }
 
@@ -229,10 +227,14 @@ impl Node {
             let message = format!(
                 "policy version {version} is being applied (its endorsements are being saved); try again in a moment"
             );
-            return self.complete(id, Err(CommandError::Policy(message)));
+            return self.out.complete(id, Err(CommandError::Policy(message)));
         }
         let in_force = match self.judge_offer(signed) {
-            Err(error) => return self.complete(id, Err(CommandError::Policy(error.to_string()))),
+            Err(error) => {
+                return self
+                    .out
+                    .complete(id, Err(CommandError::Policy(error.to_string())));
+            }
             Ok(OfferVerdict::Answer(offer @ PolicyOffer::Unchanged { .. }))
                 if self.policy.unsaved || self.policy_checkpoint_pending() =>
             {
@@ -241,7 +243,7 @@ impl Node {
                 return self.answer_when_policy_saved(id, offer);
             }
             Ok(OfferVerdict::Answer(offer)) => {
-                return self.complete(id, Ok(Reply::PolicyOffered(offer)));
+                return self.out.complete(id, Ok(Reply::PolicyOffered(offer)));
             }
             Ok(OfferVerdict::Adopt(in_force)) => in_force,
         };
@@ -258,7 +260,7 @@ impl Node {
                 "policy version {} {excluded} ({me}): applied here it would cut this node off from every peer; apply it at a node that stays a member",
                 in_force.policy.version
             );
-            return self.complete(id, Err(CommandError::Policy(message)));
+            return self.out.complete(id, Err(CommandError::Policy(message)));
         }
         let waiting = self.endorse_held_history(&in_force.policy);
         if waiting.is_empty() {
@@ -298,9 +300,11 @@ impl Node {
         match self.judge_offer(signed) {
             Ok(OfferVerdict::Adopt(in_force)) => self.adopt_applied(command, *in_force),
             Ok(OfferVerdict::Answer(offer)) => {
-                self.complete(command, Ok(Reply::PolicyOffered(offer)));
+                self.out.complete(command, Ok(Reply::PolicyOffered(offer)));
             }
-            Err(error) => self.complete(command, Err(CommandError::Policy(error.to_string()))),
+            Err(error) => self
+                .out
+                .complete(command, Err(CommandError::Policy(error.to_string()))),
         }
     }
 
@@ -319,7 +323,8 @@ impl Node {
             "could not save the endorsements policy version {} needs ({error}); the policy was not applied: apply it again",
             endorsing.version
         );
-        self.complete(endorsing.command, Err(CommandError::Storage(message)));
+        self.out
+            .complete(endorsing.command, Err(CommandError::Storage(message)));
     }
 
     /// Whether `signed` should be put in force here; records a same-version conflict.
@@ -382,7 +387,7 @@ impl Node {
         for peer in outsiders {
             self.refuse_peer(peer);
         }
-        self.emit(Event::PolicyAdopted { version });
+        self.out.emit(Event::PolicyAdopted { version });
     }
 
     /// Before a policy applied here takes away someone's right to write a record, this
@@ -455,7 +460,7 @@ impl Node {
             .map(|(id, _)| *id)
             .collect();
         for peer in targets {
-            self.send(peer, &message);
+            self.out.send(peer, &message);
         }
     }
 
@@ -475,7 +480,7 @@ impl Node {
             let message = Message::Policy {
                 signed: serde_json::to_vec(&in_force.signed).expect("policies serialise"),
             };
-            self.send(peer, &message);
+            self.out.send(peer, &message);
         }
     }
 
@@ -728,7 +733,7 @@ impl Node {
         }
         if let Err(error) = applied {
             self.counters.changes_rejected += 1;
-            self.emit(Event::ChangeRejected {
+            self.out.emit(Event::ChangeRejected {
                 from: me,
                 reason: format!("automerge refused the accepted changes of {key}: {error}"),
             });
@@ -910,7 +915,7 @@ impl Node {
                 change: hash.0,
                 reason: reason.to_string(),
             };
-            self.send(author, &message);
+            self.out.send(author, &message);
         }
     }
 

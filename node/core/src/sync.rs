@@ -25,7 +25,7 @@ use std::time::Duration;
 use crdt_schema::{ChangeHash, NodeId, RecordId};
 use rand_core::Rng;
 
-use crate::api::{CommandError, CommandId, Effect, Event, Reply};
+use crate::api::{CommandError, CommandId, Event, Reply};
 use crate::digest::Accumulator;
 use crate::limits::*;
 use crate::node::{Node, Origin, Peer};
@@ -177,7 +177,7 @@ impl Node {
         let name = self.config.name.clone();
         let policy = self.policy_tag();
         let org = *self.config.org.as_bytes();
-        self.send(
+        self.out.send(
             peer,
             &Message::Hello {
                 name,
@@ -230,10 +230,8 @@ impl Node {
                 true
             }
             None => {
-                self.effects.push(Effect::Disconnect {
-                    peer,
-                    reason: format!("this node already tracks {PEERS_MAX} peers"),
-                });
+                self.out
+                    .disconnect(peer, format!("this node already tracks {PEERS_MAX} peers"));
                 false
             }
         }
@@ -245,11 +243,11 @@ impl Node {
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.counters.rejected += 1;
         }
-        self.emit(Event::MessageRejected {
+        self.out.emit(Event::MessageRejected {
             from,
             reason: reason.clone(),
         });
-        self.effects.push(Effect::Disconnect { peer: from, reason });
+        self.out.disconnect(from, reason);
         self.peer_disconnected(from);
     }
 
@@ -289,7 +287,7 @@ impl Node {
                 );
                 // The connection stays, inert (no hello accepted: no sessions, no pushes),
                 // so that both sides learn why; closing it could drop our own hello.
-                self.emit(Event::MessageRejected {
+                self.out.emit(Event::MessageRejected {
                     from,
                     reason: reason.clone(),
                 });
@@ -426,7 +424,7 @@ impl Node {
             .any(|head| !self.is_known(key, head))
         {
             let need = self.need_for(key);
-            self.send(from, &Message::Need { needs: vec![need] });
+            self.out.send(from, &Message::Need { needs: vec![need] });
         }
     }
 
@@ -441,10 +439,10 @@ impl Node {
             if let Some(peer) = self.peers.get_mut(&from) {
                 peer.counters.changes_sent += batch.len() as u64;
             }
-            self.send(from, &Message::Push { changes: batch });
+            self.out.send(from, &Message::Push { changes: batch });
         }
         if !output.needs.is_empty() {
-            self.send(
+            self.out.send(
                 from,
                 &Message::Need {
                     needs: output.needs,
@@ -492,7 +490,7 @@ impl Node {
             .expect("sessions start with connected peers");
         entry.outbound = Some(session);
         entry.next_sync_at = None;
-        self.emit(Event::SyncStarted {
+        self.out.emit(Event::SyncStarted {
             peer,
             session: id,
             initiator: true,
@@ -550,13 +548,13 @@ impl Node {
                 from_initiator: initiator,
                 changes: batch,
             };
-            self.send(peer, &message);
+            self.out.send(peer, &message);
         }
         let message = match initiator {
             true => Message::SyncRequest(round),
             false => Message::SyncResponse(round),
         };
-        self.send(peer, &message);
+        self.out.send(peer, &message);
     }
 
     fn sync_request(&mut self, from: NodeId, round: Round) {
@@ -581,7 +579,7 @@ impl Node {
             let scope = self.scope_with(from);
             let session = Session::new(round.session, false, scope, self.now);
             self.peers.get_mut(&from).expect("checked").inbound = Some(session);
-            self.emit(Event::SyncStarted {
+            self.out.emit(Event::SyncStarted {
                 peer: from,
                 session: round.session,
                 initiator: false,
@@ -718,7 +716,7 @@ impl Node {
                 };
                 return self.send_round(peer, true, round, Vec::new());
             }
-            self.send(
+            self.out.send(
                 peer,
                 &Message::SyncEnd {
                     session: id,
@@ -728,7 +726,7 @@ impl Node {
             return self.finish_session(peer, true, SyncOutcome::Completed);
         }
         if session.rounds >= SYNC_ROUNDS_MAX {
-            self.send(
+            self.out.send(
                 peer,
                 &Message::SyncEnd {
                     session: id,
@@ -1010,7 +1008,7 @@ impl Node {
             self.history.pop_front();
         }
         self.history.push_back(row.clone());
-        self.emit(Event::SyncEnded(row));
+        self.out.emit(Event::SyncEnded(row));
     }
 
     fn end_sessions(&mut self, peer: NodeId, outcome: SyncOutcome) {
@@ -1023,7 +1021,7 @@ impl Node {
         for peer in peers {
             if let Some(session) = self.peers[&peer].outbound.as_ref() {
                 let id = session.id;
-                self.send(
+                self.out.send(
                     peer,
                     &Message::SyncEnd {
                         session: id,
@@ -1039,10 +1037,9 @@ impl Node {
         if let Some(peer) = only {
             let connected = self.peers.get(&peer).is_some_and(Peer::is_ready);
             if !connected {
-                return self.effects.push(Effect::Complete {
-                    id,
-                    result: Err(CommandError::PeerNotConnected(peer)),
-                });
+                return self
+                    .out
+                    .complete(id, Err(CommandError::PeerNotConnected(peer)));
             }
         }
         let targets: Vec<NodeId> = self
@@ -1056,10 +1053,8 @@ impl Node {
                 self.start_session(*peer);
             }
         }
-        self.effects.push(Effect::Complete {
-            id,
-            result: Ok(Reply::SyncStarted { peers: targets }),
-        });
+        self.out
+            .complete(id, Ok(Reply::SyncStarted { peers: targets }));
     }
 
     pub(crate) fn abort_syncs(&mut self) -> usize {
@@ -1069,7 +1064,7 @@ impl Node {
             .filter_map(|(peer, entry)| entry.outbound.as_ref().map(|session| (*peer, session.id)))
             .collect();
         for (peer, session) in &running {
-            self.send(
+            self.out.send(
                 *peer,
                 &Message::SyncEnd {
                     session: *session,
@@ -1106,7 +1101,7 @@ impl Node {
                     .as_ref()
                     .map(|session| session.id);
                 if let Some(id) = id {
-                    self.send(
+                    self.out.send(
                         peer,
                         &Message::SyncEnd {
                             session: id,

@@ -2,8 +2,8 @@
 //! that reads them (`cli/`): a field renamed on one side fails to compile on the other,
 //! instead of printing "?" at run time.
 
-use mesh_core::status::{QuarantineRow, RefusedChange, RefusedPeer};
 use mesh_core::status::{PeerStatus, SyncRecord};
+use mesh_core::status::{QuarantineRow, RefusedChange, RefusedPeer};
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/status`: the core's status and what only the daemon knows.

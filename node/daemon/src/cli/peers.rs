@@ -2,8 +2,8 @@
 
 use anyhow::anyhow;
 use mesh_core::PeerState;
-use mesh_core::status::RefusedPeer;
 use mesh_core::status::PeerStatus;
+use mesh_core::status::RefusedPeer;
 use serde_json::json;
 
 use super::Context;
