@@ -38,6 +38,7 @@
 //! - [`limits`]: every bound, in one place.
 
 pub mod api;
+mod checkpoint;
 pub mod config;
 pub mod digest;
 mod judge;

@@ -22,15 +22,14 @@ use rand_core::SeedableRng;
 use crate::api::{
     Command, CommandError, CommandId, Effect, Event, Input, PolicyOffer, Queues, Reply,
 };
+use crate::checkpoint::{Checkpoints, PolicyToSave};
 use crate::config::Config;
 use crate::limits::*;
 use crate::outbox::Outbox;
 use crate::policy::PolicyState;
 use crate::records::{Records, Scope};
 use crate::status::{Counters, PeerCounters, PeerState, SyncRecord};
-use crate::storage::{
-    Restore, SavedQuarantined, SavedRecord, Signature, StorageError, StorageOpId, StorageRequest,
-};
+use crate::storage::{Restore, StorageError, StorageOpId, StorageOps, StorageRequest};
 use crate::sync::Session;
 use crate::time::Instant;
 use crate::wire::{EnvelopeBytes, Message, Need};
@@ -144,10 +143,9 @@ pub struct Node {
     pub(crate) peers: BTreeMap<NodeId, Peer>,
     pub(crate) counters: Counters,
     pub(crate) history: VecDeque<SyncRecord>,
-    next_op: u64,
+    storage_ops: StorageOps,
     pub(crate) next_session: u64,
-    checkpoint_due: Option<Instant>,
-    checkpoint_in_flight: Option<(StorageOpId, Vec<String>)>,
+    pub(crate) checkpoints: Checkpoints,
     last_local_change: Option<Instant>,
     last_remote_change: Option<Instant>,
     pub(crate) last_sync: Option<Instant>,
@@ -156,12 +154,6 @@ pub struct Node {
     pub(crate) policy: PolicyState,
     /// Records re-judged while local changes awaited their append; judged again after.
     pub(crate) rejudge_after_ack: BTreeSet<String>,
-    /// The checkpoint carrying the policy, so a failure can retry it, and the `ApplyPolicy`
-    /// commands it answers once durable.
-    policy_checkpoint: Option<(StorageOpId, Vec<(CommandId, PolicyOffer)>)>,
-    /// `ApplyPolicy` commands whose policy is in force but not yet in a checkpoint: they
-    /// are answered only when it is durable, so an acknowledged policy survives a crash.
-    policy_unsaved_commands: Vec<(CommandId, PolicyOffer)>,
 }
 
 impl Node {
@@ -180,10 +172,9 @@ impl Node {
             peers: BTreeMap::new(),
             counters: Counters::default(),
             history: VecDeque::new(),
-            next_op: 0,
+            storage_ops: StorageOps::default(),
             next_session: 0,
-            checkpoint_due: None,
-            checkpoint_in_flight: None,
+            checkpoints: Checkpoints::default(),
             last_local_change: None,
             last_remote_change: None,
             last_sync: None,
@@ -191,8 +182,6 @@ impl Node {
             keys: Default::default(),
             policy: PolicyState::default(),
             rejudge_after_ack: BTreeSet::new(),
-            policy_checkpoint: None,
-            policy_unsaved_commands: Vec::new(),
         }
     }
 
@@ -247,9 +236,7 @@ impl Node {
                 deadline = Some(deadline.map_or(at, |current| current.min(at)));
             }
         };
-        if self.checkpoint_in_flight.is_none() {
-            consider(self.checkpoint_due);
-        }
+        consider(self.checkpoints.deadline());
         for peer in self.peers.values() {
             for at in peer.timer_deadlines(self.config.sync_stall_timeout) {
                 consider(Some(at));
@@ -333,11 +320,6 @@ impl Node {
             .as_ref()
             .map_or(0, |(_, entries)| entries.len());
         in_flight + self.pipeline.queued.len()
-    }
-
-    fn next_op(&mut self) -> StorageOpId {
-        self.next_op += 1;
-        StorageOpId(self.next_op)
     }
 
     // ----- start -----
@@ -675,25 +657,12 @@ impl Node {
     /// Answers `id` with `offer` once the policy in force is in a durable checkpoint, and
     /// starts that checkpoint now rather than at the next interval.
     pub(crate) fn answer_when_policy_saved(&mut self, id: CommandId, offer: PolicyOffer) {
-        if !self.policy.unsaved {
-            // The policy in force is saved, or being saved by the checkpoint in flight.
-            match &mut self.policy_checkpoint {
-                Some((_, commands)) => commands.push((id, offer)),
-                None => self.out.complete(id, Ok(Reply::PolicyOffered(offer))),
-            }
-            return;
-        }
-        self.policy_unsaved_commands.push((id, offer));
-        if self.checkpoint_in_flight.is_none() {
+        if self
+            .checkpoints
+            .answer_when_policy_saved(id, offer, self.now, &mut self.out)
+        {
             self.checkpoint();
-        } else {
-            self.checkpoint_due = Some(self.now);
         }
-    }
-
-    /// Whether a checkpoint carrying the policy is in flight.
-    pub(crate) fn policy_checkpoint_pending(&self) -> bool {
-        self.policy_checkpoint.is_some()
     }
 
     /// Returns the change's hash.
@@ -737,38 +706,18 @@ impl Node {
             self.append_done(entries);
             return;
         }
-        let op = self.next_op();
+        let op = self.storage_ops.next();
         self.out.storage(op, StorageRequest::Append { envelopes });
         self.pipeline.in_flight = Some((op, entries));
     }
 
     fn storage_done(&mut self, op: StorageOpId, result: Result<(), StorageError>) {
-        if let Some((checkpoint, keys)) = self.checkpoint_in_flight.take_if(|(id, _)| *id == op) {
-            debug_assert_eq!(checkpoint, op);
-            let answered = self
-                .policy_checkpoint
-                .take_if(|(saved, _)| *saved == op)
-                .map(|(_, commands)| commands);
-            if let Some(commands) = answered {
-                for (id, offer) in commands {
-                    let reply = match &result {
-                        Ok(()) => Ok(Reply::PolicyOffered(offer)),
-                        Err(error) => Err(CommandError::Storage(format!(
-                            "the policy is in force but could not be saved ({}); it is saved again at the next checkpoint, or apply it again",
-                            error.0
-                        ))),
-                    };
-                    self.out.complete(id, reply);
-                }
-                if result.is_err() {
-                    self.policy.unsaved = true;
-                }
-            }
-            if let Err(error) = result {
+        if self.checkpoints.owns(op) {
+            let failed = self
+                .checkpoints
+                .complete(op, result, &mut self.records, &mut self.out);
+            if let Some(error) = failed {
                 self.counters.storage_errors += 1;
-                for key in keys {
-                    self.records.mark_dirty(&key);
-                }
                 self.schedule_checkpoint();
                 self.out.emit(Event::StorageFailed { error: error.0 });
             }
@@ -1525,84 +1474,29 @@ impl Node {
     // ----- checkpoints and timers -----
 
     pub(crate) fn schedule_checkpoint(&mut self) {
-        if self.checkpoint_due.is_none()
-            && (self.policy.unsaved || self.records.iter().any(|entry| entry.is_dirty()))
-        {
-            self.checkpoint_due = Some(self.now + self.config.checkpoint_interval);
-        }
+        self.checkpoints
+            .schedule(&self.records, self.now, self.config.checkpoint_interval);
     }
 
     fn checkpoint(&mut self) {
-        let keys: Vec<String> = self
-            .records
-            .iter()
-            .filter(|entry| entry.is_dirty() && !entry.has_unacked())
-            .map(|entry| entry.record().as_str().to_owned())
-            .collect();
-        let compact_log = !self
-            .records
-            .iter()
-            .any(|entry| entry.is_dirty() && entry.has_unacked());
-        self.checkpoint_due = None;
-        let policy = self
-            .policy
-            .in_force
-            .as_ref()
-            .filter(|_| self.policy.unsaved)
-            .map(|in_force| serde_json::to_vec(&in_force.signed).expect("policies serialise"));
-        if keys.is_empty() && policy.is_none() {
-            self.schedule_checkpoint();
-            return;
-        }
-        self.policy.unsaved = false;
-        let judged_under = self.policy.in_force.as_ref().map(|in_force| in_force.hash);
-        let mut records = Vec::with_capacity(keys.len());
-        for key in &keys {
-            let document = self.records.document_bytes(key);
-            self.records.mark_clean(key);
-            let entry = self.records.entry(key).expect("listed above");
-            records.push(SavedRecord {
-                record: entry.record().clone(),
-                heads: entry.heads().iter().map(|hash| hash.0).collect(),
-                document,
-                signatures: entry
-                    .signatures()
-                    .iter()
-                    .map(|(hash, signature)| (hash.0, Signature(*signature)))
-                    .collect(),
-                quarantine: entry
-                    .quarantine()
-                    .values()
-                    .map(|held| SavedQuarantined {
-                        envelope: held.envelope.clone(),
-                        reason: serde_json::to_string(&held.reason).expect("reasons serialise"),
-                        rejected_at_ms: held.rejected_at.as_millis(),
-                    })
-                    .collect(),
-                judged_under,
-            });
-        }
-        let op = self.next_op();
-        let saved_policy = policy.is_some();
-        self.out.storage(
-            op,
-            StorageRequest::Checkpoint {
-                records,
-                compact_log,
-                policy,
-            },
+        let policy = self.policy.in_force.as_ref().map(|in_force| PolicyToSave {
+            signed: &in_force.signed,
+            hash: in_force.hash,
+        });
+        let started = self.checkpoints.start(
+            &mut self.records,
+            policy,
+            &mut self.storage_ops,
+            &mut self.out,
         );
-        if saved_policy {
-            let commands = std::mem::take(&mut self.policy_unsaved_commands);
-            self.policy_checkpoint = Some((op, commands));
+        if !started {
+            self.schedule_checkpoint();
         }
-        self.checkpoint_in_flight = Some((op, keys));
     }
 
     fn tick(&mut self) {
         let now = self.now;
-        if self.checkpoint_in_flight.is_none() && self.checkpoint_due.is_some_and(|due| due <= now)
-        {
+        if self.checkpoints.is_due(now) {
             self.checkpoint();
         }
         let expired: Vec<(String, ChangeHash)> = self

@@ -55,8 +55,6 @@ pub(crate) struct PolicyState {
     pub(crate) refused: BTreeMap<NodeId, RefusedPeer>,
     /// Receipts from peers that rejected this node's own changes, oldest first.
     pub(crate) receipts: Vec<Receipt>,
-    /// Whether the policy must ride along with the next checkpoint.
-    pub(crate) unsaved: bool,
     /// Changes refused before they could be held (bad signature, malformed), newest last.
     pub(crate) refused_changes: Vec<RefusedChange>,
     /// A policy applied here that waits for its endorsements to be durable.
@@ -236,7 +234,7 @@ impl Node {
                     .complete(id, Err(CommandError::Policy(error.to_string())));
             }
             Ok(OfferVerdict::Answer(offer @ PolicyOffer::Unchanged { .. }))
-                if self.policy.unsaved || self.policy_checkpoint_pending() =>
+                if self.checkpoints.policy_pending() =>
             {
                 // Applied again after its save failed (or while it is being saved): answer
                 // once it is durable, as the first time.
@@ -375,7 +373,7 @@ impl Node {
             self.policy.conflict = None;
         }
         self.policy.in_force = Some(in_force);
-        self.policy.unsaved = true;
+        self.checkpoints.policy_changed();
         self.rejudge_all();
         self.schedule_checkpoint();
         let outsiders: Vec<NodeId> = self

@@ -128,3 +128,17 @@ impl std::fmt::Debug for Signature {
         write!(f, "Signature({:02x}{:02x}…)", self.0[0], self.0[1])
     }
 }
+
+/// Hands out storage op ids, shared by the parts that ask storage for something.
+#[derive(Debug, Default)]
+pub(crate) struct StorageOps {
+    last: u64,
+}
+
+impl StorageOps {
+    /// The next unused id.
+    pub(crate) fn next(&mut self) -> StorageOpId {
+        self.last += 1;
+        StorageOpId(self.last)
+    }
+}
