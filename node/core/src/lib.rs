@@ -47,6 +47,7 @@ pub mod node;
 mod outbox;
 pub mod policy;
 pub mod records;
+mod restore;
 pub mod status;
 pub mod storage;
 mod sync;

@@ -28,6 +28,7 @@ use crate::limits::*;
 use crate::outbox::Outbox;
 use crate::policy::PolicyState;
 use crate::records::{Records, Scope};
+use crate::restore::{self, Restored};
 use crate::status::{Counters, PeerCounters, PeerState, SyncRecord};
 use crate::storage::{Restore, StorageError, StorageOpId, StorageOps, StorageRequest};
 use crate::sync::Session;
@@ -325,108 +326,16 @@ impl Node {
     // ----- start -----
 
     fn restore(&mut self, restore: Restore) {
-        // The policy first: the records were judged under it, and the log's changes are.
-        if let Some(bytes) = &restore.policy {
-            let org = self.config.org;
-            let restored = serde_json::from_slice::<crdt_schema::policy::SignedPolicy>(bytes)
-                .map_err(|error| error.to_string())
-                .and_then(|signed| {
-                    let policy = signed.verify(&org).map_err(|error| error.to_string())?;
-                    Ok(crate::policy::InForce {
-                        hash: signed.hash(),
-                        policy,
-                        signed,
-                    })
-                });
-            match restored {
-                Ok(in_force) => self.policy.in_force = Some(in_force),
-                Err(error) => {
-                    self.counters.storage_errors += 1;
-                    self.out.emit(Event::StorageFailed {
-                        error: format!(
-                            "the stored policy is unreadable ({error}); a peer will send it again"
-                        ),
-                    });
-                }
-            }
-        }
-        let policy_hash = self.policy.in_force.as_ref().map(|in_force| in_force.hash);
-        let mut stale = Vec::new();
-        for saved in restore.records {
-            // Pair check: the document must load and its heads must be the stored heads. A
-            // damaged record is reported, never trusted; peers can bring its changes again.
-            let doc = match RecordDoc::load(&saved.document, &self.node_id()) {
-                Ok(doc) => doc,
-                Err(error) => {
-                    self.counters.storage_errors += 1;
-                    self.out.emit(Event::StorageFailed {
-                        error: format!(
-                            "stored record {} is damaged and was skipped: {error}",
-                            saved.record
-                        ),
-                    });
-                    continue;
-                }
-            };
-            let heads = doc.heads();
-            if heads.iter().map(|hash| hash.0).collect::<Vec<_>>() != saved.heads {
-                self.counters.storage_errors += 1;
-                self.out.emit(Event::StorageFailed {
-                    error: format!(
-                        "stored heads of {} disagree with its document; the document wins",
-                        saved.record
-                    ),
-                });
-            }
-            let signatures = saved
-                .signatures
-                .iter()
-                .map(|(hash, signature)| (ChangeHash(*hash), signature.0))
-                .collect();
-            let deleted = doc.deleted();
-            let mut quarantine = BTreeMap::new();
-            for held in saved.quarantine {
-                let Ok(change) = Envelope::from_bytes(held.envelope).verify(&self.config.org)
-                else {
-                    self.counters.storage_errors += 1;
-                    continue;
-                };
-                let Ok(reason) = serde_json::from_str(&held.reason) else {
-                    self.counters.storage_errors += 1;
-                    continue;
-                };
-                quarantine.insert(
-                    change.hash(),
-                    crate::records::Quarantined {
-                        envelope: change.envelope.as_bytes().to_vec(),
-                        author: change.author,
-                        change: change.change,
-                        reason,
-                        rejected_at: Instant::from_millis(held.rejected_at_ms),
-                    },
-                );
-            }
-            if saved.judged_under != policy_hash {
-                stale.push(saved.record.as_str().to_owned());
-            }
-            self.records.restore(
-                saved.record,
-                heads,
-                saved.document,
-                signatures,
-                deleted,
-                quarantine,
-            );
-        }
-        let mut replayed = Vec::new();
-        for bytes in restore.log {
-            match Envelope::from_bytes(bytes).verify(&self.config.org) {
-                Ok(change) => replayed.push(change),
-                // The driver checksums log entries; a bad one here means a bug or
-                // tampering, and is counted rather than trusted.
-                Err(_) => self.counters.changes_rejected += 1,
-            }
-        }
+        let me = self.node_id();
+        let Restored { replayed, stale } = restore::load(
+            restore,
+            &self.config.org,
+            &me,
+            &mut self.policy.in_force,
+            &mut self.records,
+            &mut self.counters,
+            &mut self.out,
+        );
         for change in replayed {
             let key = change.record.as_str().to_owned();
             if self.is_known(&key, &change.hash()) {

@@ -1,0 +1,139 @@
+//! Start: what the driver hands back from storage becomes the node's state again.
+//!
+//! The policy comes first (the records were judged under it), then each saved record,
+//! checked against its own heads; a damaged record or quarantined change is reported and
+//! skipped, never trusted, since peers can bring its changes again. The log's changes are
+//! returned for the node to replay through its usual write path.
+
+use std::collections::BTreeMap;
+
+use crdt_schema::{ChangeHash, Envelope, NodeId, OrgId, RecordDoc, VerifiedChange};
+
+use crate::api::Event;
+use crate::outbox::Outbox;
+use crate::policy::InForce;
+use crate::records::{Quarantined, Records};
+use crate::status::Counters;
+use crate::storage::Restore;
+use crate::time::Instant;
+
+/// What the node must still do after [`load`].
+pub(crate) struct Restored {
+    /// The log's changes that verified, in log order, to replay.
+    pub(crate) replayed: Vec<VerifiedChange>,
+    /// Records saved under another policy than the one restored: judged again.
+    pub(crate) stale: Vec<String>,
+}
+
+/// Loads the saved policy and records into `in_force` and `records`.
+pub(crate) fn load(
+    restore: Restore,
+    org: &OrgId,
+    me: &NodeId,
+    in_force: &mut Option<InForce>,
+    records: &mut Records,
+    counters: &mut Counters,
+    out: &mut Outbox,
+) -> Restored {
+    // The policy first: the records were judged under it, and the log's changes are.
+    if let Some(bytes) = &restore.policy {
+        let restored = serde_json::from_slice::<crdt_schema::policy::SignedPolicy>(bytes)
+            .map_err(|error| error.to_string())
+            .and_then(|signed| {
+                let policy = signed.verify(org).map_err(|error| error.to_string())?;
+                Ok(InForce {
+                    hash: signed.hash(),
+                    policy,
+                    signed,
+                })
+            });
+        match restored {
+            Ok(restored) => *in_force = Some(restored),
+            Err(error) => {
+                counters.storage_errors += 1;
+                out.emit(Event::StorageFailed {
+                    error: format!(
+                        "the stored policy is unreadable ({error}); a peer will send it again"
+                    ),
+                });
+            }
+        }
+    }
+    let policy_hash = in_force.as_ref().map(|in_force| in_force.hash);
+    let mut stale = Vec::new();
+    for saved in restore.records {
+        // Pair check: the document must load and its heads must be the stored heads. A
+        // damaged record is reported, never trusted; peers can bring its changes again.
+        let doc = match RecordDoc::load(&saved.document, me) {
+            Ok(doc) => doc,
+            Err(error) => {
+                counters.storage_errors += 1;
+                out.emit(Event::StorageFailed {
+                    error: format!(
+                        "stored record {} is damaged and was skipped: {error}",
+                        saved.record
+                    ),
+                });
+                continue;
+            }
+        };
+        let heads = doc.heads();
+        if heads.iter().map(|hash| hash.0).collect::<Vec<_>>() != saved.heads {
+            counters.storage_errors += 1;
+            out.emit(Event::StorageFailed {
+                error: format!(
+                    "stored heads of {} disagree with its document; the document wins",
+                    saved.record
+                ),
+            });
+        }
+        let signatures = saved
+            .signatures
+            .iter()
+            .map(|(hash, signature)| (ChangeHash(*hash), signature.0))
+            .collect();
+        let deleted = doc.deleted();
+        let mut quarantine = BTreeMap::new();
+        for held in saved.quarantine {
+            let Ok(change) = Envelope::from_bytes(held.envelope).verify(org) else {
+                counters.storage_errors += 1;
+                continue;
+            };
+            let Ok(reason) = serde_json::from_str(&held.reason) else {
+                counters.storage_errors += 1;
+                continue;
+            };
+            quarantine.insert(
+                change.hash(),
+                Quarantined {
+                    envelope: change.envelope.as_bytes().to_vec(),
+                    author: change.author,
+                    change: change.change,
+                    reason,
+                    rejected_at: Instant::from_millis(held.rejected_at_ms),
+                },
+            );
+        }
+        if saved.judged_under != policy_hash {
+            stale.push(saved.record.as_str().to_owned());
+        }
+        records.restore(
+            saved.record,
+            heads,
+            saved.document,
+            signatures,
+            deleted,
+            quarantine,
+        );
+    }
+    let mut replayed = Vec::new();
+    for bytes in restore.log {
+        match Envelope::from_bytes(bytes).verify(org) {
+            Ok(change) => replayed.push(change),
+            // The driver checksums log entries; a bad one here means a bug or
+            // tampering, and is counted rather than trusted.
+            Err(_) => counters.changes_rejected += 1,
+        }
+    }
+    Restored { replayed, stale }
+}
