@@ -45,6 +45,7 @@ mod judge;
 pub mod limits;
 pub mod node;
 mod outbox;
+mod pipeline;
 pub mod policy;
 pub mod records;
 mod restore;

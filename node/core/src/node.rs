@@ -26,75 +26,15 @@ use crate::checkpoint::{Checkpoints, PolicyToSave};
 use crate::config::Config;
 use crate::limits::*;
 use crate::outbox::Outbox;
+use crate::pipeline::{Origin, Pipeline, PipelineEntry};
 use crate::policy::PolicyState;
 use crate::records::{Records, Scope};
 use crate::restore::{self, Restored};
 use crate::status::{Counters, PeerCounters, PeerState, SyncRecord};
-use crate::storage::{Restore, StorageError, StorageOpId, StorageOps, StorageRequest};
+use crate::storage::{Restore, StorageError, StorageOpId, StorageOps};
 use crate::sync::Session;
 use crate::time::Instant;
 use crate::wire::{EnvelopeBytes, Message, Need};
-
-/// Where a remote change came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Origin {
-    /// Pushed: forward it to other peers once applied.
-    Push,
-    /// Part of a session, initiated by us (`true`) or the peer.
-    Session { id: u64, initiator: bool },
-    /// Replayed from the log on start: already durable.
-    Log,
-}
-
-/// One write waiting for its log append.
-enum PipelineEntry {
-    Local {
-        /// The command to complete; `None` for a change the node makes by itself.
-        command: Option<CommandId>,
-        record: RecordId,
-        change: Option<VerifiedChange>,
-    },
-    Remote {
-        from: NodeId,
-        change: VerifiedChange,
-        origin: Origin,
-        /// Whether the change's session counted it as pipelined (the session may have
-        /// been created only after the change arrived, or have ended since).
-        counted: bool,
-    },
-}
-
-#[derive(Default)]
-struct Pipeline {
-    in_flight: Option<(StorageOpId, Vec<PipelineEntry>)>,
-    queued: Vec<PipelineEntry>,
-    /// Remote changes queued or in flight, so a second copy is recognised.
-    remote: BTreeSet<(String, ChangeHash)>,
-    /// Those of them whose author the policy forbade when they arrived: they count toward
-    /// their record's quarantine bound before they are settled.
-    forbidden: BTreeSet<(String, ChangeHash)>,
-    /// How many of `forbidden` each author made, toward the per-author bound.
-    forbidden_by_author: BTreeMap<NodeId, usize>,
-}
-
-impl Pipeline {
-    fn note_forbidden(&mut self, id: (String, ChangeHash), author: NodeId) {
-        if self.forbidden.insert(id) {
-            *self.forbidden_by_author.entry(author).or_default() += 1;
-        }
-    }
-
-    fn settle_forbidden(&mut self, id: &(String, ChangeHash), author: &NodeId) {
-        if self.forbidden.remove(id)
-            && let Some(count) = self.forbidden_by_author.get_mut(author)
-        {
-            *count -= 1;
-            if *count == 0 {
-                self.forbidden_by_author.remove(author);
-            }
-        }
-    }
-}
 
 /// A remote change waiting for its dependencies.
 pub(crate) struct PendingChange {
@@ -137,7 +77,7 @@ pub struct Node {
     pub(crate) rng: ChaCha8Rng,
     pub(crate) now: Instant,
     pub(crate) records: Records,
-    pipeline: Pipeline,
+    pub(crate) pipeline: Pipeline,
     pending: BTreeMap<(String, ChangeHash), PendingChange>,
     /// Envelope bytes held in `pending`, bounded by [`PENDING_BYTES_MAX`].
     pending_bytes: usize,
@@ -289,7 +229,7 @@ impl Node {
             .flat_map(|peer| peer.outbound.iter().chain(&peer.inbound));
         Queues {
             pending_changes: self.pending.len(),
-            pipeline_remote_changes: self.pipeline.remote.len(),
+            pipeline_remote_changes: self.pipeline.remote_len(),
             peers: self.peers.len(),
             history: self.history.len(),
             loaded_documents: self.records.loaded_count(),
@@ -315,12 +255,7 @@ impl Node {
     }
 
     pub(crate) fn unflushed_len(&self) -> usize {
-        let in_flight = self
-            .pipeline
-            .in_flight
-            .as_ref()
-            .map_or(0, |(_, entries)| entries.len());
-        in_flight + self.pipeline.queued.len()
+        self.pipeline.unflushed_len()
     }
 
     // ----- start -----
@@ -529,11 +464,7 @@ impl Node {
             self.last_local_change = Some(self.now);
             change
         });
-        self.pipeline.queued.push(PipelineEntry::Local {
-            command: Some(id),
-            record,
-            change,
-        });
+        self.pipeline.queue_local(Some(id), record, change);
     }
 
     /// This node's own quarantined changes of a record with the quarantined changes they
@@ -586,11 +517,7 @@ impl Node {
         self.records.add_unacked(record.as_str(), change.hash());
         self.last_local_change = Some(self.now);
         let hash = change.hash();
-        self.pipeline.queued.push(PipelineEntry::Local {
-            command: None,
-            record,
-            change: Some(change),
-        });
+        self.pipeline.queue_local(None, record, Some(change));
         hash
     }
 
@@ -598,26 +525,9 @@ impl Node {
 
     /// Starts the next log append if none is in flight.
     fn start_append(&mut self) {
-        if self.pipeline.in_flight.is_some() || self.pipeline.queued.is_empty() {
-            return;
-        }
-        let entries = std::mem::take(&mut self.pipeline.queued);
-        let envelopes: Vec<Vec<u8>> = entries
-            .iter()
-            .filter_map(|entry| match entry {
-                PipelineEntry::Local { change, .. } => change.as_ref(),
-                PipelineEntry::Remote { change, .. } => Some(change),
-            })
-            .map(|change| change.envelope.as_bytes().to_vec())
-            .collect();
-        if envelopes.is_empty() {
-            // Only writes that changed nothing: they are as durable as what preceded them.
+        if let Some(entries) = self.pipeline.start(&mut self.storage_ops, &mut self.out) {
             self.append_done(entries);
-            return;
         }
-        let op = self.storage_ops.next();
-        self.out.storage(op, StorageRequest::Append { envelopes });
-        self.pipeline.in_flight = Some((op, entries));
     }
 
     fn storage_done(&mut self, op: StorageOpId, result: Result<(), StorageError>) {
@@ -632,12 +542,10 @@ impl Node {
             }
             return;
         }
-        let Some((in_flight, entries)) = self.pipeline.in_flight.take_if(|(id, _)| *id == op)
-        else {
+        let Some(entries) = self.pipeline.take_completed(op) else {
             // A completion for nothing we asked: a driver bug, not a peer's doing.
             panic!("storage completion for unknown op {op:?}");
         };
-        debug_assert_eq!(in_flight, op);
         match result {
             Ok(()) => self.append_done(entries),
             Err(error) => self.append_failed(entries, error),
@@ -729,16 +637,12 @@ impl Node {
                     origin,
                     counted,
                 } => {
-                    let id = (change.record.as_str().to_owned(), change.hash());
-                    self.pipeline.settle_forbidden(&id, &change.author);
-                    self.pipeline.remote.remove(&id);
+                    self.pipeline.settle(&change);
                     if let Origin::Session { id, initiator } = origin
                         && counted
                         && let Some(session) = self.session_mut(from, id, initiator)
                     {
-                        // Saturating: a duplicated request can recreate a session under an
-                        // old number, and peer input must never panic the node.
-                        session.pipelined = session.pipelined.saturating_sub(1);
+                        session.pipelined_settled();
                     }
                     if origin == Origin::Push {
                         pushed.push((Some(from), change.clone()));
@@ -876,7 +780,7 @@ impl Node {
     /// (reconciliation brings them again).
     fn append_failed(&mut self, entries: Vec<PipelineEntry>, error: StorageError) {
         self.counters.storage_errors += 1;
-        let queued = std::mem::take(&mut self.pipeline.queued);
+        let queued = self.pipeline.take_queued();
         let mut undone: BTreeMap<String, BTreeSet<ChangeHash>> = BTreeMap::new();
         for entry in entries.into_iter().chain(queued) {
             match entry {
@@ -898,9 +802,7 @@ impl Node {
                     }
                 }
                 PipelineEntry::Remote { change, .. } => {
-                    let id = (change.record.as_str().to_owned(), change.hash());
-                    self.pipeline.settle_forbidden(&id, &change.author);
-                    self.pipeline.remote.remove(&id);
+                    self.pipeline.settle(&change);
                     self.counters.changes_dropped += 1;
                 }
             }
@@ -960,7 +862,7 @@ impl Node {
     // ----- remote changes -----
 
     pub(crate) fn is_known(&mut self, key: &str, hash: &ChangeHash) -> bool {
-        if self.pipeline.remote.contains(&(key.to_owned(), *hash)) {
+        if self.pipeline.holds_remote(key, hash) {
             return true;
         }
         match self.records.entry(key) {
@@ -1102,61 +1004,23 @@ impl Node {
         });
     }
 
-    /// How many remote changes by authors the policy forbids are queued for (or in) a log
-    /// append, over all records.
-    pub(crate) fn pipeline_forbidden_len(&self) -> usize {
-        self.pipeline.forbidden.len()
-    }
-
-    /// How many of those `author` made.
-    pub(crate) fn pipeline_forbidden_by(&self, author: &NodeId) -> usize {
-        self.pipeline
-            .forbidden_by_author
-            .get(author)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// The remote changes of one record, by authors the policy forbids, queued for (or in)
-    /// a log append.
-    pub(crate) fn pipeline_forbidden_changes<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> impl Iterator<Item = &'a ChangeHash> + 'a {
-        self.pipeline
-            .forbidden
-            .range((key.to_owned(), ChangeHash([0; 32]))..)
-            .take_while(move |(record, _)| record == key)
-            .map(|(_, hash)| hash)
-    }
-
     fn enqueue_remote(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {
-        if self.pipeline.remote.len() >= PIPELINE_REMOTE_CHANGES_MAX {
+        if self.pipeline.is_full() {
             self.counters.changes_dropped += 1;
             return;
         }
-        let id = (change.record.as_str().to_owned(), change.hash());
-        if self
+        let forbidden = self
             .author_verdict(&change.author, change.record.collection())
-            .is_err()
-        {
-            self.pipeline.note_forbidden(id.clone(), change.author);
-        }
-        self.pipeline.remote.insert(id);
+            .is_err();
         let mut counted = false;
         if let Origin::Session { id, initiator } = origin
             && let Some(session) = self.session_mut(from, id, initiator)
         {
-            session.pipelined += 1;
-            session.changes_new += 1;
+            session.pipelined_one();
             counted = true;
         }
-        self.pipeline.queued.push(PipelineEntry::Remote {
-            from,
-            change,
-            origin,
-            counted,
-        });
+        self.pipeline
+            .queue_remote(from, change, origin, counted, forbidden);
     }
 
     fn hold_pending(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {

@@ -828,7 +828,8 @@ impl Node {
         let quarantine = self.records.entry(key).map(|entry| entry.quarantine());
         let held = quarantine.map_or(0, BTreeMap::len);
         let in_flight = self
-            .pipeline_forbidden_changes(key)
+            .pipeline
+            .forbidden_changes(key)
             .take(QUARANTINE_PER_RECORD_MAX)
             .count();
         let below = |highest: Option<&ChangeHash>| highest.is_some_and(|top| hash < top);
@@ -836,14 +837,14 @@ impl Node {
         // fill the quarantine of every record it can name.
         (held + in_flight < QUARANTINE_PER_RECORD_MAX
             || below(quarantine.and_then(|held| held.keys().next_back())))
-            && (self.records.quarantined_by(author) + self.pipeline_forbidden_by(author)
+            && (self.records.quarantined_by(author) + self.pipeline.forbidden_by(author)
                 < QUARANTINE_PER_AUTHOR_MAX
                 || below(
                     self.records
                         .highest_quarantined_by(author)
                         .map(|(top, _)| top),
                 ))
-            && (self.records.quarantined_total() + self.pipeline_forbidden_len()
+            && (self.records.quarantined_total() + self.pipeline.forbidden_len()
                 < QUARANTINE_TOTAL_MAX
                 || below(self.records.highest_quarantined().map(|(top, _)| top)))
     }

@@ -28,7 +28,8 @@ use rand_core::Rng;
 use crate::api::{CommandError, CommandId, Event, Reply};
 use crate::digest::Accumulator;
 use crate::limits::*;
-use crate::node::{Node, Origin, Peer};
+use crate::node::{Node, Peer};
+use crate::pipeline::Origin;
 use crate::records::{Scope, in_scope};
 use crate::status::{
     PeerCounters, PeerState, PeerStatus, PolicySummary, Status, SyncOutcome, SyncRecord,
@@ -90,6 +91,19 @@ impl Session {
     /// When the session counts as stalled if it makes no progress before.
     pub(crate) fn stall_deadline(&self, stall: Duration) -> Instant {
         self.last_progress_at + stall
+    }
+
+    /// One of the session's changes joined the pipeline: its next round waits for it.
+    pub(crate) fn pipelined_one(&mut self) {
+        self.pipelined += 1;
+        self.changes_new += 1;
+    }
+
+    /// One of the session's changes left the pipeline.
+    pub(crate) fn pipelined_settled(&mut self) {
+        // Saturating: a duplicated request can recreate a session under an old number,
+        // and peer input must never panic the node.
+        self.pipelined = self.pipelined.saturating_sub(1);
     }
 
     pub(crate) fn deferred_len(&self) -> usize {
