@@ -37,6 +37,7 @@
 //! - [`policy`]: the org's policy in force, membership, and the verdict on every change.
 //! - [`limits`]: every bound, in one place.
 
+mod admit;
 pub mod api;
 mod checkpoint;
 pub mod config;
@@ -45,6 +46,7 @@ mod judge;
 pub mod limits;
 pub mod node;
 mod outbox;
+mod peers;
 mod pipeline;
 pub mod policy;
 pub mod records;

@@ -19,6 +19,7 @@ use crdt_schema::{
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
+use crate::admit::{self, Admission, AdmitParts};
 use crate::api::{
     Command, CommandError, CommandId, Effect, Event, Input, PolicyOffer, Queues, Reply,
 };
@@ -26,49 +27,15 @@ use crate::checkpoint::{Checkpoints, PolicyToSave};
 use crate::config::Config;
 use crate::limits::*;
 use crate::outbox::Outbox;
+use crate::peers::Peer;
 use crate::pipeline::{Origin, Pipeline, PipelineEntry};
 use crate::policy::PolicyState;
 use crate::records::{Records, Scope};
 use crate::restore::{self, Restored};
-use crate::status::{Counters, PeerCounters, PeerState, SyncRecord};
+use crate::status::{Counters, SyncRecord};
 use crate::storage::{Restore, StorageError, StorageOpId, StorageOps};
-use crate::sync::Session;
 use crate::time::Instant;
-use crate::wire::{EnvelopeBytes, Message, Need};
-
-/// A remote change waiting for its dependencies.
-pub(crate) struct PendingChange {
-    from: NodeId,
-    change: VerifiedChange,
-    origin: Origin,
-    since: Instant,
-}
-
-/// What a node knows about one peer.
-pub(crate) struct Peer {
-    pub(crate) state: PeerState,
-    /// The name the peer gave in its last `Hello`.
-    pub(crate) name: Option<String>,
-    /// The peer's replication scope, once its `Hello` arrived.
-    pub(crate) scope: Option<Scope>,
-    pub(crate) connected_since: Option<Instant>,
-    pub(crate) last_sync: Option<Instant>,
-    pub(crate) next_sync_at: Option<Instant>,
-    /// Whether the peer sent its hello on this connection.
-    pub(crate) greeted: bool,
-    pub(crate) outbound: Option<Session>,
-    pub(crate) inbound: Option<Session>,
-    pub(crate) counters: PeerCounters,
-    pub(crate) last_error: Option<String>,
-    pub(crate) behind_estimate: u64,
-    /// The highest session number this peer started on the current connection; older
-    /// requests are stale (duplicated or delayed) and ignored.
-    pub(crate) inbound_session_max: u64,
-    /// Changes the policy forbids that this peer relayed in the current window (its start
-    /// and the count), bounded by [`QUARANTINE_PER_PEER_PER_WINDOW`]: kept across
-    /// reconnections, so that a peer cannot reset it by dialling again.
-    pub(crate) forbidden_relayed: (Instant, usize),
-}
+use crate::wire::{EnvelopeBytes, Message};
 
 /// One mesh node: all it decides, none of its IO.
 pub struct Node {
@@ -78,9 +45,7 @@ pub struct Node {
     pub(crate) now: Instant,
     pub(crate) records: Records,
     pub(crate) pipeline: Pipeline,
-    pending: BTreeMap<(String, ChangeHash), PendingChange>,
-    /// Envelope bytes held in `pending`, bounded by [`PENDING_BYTES_MAX`].
-    pending_bytes: usize,
+    admission: Admission,
     pub(crate) peers: BTreeMap<NodeId, Peer>,
     pub(crate) counters: Counters,
     pub(crate) history: VecDeque<SyncRecord>,
@@ -91,7 +56,6 @@ pub struct Node {
     last_remote_change: Option<Instant>,
     pub(crate) last_sync: Option<Instant>,
     pub(crate) out: Outbox,
-    keys: crdt_schema::change::KeyCache,
     pub(crate) policy: PolicyState,
     /// Records re-judged while local changes awaited their append; judged again after.
     pub(crate) rejudge_after_ack: BTreeSet<String>,
@@ -108,8 +72,7 @@ impl Node {
             now: Instant::default(),
             records,
             pipeline: Pipeline::default(),
-            pending: BTreeMap::new(),
-            pending_bytes: 0,
+            admission: Admission::default(),
             peers: BTreeMap::new(),
             counters: Counters::default(),
             history: VecDeque::new(),
@@ -120,7 +83,6 @@ impl Node {
             last_remote_change: None,
             last_sync: None,
             out: Outbox::default(),
-            keys: Default::default(),
             policy: PolicyState::default(),
             rejudge_after_ack: BTreeSet::new(),
         }
@@ -183,12 +145,7 @@ impl Node {
                 consider(Some(at));
             }
         }
-        consider(
-            self.pending
-                .values()
-                .map(|pending| pending.since + PENDING_CHANGE_TTL)
-                .min(),
-        );
+        consider(self.admission.deadline());
         deadline
     }
 
@@ -228,7 +185,7 @@ impl Node {
             .values()
             .flat_map(|peer| peer.outbound.iter().chain(&peer.inbound));
         Queues {
-            pending_changes: self.pending.len(),
+            pending_changes: self.admission.pending_len(),
             pipeline_remote_changes: self.pipeline.remote_len(),
             peers: self.peers.len(),
             history: self.history.len(),
@@ -251,7 +208,7 @@ impl Node {
     }
 
     pub(crate) fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.admission.pending_len()
     }
 
     pub(crate) fn unflushed_len(&self) -> usize {
@@ -273,10 +230,10 @@ impl Node {
         );
         for change in replayed {
             let key = change.record.as_str().to_owned();
-            if self.is_known(&key, &change.hash()) {
+            if admit::holds(&self.records, &self.pipeline, &key, &change.hash()) {
                 continue;
             }
-            if self.deps_known(&key, &change) {
+            if admit::deps_held(&self.records, &self.pipeline, &change) {
                 self.apply_remote_batch(vec![(self.node_id(), change, Origin::Log)]);
             } else {
                 self.counters.changes_dropped += 1;
@@ -861,267 +818,52 @@ impl Node {
 
     // ----- remote changes -----
 
-    pub(crate) fn is_known(&mut self, key: &str, hash: &ChangeHash) -> bool {
-        if self.pipeline.holds_remote(key, hash) {
-            return true;
-        }
-        match self.records.entry(key) {
-            Some(entry)
-                if entry.unacked().contains(hash)
-                    || entry.signatures().contains_key(hash)
-                    || entry.quarantine().contains_key(hash) =>
-            {
-                true
-            }
-            Some(_) => self.records.loaded_doc_has(key, hash),
-            None => false,
-        }
-    }
-
-    fn deps_known(&mut self, key: &str, change: &VerifiedChange) -> bool {
-        change
-            .change
-            .deps()
-            .iter()
-            .all(|dep| self.is_known(key, dep))
-    }
-
-    /// The one place remote changes enter, a message's worth at a time: duplicates are
-    /// dropped by hash, the rest are parsed and verified together (one batch check), then
-    /// routed in order to the pipeline or the pending set; the policy's verdict comes once
-    /// they are durable. Returns false if any change was refused, which costs the sender
-    /// its connection (the valid changes before and after it are still admitted).
+    /// Admits a batch of changes `from` sent as `origin` (admit.rs); returns false if any
+    /// was refused, which costs the sender its connection.
     pub(crate) fn admit_changes(
         &mut self,
         from: NodeId,
         envelopes: Vec<Vec<u8>>,
         origin: Origin,
     ) -> bool {
-        if let Some(peer) = self.peers.get_mut(&from) {
-            peer.counters.changes_received += envelopes.len() as u64;
-        }
-        let mut all_valid = true;
-        let mut parsed_all = Vec::new();
-        let mut seen: BTreeSet<(String, ChangeHash)> = BTreeSet::new();
-        for bytes in envelopes {
-            let envelope = Envelope::from_bytes(bytes);
-            // A change already held is recognised by its hash before anything else: in a
-            // mesh every change arrives from several peers, and verifying costs more than
-            // anything else a node does with it.
-            if let Some((key, hash)) = envelope.claimed_identity() {
-                let key = key.to_owned();
-                if self.is_known(&key, &hash) || self.pending.contains_key(&(key, hash)) {
-                    self.counters.changes_duplicate += 1;
-                    continue;
-                }
-            }
-            let parsed = match envelope.parse() {
-                Ok(parsed) => parsed,
-                Err(error) => {
-                    self.change_refused(from, &error);
-                    all_valid = false;
-                    continue;
-                }
-            };
-            if !self.config.replicates(parsed.record().collection()) {
-                continue;
-            }
-            let id = (parsed.record().as_str().to_owned(), parsed.hash());
-            if self.is_known(&id.0, &id.1) || self.pending.contains_key(&id) || !seen.insert(id) {
-                self.counters.changes_duplicate += 1;
-                continue;
-            }
-            parsed_all.push(parsed);
-        }
-        let verified = crdt_schema::verify_all(
-            &self.config.org,
-            &mut self.keys,
-            self.config.verified_cache.as_ref(),
-            parsed_all,
-        );
-        for result in verified {
-            let change = match result {
-                Ok(change) => change,
-                Err(error) => {
-                    self.change_refused(from, &error);
-                    all_valid = false;
-                    continue;
-                }
-            };
-            let key = change.record.as_str().to_owned();
-            let forbidden = self
-                .author_verdict(&change.author, change.record.collection())
-                .is_err();
-            if forbidden
-                && (!self.quarantine_has_room(&key, &change.author, &change.hash())
-                    || !self.relay_of_forbidden_allowed(from))
-            {
-                // A member flooding records with changes it may not make: held no further.
-                // Reconciliation offers what was dropped for the window again later.
-                self.counters.changes_dropped += 1;
-                continue;
-            }
-            if self.deps_known(&key, &change) {
-                self.enqueue_remote(from, change, origin);
-            } else {
-                self.hold_pending(from, change, origin);
-            }
-        }
-        all_valid
-    }
-
-    /// Whether `from` may relay one more change the policy forbids in this window (and
-    /// counts it): each costs a log append and a judgement, and a member relaying changes
-    /// by ever new keys passes every per-author bound. Honest relays of a large quarantine
-    /// (a node catching up on one) are slowed to this rate, never refused for good.
-    fn relay_of_forbidden_allowed(&mut self, from: NodeId) -> bool {
-        let now = self.now;
-        let Some(peer) = self.peers.get_mut(&from) else {
-            return true;
+        let mut parts = AdmitParts {
+            config: &self.config,
+            policy: self
+                .policy
+                .in_force
+                .as_ref()
+                .map(|in_force| &in_force.policy),
+            records: &mut self.records,
+            pipeline: &mut self.pipeline,
+            peers: &mut self.peers,
+            refused_changes: &mut self.policy.refused_changes,
+            counters: &mut self.counters,
+            out: &mut self.out,
+            now: self.now,
         };
-        let (since, count) = &mut peer.forbidden_relayed;
-        if now.saturating_since(*since) >= QUARANTINE_PEER_WINDOW {
-            *since = now;
-            *count = 0;
-        }
-        if *count >= QUARANTINE_PER_PEER_PER_WINDOW {
-            return false;
-        }
-        *count += 1;
-        true
+        self.admission
+            .admit(from, envelopes, origin, &mut parts)
+            .all_valid()
     }
 
-    /// Counts and reports a change that failed parsing or verification.
-    fn change_refused(&mut self, from: NodeId, error: &crdt_schema::VerifyError) {
-        self.note_refused_change(from, error.to_string());
-        self.counters.changes_rejected += 1;
-        if let Some(peer) = self.peers.get_mut(&from) {
-            peer.counters.rejected += 1;
-        }
-        self.out.emit(Event::ChangeRejected {
-            from,
-            reason: error.to_string(),
-        });
-    }
-
-    fn enqueue_remote(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {
-        if self.pipeline.is_full() {
-            self.counters.changes_dropped += 1;
-            return;
-        }
-        let forbidden = self
-            .author_verdict(&change.author, change.record.collection())
-            .is_err();
-        let mut counted = false;
-        if let Origin::Session { id, initiator } = origin
-            && let Some(session) = self.session_mut(from, id, initiator)
-        {
-            session.pipelined_one();
-            counted = true;
-        }
-        self.pipeline
-            .queue_remote(from, change, origin, counted, forbidden);
-    }
-
-    fn hold_pending(&mut self, from: NodeId, change: VerifiedChange, origin: Origin) {
-        let bytes = change.envelope.len();
-        if self.pending.len() >= PENDING_CHANGES_MAX
-            || self.pending_bytes + bytes > PENDING_BYTES_MAX
-        {
-            // Counted and dropped: reconciliation brings it again once its dependencies
-            // are here.
-            self.counters.changes_dropped += 1;
-            return;
-        }
-        let key = change.record.as_str().to_owned();
-        let asked = self
-            .pending
-            .range((key.clone(), ChangeHash([0; 32]))..)
-            .next()
-            .is_some_and(|((pending, _), _)| pending == &key);
-        self.pending_bytes += bytes;
-        self.pending.insert(
-            (key.clone(), change.hash()),
-            PendingChange {
-                from,
-                change,
-                origin,
-                since: self.now,
-            },
-        );
-        if !asked {
-            // Ask the sender for what we lack of this record, once per record.
-            let need = self.need_for(&key);
-            self.out.send(from, &Message::Need { needs: vec![need] });
-        }
-    }
-
-    /// Moves pending changes whose dependencies are now known into the pipeline.
+    /// Moves pending changes whose dependencies are now held into the pipeline.
     fn release_pending(&mut self) {
-        loop {
-            // Only the dependencies are copied, not the changes (up to 4 MiB each).
-            let waiting: Vec<((String, ChangeHash), Vec<ChangeHash>)> = self
-                .pending
-                .iter()
-                .map(|(id, pending)| (id.clone(), pending.change.change.deps().to_vec()))
-                .collect();
-            let ready: Vec<(String, ChangeHash)> = waiting
-                .into_iter()
-                .filter(|(id, deps)| deps.iter().all(|dep| self.is_known(&id.0, dep)))
-                .map(|(id, _)| id)
-                .collect();
-            if ready.is_empty() {
-                return;
-            }
-            for id in ready {
-                let pending = self.pending.remove(&id).expect("listed above");
-                self.pending_bytes -= pending.change.envelope.len();
-                let forbidden = self
-                    .author_verdict(&pending.change.author, pending.change.record.collection())
-                    .is_err();
-                if forbidden && !self.quarantine_has_room(&id.0, &pending.change.author, &id.1) {
-                    // The same bound as on arrival (see `admit_changes`).
-                    self.counters.changes_dropped += 1;
-                    continue;
-                }
-                self.enqueue_remote(pending.from, pending.change, pending.origin);
-            }
-        }
-    }
-
-    /// What this node has of a record, for a `Need`.
-    pub(crate) fn need_for(&mut self, key: &str) -> Need {
-        match self.records.entry(key) {
-            None => Need {
-                record: key.to_owned(),
-                heads: Vec::new(),
-                ancestors: Vec::new(),
-            },
-            Some(entry) => {
-                let heads: Vec<[u8; 32]> = entry
-                    .advertised_for_wire()
-                    .iter()
-                    .map(|hash| hash.0)
-                    .collect();
-                let has_unacked = entry.has_unacked();
-                let doc = self.records.doc_mut(key);
-                // The ancestors of the document's heads are durable unless local changes
-                // are in flight; skip them then rather than reveal unacknowledged hashes.
-                let ancestors = if has_unacked {
-                    Vec::new()
-                } else {
-                    doc.ancestors(NEED_ANCESTORS_MAX)
-                        .iter()
-                        .map(|hash| hash.0)
-                        .collect()
-                };
-                Need {
-                    record: key.to_owned(),
-                    heads,
-                    ancestors,
-                }
-            }
-        }
+        let mut parts = AdmitParts {
+            config: &self.config,
+            policy: self
+                .policy
+                .in_force
+                .as_ref()
+                .map(|in_force| &in_force.policy),
+            records: &mut self.records,
+            pipeline: &mut self.pipeline,
+            peers: &mut self.peers,
+            refused_changes: &mut self.policy.refused_changes,
+            counters: &mut self.counters,
+            out: &mut self.out,
+            now: self.now,
+        };
+        self.admission.release(&mut parts);
     }
 
     /// Durable changes of `key` not in the history of `have`, as envelopes.
@@ -1272,18 +1014,8 @@ impl Node {
         if self.checkpoints.is_due(now) {
             self.checkpoint();
         }
-        let expired: Vec<(String, ChangeHash)> = self
-            .pending
-            .iter()
-            .filter(|(_, pending)| pending.since + PENDING_CHANGE_TTL <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            if let Some(pending) = self.pending.remove(&id) {
-                self.pending_bytes -= pending.change.envelope.len();
-            }
-            self.counters.changes_dropped += 1;
-        }
+        let expired = self.admission.expire(now);
+        self.counters.changes_dropped += expired as u64;
         self.sync_timers();
     }
 }

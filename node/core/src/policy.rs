@@ -29,7 +29,7 @@ use crate::api::{CommandError, CommandId, Event, PolicyOffer, Reply};
 use crate::judge::{broken_history, damaging_changes, schema_verdict};
 use crate::limits::{
     QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_RECORD_MAX, QUARANTINE_TOTAL_MAX, RECEIPTS_MAX,
-    REFUSED_CHANGES_MAX, REFUSED_PEERS_MAX,
+    REFUSED_PEERS_MAX,
 };
 use crate::node::Node;
 use crate::records::Quarantined;
@@ -488,10 +488,7 @@ impl Node {
         author: &NodeId,
         collection: &str,
     ) -> Result<(), RejectReason> {
-        match self.policy() {
-            None => Ok(()),
-            Some(policy) => policy::judge_author(policy, author, collection),
-        }
+        crate::admit::author_verdict(self.policy(), author, collection)
     }
 
     /// Re-judges every record under the policy in force.
@@ -814,41 +811,6 @@ impl Node {
         rejudged
     }
 
-    /// Whether a change the policy would reject may be taken into the record's quarantine
-    /// (bounds against a member flooding records with changes it may not make): while a
-    /// bound has room, or when the change's hash is lower than the highest held under it,
-    /// which [`Node::enforce_quarantine_bounds`] then drops. Changes of the record still on
-    /// their way to the log count too, so one large message cannot overshoot by much.
-    pub(crate) fn quarantine_has_room(
-        &self,
-        key: &str,
-        author: &NodeId,
-        hash: &ChangeHash,
-    ) -> bool {
-        let quarantine = self.records.entry(key).map(|entry| entry.quarantine());
-        let held = quarantine.map_or(0, BTreeMap::len);
-        let in_flight = self
-            .pipeline
-            .forbidden_changes(key)
-            .take(QUARANTINE_PER_RECORD_MAX)
-            .count();
-        let below = |highest: Option<&ChangeHash>| highest.is_some_and(|top| hash < top);
-        // Over all records too, per author and in all: per record alone, a member could
-        // fill the quarantine of every record it can name.
-        (held + in_flight < QUARANTINE_PER_RECORD_MAX
-            || below(quarantine.and_then(|held| held.keys().next_back())))
-            && (self.records.quarantined_by(author) + self.pipeline.forbidden_by(author)
-                < QUARANTINE_PER_AUTHOR_MAX
-                || below(
-                    self.records
-                        .highest_quarantined_by(author)
-                        .map(|(top, _)| top),
-                ))
-            && (self.records.quarantined_total() + self.pipeline.forbidden_len()
-                < QUARANTINE_TOTAL_MAX
-                || below(self.records.highest_quarantined().map(|(top, _)| top)))
-    }
-
     /// Brings the quarantine back within its bounds after `key`'s grew, per record, per
     /// author and in all, by dropping the changes with the highest hashes (and what builds
     /// on them). Which changes are held is then a function of the changes seen, not of
@@ -907,7 +869,7 @@ impl Node {
         let connected = self
             .peers
             .get(&author)
-            .is_some_and(crate::node::Peer::is_ready);
+            .is_some_and(crate::peers::Peer::is_ready);
         if connected {
             let message = Message::Receipt {
                 record: record.to_owned(),
@@ -916,19 +878,6 @@ impl Node {
             };
             self.out.send(author, &message);
         }
-    }
-
-    /// Keeps a bounded record of a change refused on arrival.
-    pub(crate) fn note_refused_change(&mut self, from: NodeId, reason: String) {
-        let refused = &mut self.policy.refused_changes;
-        if refused.len() >= REFUSED_CHANGES_MAX {
-            refused.remove(0);
-        }
-        refused.push(RefusedChange {
-            from,
-            reason,
-            at: self.now,
-        });
     }
 
     /// A peer says it rejected one of our changes.

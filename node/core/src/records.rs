@@ -13,8 +13,9 @@ use crdt_schema::policy::RejectReason;
 use crdt_schema::{Change, ChangeHash, NodeId, RecordDoc, RecordId};
 
 use crate::digest::{Accumulator, ItemHash};
-use crate::limits::HEADS_PER_ITEM_MAX;
+use crate::limits::{HEADS_PER_ITEM_MAX, NEED_ANCESTORS_MAX};
 use crate::time::Instant;
+use crate::wire::Need;
 
 /// Collections a reconciliation covers; `None` means all.
 pub type Scope = Option<BTreeSet<String>>;
@@ -477,6 +478,42 @@ impl Records {
             self.total.remove(&entry.item);
             self.total.add(&item);
             entry.item = item;
+        }
+    }
+
+    /// What this node has of a record, for a `Need`: its advertised heads and, when no
+    /// local change is in flight, some ancestors, so the sender can skip what is held.
+    pub fn need(&mut self, key: &str) -> Need {
+        match self.entry(key) {
+            None => Need {
+                record: key.to_owned(),
+                heads: Vec::new(),
+                ancestors: Vec::new(),
+            },
+            Some(entry) => {
+                let heads: Vec<[u8; 32]> = entry
+                    .advertised_for_wire()
+                    .iter()
+                    .map(|hash| hash.0)
+                    .collect();
+                let has_unacked = entry.has_unacked();
+                let doc = self.doc_mut(key);
+                // The ancestors of the document's heads are durable unless local changes
+                // are in flight; skip them then rather than reveal unacknowledged hashes.
+                let ancestors = if has_unacked {
+                    Vec::new()
+                } else {
+                    doc.ancestors(NEED_ANCESTORS_MAX)
+                        .iter()
+                        .map(|hash| hash.0)
+                        .collect()
+                };
+                Need {
+                    record: key.to_owned(),
+                    heads,
+                    ancestors,
+                }
+            }
         }
     }
 

@@ -25,15 +25,15 @@ use std::time::Duration;
 use crdt_schema::{ChangeHash, NodeId, RecordId};
 use rand_core::Rng;
 
+use crate::admit;
 use crate::api::{CommandError, CommandId, Event, Reply};
 use crate::digest::Accumulator;
 use crate::limits::*;
-use crate::node::{Node, Peer};
+use crate::node::Node;
+use crate::peers::Peer;
 use crate::pipeline::Origin;
 use crate::records::{Scope, in_scope};
-use crate::status::{
-    PeerCounters, PeerState, PeerStatus, PolicySummary, Status, SyncOutcome, SyncRecord,
-};
+use crate::status::{PeerState, PeerStatus, PolicySummary, Status, SyncOutcome, SyncRecord};
 use crate::time::Instant;
 use crate::wire::{EnvelopeBytes, Hash, Item, Message, Need, Range, RangeSummary, Round};
 
@@ -435,9 +435,9 @@ impl Node {
         let key = record.as_str();
         if change_hashes(heads)
             .iter()
-            .any(|head| !self.is_known(key, head))
+            .any(|head| !admit::holds(&self.records, &self.pipeline, key, head))
         {
-            let need = self.need_for(key);
+            let need = self.records.need(key);
             self.out.send(from, &Message::Need { needs: vec![need] });
         }
     }
@@ -482,13 +482,7 @@ impl Node {
         id: u64,
         initiator: bool,
     ) -> Option<&mut Session> {
-        let peer = self.peers.get_mut(&peer)?;
-        let session = if initiator {
-            peer.outbound.as_mut()
-        } else {
-            peer.inbound.as_mut()
-        };
-        session.filter(|session| session.id == id)
+        self.peers.get_mut(&peer)?.session_mut(id, initiator)
     }
 
     fn start_session(&mut self, peer: NodeId) {
@@ -934,14 +928,16 @@ impl Node {
     ) {
         let Some(entry) = self.records.entry(key) else {
             if !their_heads.is_empty() {
-                output.needs.push(self.need_for(key));
+                output.needs.push(self.records.need(key));
             }
             return;
         };
         if entry.advertised() == their_heads {
             return;
         }
-        let all_known = their_heads.iter().all(|head| self.is_known(key, head));
+        let all_known = their_heads
+            .iter()
+            .all(|head| admit::holds(&self.records, &self.pipeline, key, head));
         if all_known {
             if output.truncated {
                 return;
@@ -958,7 +954,7 @@ impl Node {
             let envelopes = self.envelopes_after(key, &have);
             output.add_changes(envelopes);
         }
-        output.needs.push(self.need_for(key));
+        output.needs.push(self.records.need(key));
     }
 
     fn finish_session(&mut self, peer: NodeId, initiator: bool, outcome: SyncOutcome) {
@@ -1196,56 +1192,6 @@ impl Node {
     /// The digest over every record's durable heads.
     pub fn digest(&self) -> crate::digest::Digest {
         self.records.total().digest()
-    }
-}
-
-impl Peer {
-    /// Connected and greeted (its hello arrived, so its scope is known): the peers that
-    /// are pushed to and synced with.
-    pub(crate) fn is_ready(&self) -> bool {
-        self.state == PeerState::Connected && self.scope.is_some()
-    }
-
-    /// When this peer's next session is due: only while none runs in either direction.
-    pub(crate) fn session_due_at(&self) -> Option<Instant> {
-        match (&self.outbound, &self.inbound) {
-            (None, None) => self.next_sync_at,
-            _ => None,
-        }
-    }
-
-    /// The instants this peer's timers wait for (its next session, and when each running
-    /// session counts as stalled): the one rule both `sync_timers` and `next_deadline` read.
-    pub(crate) fn timer_deadlines(&self, stall: Duration) -> impl Iterator<Item = Instant> + '_ {
-        let ready = self.is_ready();
-        let sessions = self
-            .outbound
-            .iter()
-            .chain(&self.inbound)
-            .map(move |session| session.stall_deadline(stall));
-        self.session_due_at()
-            .into_iter()
-            .chain(sessions)
-            .filter(move |_| ready)
-    }
-
-    pub(crate) fn new() -> Peer {
-        Peer {
-            state: PeerState::Disconnected,
-            name: None,
-            scope: None,
-            connected_since: None,
-            last_sync: None,
-            next_sync_at: None,
-            greeted: false,
-            outbound: None,
-            inbound: None,
-            counters: PeerCounters::default(),
-            last_error: None,
-            behind_estimate: 0,
-            inbound_session_max: 0,
-            forbidden_relayed: (Instant::from_millis(0), 0),
-        }
     }
 }
 
