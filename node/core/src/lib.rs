@@ -42,6 +42,7 @@ pub mod api;
 mod checkpoint;
 pub mod config;
 pub mod digest;
+mod gossip;
 mod judge;
 pub mod limits;
 pub mod node;

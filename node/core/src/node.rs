@@ -13,9 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crdt_schema::{
-    ChangeHash, Edit, Envelope, Identity, NodeId, RecordDoc, RecordId, VerifiedChange,
-};
+use crdt_schema::{ChangeHash, Edit, Identity, NodeId, RecordDoc, RecordId, VerifiedChange};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
@@ -25,17 +23,16 @@ use crate::api::{
 };
 use crate::checkpoint::{Checkpoints, PolicyToSave};
 use crate::config::Config;
-use crate::limits::*;
+use crate::gossip;
 use crate::outbox::Outbox;
 use crate::peers::Peer;
 use crate::pipeline::{Origin, Pipeline, PipelineEntry};
 use crate::policy::PolicyState;
-use crate::records::{Records, Scope};
+use crate::records::Records;
 use crate::restore::{self, Restored};
 use crate::status::{Counters, SyncRecord};
 use crate::storage::{Restore, StorageError, StorageOpId, StorageOps};
 use crate::time::Instant;
-use crate::wire::{EnvelopeBytes, Message};
 
 /// One mesh node: all it decides, none of its IO.
 pub struct Node {
@@ -866,124 +863,9 @@ impl Node {
         self.admission.release(&mut parts);
     }
 
-    /// Durable changes of `key` not in the history of `have`, as envelopes.
-    pub(crate) fn envelopes_after(&mut self, key: &str, have: &[ChangeHash]) -> Vec<Vec<u8>> {
-        let Some(entry) = self.records.entry(key) else {
-            return Vec::new();
-        };
-        let record = entry.record().clone();
-        let unacked = entry.unacked().clone();
-        let changes = self.records.doc_mut(key).changes_after(have);
-        let entry = self.records.entry(key).expect("checked above");
-        let mut envelopes: Vec<Vec<u8>> = changes
-            .iter()
-            .filter(|change| !unacked.contains(&change.hash()))
-            .filter_map(|change| {
-                let signature = entry.signatures().get(&change.hash())?;
-                Some(Envelope::encode(&record, change.raw_bytes(), signature).into_bytes())
-            })
-            .collect();
-        if !entry.quarantine().is_empty() {
-            // Quarantined changes travel by reconciliation too (never by push), so every
-            // node judges the same set: those not behind `have`, in dependency order.
-            let mut known: BTreeSet<ChangeHash> = BTreeSet::new();
-            let mut stack: Vec<ChangeHash> = have.to_vec();
-            while let Some(hash) = stack.pop() {
-                if let Some(held) = entry.quarantine().get(&hash)
-                    && known.insert(hash)
-                {
-                    stack.extend(held.change.deps().iter().copied());
-                }
-                known.insert(hash);
-            }
-            let mut sent: BTreeSet<ChangeHash> = BTreeSet::new();
-            loop {
-                let ready: Vec<ChangeHash> = entry
-                    .quarantine()
-                    .iter()
-                    .filter(|(hash, _)| {
-                        !known.contains(hash) && !sent.contains(hash) && !unacked.contains(hash)
-                    })
-                    .filter(|(_, held)| {
-                        held.change.deps().iter().all(|dep| {
-                            !entry.quarantine().contains_key(dep)
-                                || known.contains(dep)
-                                || sent.contains(dep)
-                        })
-                    })
-                    .map(|(hash, _)| *hash)
-                    .collect();
-                if ready.is_empty() {
-                    break;
-                }
-                for hash in ready {
-                    envelopes.push(entry.quarantine()[&hash].envelope.clone());
-                    sent.insert(hash);
-                }
-            }
-        }
-        envelopes
-    }
-
-    /// Pushes newly durable changes to connected peers that replicate their collection,
-    /// except the peer each came from.
+    /// Pushes newly durable changes to connected peers (gossip.rs).
     fn push_to_peers(&mut self, changes: Vec<(Option<NodeId>, VerifiedChange)>) {
-        if changes.is_empty() {
-            return;
-        }
-        let local = changes.iter().filter(|(from, _)| from.is_none()).count() as u64;
-        for peer in self.peers.values_mut() {
-            if !peer.is_ready() {
-                peer.behind_estimate += local;
-            }
-        }
-        let targets: Vec<(NodeId, Option<Scope>)> = self
-            .peers
-            .iter()
-            .filter(|(_, peer)| peer.is_ready())
-            .map(|(id, peer)| (*id, peer.scope.clone()))
-            .collect();
-        for (target, scope) in targets {
-            let scope = scope.expect("filtered above");
-            let mut batch: Vec<EnvelopeBytes> = Vec::new();
-            let mut batch_bytes = 0;
-            for (from, change) in &changes {
-                if *from == Some(target)
-                    || !crate::records::in_scope(&scope, change.record.collection())
-                {
-                    continue;
-                }
-                let envelope = change.envelope.as_bytes();
-                if envelope.len() > PUSH_CHANGE_BYTES_MAX {
-                    let heads = self
-                        .records
-                        .entry(change.record.as_str())
-                        .map(|entry| entry.heads().iter().map(|hash| hash.0).collect())
-                        .unwrap_or_default();
-                    let record = change.record.as_str().to_owned();
-                    self.out.send(target, &Message::Announce { record, heads });
-                    continue;
-                }
-                if batch_bytes + envelope.len() > SYNC_BATCH_BYTES_MAX {
-                    self.flush_push(target, &mut batch);
-                    batch_bytes = 0;
-                }
-                batch_bytes += envelope.len();
-                batch.push(EnvelopeBytes(envelope.to_vec()));
-            }
-            self.flush_push(target, &mut batch);
-        }
-    }
-
-    fn flush_push(&mut self, target: NodeId, batch: &mut Vec<EnvelopeBytes>) {
-        if batch.is_empty() {
-            return;
-        }
-        let changes = std::mem::take(batch);
-        if let Some(peer) = self.peers.get_mut(&target) {
-            peer.counters.changes_sent += changes.len() as u64;
-        }
-        self.out.send(target, &Message::Push { changes });
+        gossip::push(changes, &mut self.peers, &self.records, &mut self.out);
     }
 
     // ----- checkpoints and timers -----

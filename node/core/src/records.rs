@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use crdt_schema::policy::RejectReason;
-use crdt_schema::{Change, ChangeHash, NodeId, RecordDoc, RecordId};
+use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, RecordId};
 
 use crate::digest::{Accumulator, ItemHash};
 use crate::limits::{HEADS_PER_ITEM_MAX, NEED_ANCESTORS_MAX};
@@ -515,6 +515,65 @@ impl Records {
                 }
             }
         }
+    }
+
+    /// Durable changes of `key` not in the history of `have`, as envelopes.
+    pub fn envelopes_after(&mut self, key: &str, have: &[ChangeHash]) -> Vec<Vec<u8>> {
+        let Some(entry) = self.entry(key) else {
+            return Vec::new();
+        };
+        let record = entry.record().clone();
+        let unacked = entry.unacked().clone();
+        let changes = self.doc_mut(key).changes_after(have);
+        let entry = self.entry(key).expect("checked above");
+        let mut envelopes: Vec<Vec<u8>> = changes
+            .iter()
+            .filter(|change| !unacked.contains(&change.hash()))
+            .filter_map(|change| {
+                let signature = entry.signatures().get(&change.hash())?;
+                Some(Envelope::encode(&record, change.raw_bytes(), signature).into_bytes())
+            })
+            .collect();
+        if !entry.quarantine().is_empty() {
+            // Quarantined changes travel by reconciliation too (never by push), so every
+            // node judges the same set: those not behind `have`, in dependency order.
+            let mut known: BTreeSet<ChangeHash> = BTreeSet::new();
+            let mut stack: Vec<ChangeHash> = have.to_vec();
+            while let Some(hash) = stack.pop() {
+                if let Some(held) = entry.quarantine().get(&hash)
+                    && known.insert(hash)
+                {
+                    stack.extend(held.change.deps().iter().copied());
+                }
+                known.insert(hash);
+            }
+            let mut sent: BTreeSet<ChangeHash> = BTreeSet::new();
+            loop {
+                let ready: Vec<ChangeHash> = entry
+                    .quarantine()
+                    .iter()
+                    .filter(|(hash, _)| {
+                        !known.contains(hash) && !sent.contains(hash) && !unacked.contains(hash)
+                    })
+                    .filter(|(_, held)| {
+                        held.change.deps().iter().all(|dep| {
+                            !entry.quarantine().contains_key(dep)
+                                || known.contains(dep)
+                                || sent.contains(dep)
+                        })
+                    })
+                    .map(|(hash, _)| *hash)
+                    .collect();
+                if ready.is_empty() {
+                    break;
+                }
+                for hash in ready {
+                    envelopes.push(entry.quarantine()[&hash].envelope.clone());
+                    sent.insert(hash);
+                }
+            }
+        }
+        envelopes
     }
 
     /// Keys of every record, in order.

@@ -819,7 +819,7 @@ impl Node {
                     // and no document is loaded for changes that would not be sent.
                     break;
                 }
-                let envelopes = self.envelopes_after(key, &[]);
+                let envelopes = self.records.envelopes_after(key, &[]);
                 output.add_changes(envelopes);
             }
             return;
@@ -896,7 +896,7 @@ impl Node {
             if output.truncated {
                 break;
             }
-            let envelopes = self.envelopes_after(&key, &[]);
+            let envelopes = self.records.envelopes_after(&key, &[]);
             output.add_changes(envelopes);
         }
         for (key, heads) in theirs {
@@ -942,7 +942,7 @@ impl Node {
             if output.truncated {
                 return;
             }
-            let envelopes = self.envelopes_after(key, their_heads);
+            let envelopes = self.records.envelopes_after(key, their_heads);
             output.add_changes(envelopes);
             return;
         }
@@ -951,7 +951,7 @@ impl Node {
         {
             // Their history forked from ours: send what follows the hashes we share.
             let have: Vec<ChangeHash> = their_heads.iter().chain(ancestors).copied().collect();
-            let envelopes = self.envelopes_after(key, &have);
+            let envelopes = self.records.envelopes_after(key, &have);
             output.add_changes(envelopes);
         }
         output.needs.push(self.records.need(key));
