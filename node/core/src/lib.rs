@@ -45,6 +45,7 @@ pub mod digest;
 mod gossip;
 mod judge;
 pub mod limits;
+mod local;
 pub mod node;
 mod outbox;
 mod peers;

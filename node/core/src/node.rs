@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crdt_schema::{ChangeHash, Edit, Identity, NodeId, RecordDoc, RecordId, VerifiedChange};
+use crdt_schema::{ChangeHash, Edit, Identity, NodeId, RecordId, VerifiedChange};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
@@ -24,6 +24,7 @@ use crate::api::{
 use crate::checkpoint::{Checkpoints, PolicyToSave};
 use crate::config::Config;
 use crate::gossip;
+use crate::local;
 use crate::outbox::Outbox;
 use crate::peers::Peer;
 use crate::pipeline::{Origin, Pipeline, PipelineEntry};
@@ -335,116 +336,27 @@ impl Node {
     }
 
     fn write(&mut self, id: CommandId, record: RecordId, edit: Edit) {
-        if !self.config.replicates(record.collection()) {
-            let message = format!(
-                "this node does not replicate collection `{}`; add it to the node's collections",
-                record.collection()
-            );
-            return self.out.complete(id, Err(CommandError::Invalid(message)));
-        }
-        let key = record.as_str().to_owned();
-        let existed = self.records.entry(&key).is_some();
-        // This node's own quarantined changes of the record (a write a stricter schema
-        // rejected) hold sequence numbers of its chain: a new change must build on them, or
-        // it would repeat a number and fork the chain on every other node. Built on by a
-        // writer, they are accepted with it, so the record as of the new change must pass.
-        let own_chain = self.own_quarantined_chain(&key);
-        let preview = |node: &mut Node, edit: &Edit| match existed {
-            true if own_chain.is_empty() => node.records.doc_mut(&key).preview(edit),
-            true => {
-                let mut doc = node.records.doc_mut(&key).clone();
-                let _ = doc.apply(own_chain.clone());
-                doc.preview(edit)
-            }
-            false => RecordDoc::new(&node.node_id()).preview(edit),
-        };
-        if let Some(in_force) = &self.policy.in_force {
-            let version = in_force.policy.version;
-            let forbidden = |reason| CommandError::Forbidden { version, reason };
-            if let Err(reason) = self.author_verdict(&self.node_id(), record.collection()) {
-                return self.out.complete(id, Err(forbidden(reason)));
-            }
-            if in_force.policy.has_schema(record.collection()) {
-                let (fields, deleted) = preview(self, &edit);
-                let policy = &self.policy.in_force.as_ref().expect("checked above").policy;
-                if let Err(reason) =
-                    crdt_schema::policy::judge_schema(policy, record.collection(), &fields, deleted)
-                {
-                    return self.out.complete(id, Err(forbidden(reason)));
+        let written = local::write(
+            &record,
+            &edit,
+            self.now,
+            &self.config,
+            self.policy
+                .in_force
+                .as_ref()
+                .map(|in_force| &in_force.policy),
+            &self.identity,
+            &mut self.records,
+        );
+        match written {
+            Err(error) => self.out.complete(id, Err(error)),
+            Ok(change) => {
+                if change.is_some() {
+                    self.last_local_change = Some(self.now);
                 }
+                self.pipeline.queue_local(Some(id), record, change);
             }
         }
-        if self.config.schemas.contains_key(record.collection()) {
-            let (fields, deleted) = preview(self, &edit);
-            let schema = &self.config.schemas[record.collection()];
-            if let Err(errors) = schema.check(&fields, deleted) {
-                let collection = record.collection().to_owned();
-                return self
-                    .out
-                    .complete(id, Err(CommandError::Schema { collection, errors }));
-            }
-        }
-        self.records.create(&record);
-        if !own_chain.is_empty()
-            && let Err(error) = self.records.doc_mut(&key).apply(own_chain)
-        {
-            let message = format!("cannot continue this node's changes of {key}: {error}");
-            return self.out.complete(id, Err(CommandError::Invalid(message)));
-        }
-        let time_ms = i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX);
-        let change = match self.records.doc_mut(&key).edit(&edit, time_ms) {
-            Ok(change) => change,
-            Err(error) => {
-                if !existed
-                    && self
-                        .records
-                        .entry(&key)
-                        .is_some_and(|entry| entry.heads().is_empty())
-                {
-                    // Nothing was written, so the record must not appear.
-                    self.records.remove_empty(&key);
-                }
-                return self
-                    .out
-                    .complete(id, Err(CommandError::Invalid(error.to_string())));
-            }
-        };
-        let change = change.map(|change| {
-            self.records
-                .note_seq(&key, self.identity.node_id(), change.seq());
-            let change =
-                VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
-            self.records.add_unacked(&key, change.hash());
-            self.last_local_change = Some(self.now);
-            change
-        });
-        self.pipeline.queue_local(Some(id), record, change);
-    }
-
-    /// This node's own quarantined changes of a record with the quarantined changes they
-    /// build on: what a new local change must build on to continue this node's chain.
-    fn own_quarantined_chain(&self, key: &str) -> Vec<crdt_schema::Change> {
-        let Some(entry) = self.records.entry(key) else {
-            return Vec::new();
-        };
-        let me = self.node_id();
-        let mut wanted: Vec<ChangeHash> = entry
-            .quarantine()
-            .iter()
-            .filter(|(_, held)| held.author == me)
-            .map(|(hash, _)| *hash)
-            .collect();
-        let mut chain = BTreeMap::new();
-        while let Some(hash) = wanted.pop() {
-            if chain.contains_key(&hash) {
-                continue;
-            }
-            if let Some(held) = entry.quarantine().get(&hash) {
-                wanted.extend(held.change.deps().iter().copied());
-                chain.insert(hash, held.change.clone());
-            }
-        }
-        chain.into_values().collect()
     }
 
     /// Queues a change this node made by itself (not for a command) for the next append.
@@ -465,10 +377,13 @@ impl Node {
         record: RecordId,
         change: crdt_schema::Change,
     ) -> ChangeHash {
-        self.records
-            .note_seq(record.as_str(), self.identity.node_id(), change.seq());
-        let change = VerifiedChange::sign(&self.identity, &self.config.org, record.clone(), change);
-        self.records.add_unacked(record.as_str(), change.hash());
+        let change = local::sign(
+            record.clone(),
+            change,
+            &self.config,
+            &self.identity,
+            &mut self.records,
+        );
         self.last_local_change = Some(self.now);
         let hash = change.hash();
         self.pipeline.queue_local(None, record, Some(change));
@@ -553,7 +468,7 @@ impl Node {
                             .is_some_and(|entry| !entry.quarantine().is_empty());
                         if quarantined_here && self.policy.in_force.is_some() {
                             // It may build on this node's quarantined changes (see
-                            // `own_quarantined_chain`), which it accepts: judge again.
+                            // `local::own_quarantined_chain`), which it accepts: judge again.
                             self.rejudge_record(key, Vec::new());
                         }
                         self.records.refresh_deleted(key);
@@ -763,54 +678,19 @@ impl Node {
         }
         let lost: BTreeSet<ChangeHash> = undone.values().flatten().copied().collect();
         self.own_changes_lost(&lost, &error.0);
+        let me = self.node_id();
         for (key, hashes) in undone {
-            self.undo_local_changes(&key, &hashes);
+            let still_held = local::undo(&mut self.records, &me, &key, &hashes);
+            if still_held && self.policy.in_force.is_some() {
+                // The undone write may have carried this node's quarantined changes into
+                // the document (see `local::own_quarantined_chain`): judge it again.
+                self.rejudge_record(&key, Vec::new());
+            }
         }
         // The dropped remote changes belonged to sessions that now cannot finish; end
         // them, and the next timer reconciles again.
         self.fail_all_sessions(&format!("storage failed: {}", error.0));
         self.out.emit(Event::StorageFailed { error: error.0 });
-    }
-
-    /// Rebuilds a record's document without the given local changes, which never left
-    /// this node. Automerge cannot remove a change, so the document is rebuilt from the rest.
-    fn undo_local_changes(&mut self, key: &str, undone: &BTreeSet<ChangeHash>) {
-        let doc = self.records.doc_mut(key);
-        let kept: Vec<_> = doc
-            .changes_after(&[])
-            .into_iter()
-            .filter(|change| !undone.contains(&change.hash()))
-            .collect();
-        let mut rebuilt = RecordDoc::new(&self.node_id());
-        rebuilt
-            .apply(kept)
-            .expect("changes taken from a valid document apply to an empty one");
-        for hash in undone {
-            self.records.remove_unacked(key, hash);
-        }
-        let entry = self.records.entry(key).expect("record exists");
-        // A write a newer policy forbade while its append was in flight waits in quarantine;
-        // the append failed, so it was never durable and must not be held either.
-        let quarantined = entry.quarantine().len();
-        let mut quarantine = entry.quarantine().clone();
-        quarantine.retain(|hash, _| !undone.contains(hash));
-        let quarantine_changed = quarantine.len() != quarantined;
-        let nothing_left =
-            entry.heads().is_empty() && entry.unacked().is_empty() && quarantine.is_empty();
-        self.records.set_quarantine(key, quarantine);
-        if nothing_left {
-            self.records.remove_empty(key);
-        } else {
-            self.records.replace_doc(key, rebuilt);
-            if quarantine_changed {
-                self.records.refresh_item(key);
-            }
-            if self.policy.in_force.is_some() {
-                // The undone write may have carried this node's quarantined changes into
-                // the document (see `own_quarantined_chain`): judge the record again.
-                self.rejudge_record(key, Vec::new());
-            }
-        }
     }
 
     // ----- remote changes -----
