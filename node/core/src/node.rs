@@ -24,6 +24,7 @@ use crate::api::{
 use crate::checkpoint::{Checkpoints, PolicyToSave};
 use crate::config::Config;
 use crate::gossip;
+use crate::judge::Judge;
 use crate::local;
 use crate::outbox::Outbox;
 use crate::peers::Peer;
@@ -240,7 +241,7 @@ impl Node {
         // Records saved under another policy than the one restored are judged again.
         for key in stale {
             if self.records.entry(&key).is_some() {
-                self.rejudge_record(&key, Vec::new());
+                self.judge().rejudge(&key, Vec::new());
             }
         }
     }
@@ -469,7 +470,7 @@ impl Node {
                         if quarantined_here && self.policy.in_force.is_some() {
                             // It may build on this node's quarantined changes (see
                             // `local::own_quarantined_chain`), which it accepts: judge again.
-                            self.rejudge_record(key, Vec::new());
+                            self.judge().rejudge(key, Vec::new());
                         }
                         self.records.refresh_deleted(key);
                         self.counters.changes_local += 1;
@@ -535,7 +536,8 @@ impl Node {
             .collect();
         for key in waiting {
             self.rejudge_after_ack.remove(&key);
-            if self.records.entry(&key).is_some() && self.rejudge_record(&key, Vec::new()).changed {
+            if self.records.entry(&key).is_some() && self.judge().rejudge(&key, Vec::new()).changed
+            {
                 self.announce_record(&key, None, Vec::new());
             }
         }
@@ -575,7 +577,7 @@ impl Node {
             let record = items[0].1.record.clone();
             self.records.create(&record);
             let changes = items.iter().map(|(_, change, _)| change.clone()).collect();
-            let settled = self.settle_record(&key, changes);
+            let settled = self.judge().settle(&key, changes);
             let mut from = None;
             let mut authors: Vec<NodeId> = Vec::new();
             for (peer, change, origin) in &items {
@@ -684,7 +686,7 @@ impl Node {
             if still_held && self.policy.in_force.is_some() {
                 // The undone write may have carried this node's quarantined changes into
                 // the document (see `local::own_quarantined_chain`): judge it again.
-                self.rejudge_record(&key, Vec::new());
+                self.judge().rejudge(&key, Vec::new());
             }
         }
         // The dropped remote changes belonged to sessions that now cannot finish; end
@@ -694,6 +696,24 @@ impl Node {
     }
 
     // ----- remote changes -----
+
+    /// The judge, over the records and the policy in force (judge.rs).
+    pub(crate) fn judge(&mut self) -> Judge<'_> {
+        Judge {
+            records: &mut self.records,
+            policy: self
+                .policy
+                .in_force
+                .as_ref()
+                .map(|in_force| &in_force.policy),
+            identity: &self.identity,
+            org: &self.config.org,
+            now: self.now,
+            counters: &mut self.counters,
+            out: &mut self.out,
+            rejudge_after_ack: &mut self.rejudge_after_ack,
+        }
+    }
 
     /// Admits a batch of changes `from` sent as `origin` (admit.rs); returns false if any
     /// was refused, which costs the sender its connection.
