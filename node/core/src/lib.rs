@@ -51,6 +51,7 @@ mod outbox;
 mod peers;
 mod pipeline;
 pub mod policy;
+mod reconcile;
 pub mod records;
 mod restore;
 pub mod status;

@@ -30,6 +30,7 @@ use crate::outbox::Outbox;
 use crate::peers::Peer;
 use crate::pipeline::{Origin, Pipeline, PipelineEntry};
 use crate::policy::PolicyState;
+use crate::reconcile::Reconcile;
 use crate::records::Records;
 use crate::restore::{self, Restored};
 use crate::status::{Counters, SyncRecord};
@@ -696,6 +697,14 @@ impl Node {
     }
 
     // ----- remote changes -----
+
+    /// Range reconciliation over the records (reconcile.rs).
+    pub(crate) fn reconcile(&mut self) -> Reconcile<'_> {
+        Reconcile {
+            records: &mut self.records,
+            pipeline: &self.pipeline,
+        }
+    }
 
     /// The judge, over the records and the policy in force (judge.rs).
     pub(crate) fn judge(&mut self) -> Judge<'_> {

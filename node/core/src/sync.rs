@@ -22,20 +22,20 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use crdt_schema::{ChangeHash, NodeId, RecordId};
+use crdt_schema::{NodeId, RecordId};
 use rand_core::Rng;
 
 use crate::admit;
 use crate::api::{CommandError, CommandId, Event, Reply};
-use crate::digest::Accumulator;
 use crate::limits::*;
 use crate::node::Node;
 use crate::peers::Peer;
 use crate::pipeline::Origin;
-use crate::records::{Scope, in_scope};
+use crate::reconcile::{self, RoundOutput, batches, change_hashes};
+use crate::records::Scope;
 use crate::status::{PeerState, PeerStatus, PolicySummary, Status, SyncOutcome, SyncRecord};
 use crate::time::Instant;
-use crate::wire::{EnvelopeBytes, Hash, Item, Message, Need, Range, RangeSummary, Round};
+use crate::wire::{EnvelopeBytes, Hash, Message, Need, Round};
 
 /// One side's state of one reconciliation session.
 pub(crate) struct Session {
@@ -57,34 +57,6 @@ pub(crate) struct Session {
     changes_sent: u64,
     bytes_received: u64,
     bytes_sent: u64,
-}
-
-/// What answering one round produced.
-#[derive(Default)]
-struct RoundOutput {
-    ranges: Vec<Range>,
-    needs: Vec<Need>,
-    changes: Vec<Vec<u8>>,
-    changes_bytes: usize,
-    truncated: bool,
-}
-
-impl RoundOutput {
-    fn is_empty(&self) -> bool {
-        self.ranges.is_empty() && self.needs.is_empty() && self.changes.is_empty()
-    }
-
-    /// Adds envelopes unless the round's budget is spent.
-    fn add_changes(&mut self, envelopes: Vec<Vec<u8>>) {
-        for envelope in envelopes {
-            if self.changes_bytes + envelope.len() > SYNC_ROUND_BYTES_MAX {
-                self.truncated = true;
-                return;
-            }
-            self.changes_bytes += envelope.len();
-            self.changes.push(envelope);
-        }
-    }
 }
 
 impl Session {
@@ -128,14 +100,6 @@ impl Session {
             bytes_sent: 0,
         }
     }
-}
-
-fn hashes(heads: &[ChangeHash]) -> Vec<Hash> {
-    heads.iter().map(|hash| hash.0).collect()
-}
-
-fn change_hashes(heads: &[Hash]) -> Vec<ChangeHash> {
-    heads.iter().map(|hash| ChangeHash(*hash)).collect()
 }
 
 fn intersect(own: &Option<BTreeSet<String>>, theirs: &Scope) -> Scope {
@@ -446,7 +410,7 @@ impl Node {
         let mut output = RoundOutput::default();
         let scope = self.scope_with(from);
         for need in &needs {
-            self.answer_need(&scope, need, &mut output);
+            self.reconcile().answer_need(&scope, need, &mut output);
         }
         let changes = std::mem::take(&mut output.changes);
         for batch in batches(changes) {
@@ -491,7 +455,7 @@ impl Node {
         let scope = self.scope_with(peer);
         let mut session = Session::new(id, true, scope, self.now);
         session.rounds = 1;
-        let root = self.root_range(&session.scope);
+        let root = reconcile::root_range(&self.records, &session.scope);
         let entry = self
             .peers
             .get_mut(&peer)
@@ -514,18 +478,6 @@ impl Node {
             },
             Vec::new(),
         );
-    }
-
-    fn root_range(&self, scope: &Scope) -> Range {
-        let accumulator = self.records.accumulate("", None, scope);
-        Range {
-            lower: String::new(),
-            upper: None,
-            summary: RangeSummary::Fingerprint {
-                fingerprint: accumulator.fingerprint(),
-                count: accumulator.count(),
-            },
-        }
     }
 
     /// Sends a round's changes in batches, then the round message itself.
@@ -688,7 +640,7 @@ impl Node {
                 .expect("session exists");
             session.scope.clone()
         };
-        let output = match self.answer_round(&scope, &round) {
+        let output = match self.reconcile().answer_round(&scope, &round) {
             Ok(output) => output,
             Err(reason) => return self.reject_message(peer, reason),
         };
@@ -715,7 +667,7 @@ impl Node {
                 // Changes moved: confirm with one more root comparison.
                 session.exchanged = false;
                 session.rounds += 1;
-                let root = self.root_range(&scope);
+                let root = reconcile::root_range(&self.records, &scope);
                 let round = Round {
                     session: id,
                     ranges: vec![root],
@@ -752,209 +704,6 @@ impl Node {
             policy: None,
         };
         self.send_round(peer, true, round, output.changes);
-    }
-
-    /// Answers every range and need of a round. An error is a protocol violation.
-    fn answer_round(&mut self, scope: &Scope, round: &Round) -> Result<RoundOutput, String> {
-        let mut output = RoundOutput::default();
-        let mut previous_upper: Option<&str> = Some("");
-        for range in &round.ranges {
-            // Ranges must be increasing and not overlap, or a peer could make us list the
-            // same records again and again.
-            match previous_upper {
-                Some(upper) if range.lower.as_str() >= upper => {}
-                _ => return Err("reconciliation ranges overlap or are out of order".into()),
-            }
-            if let Some(upper) = &range.upper
-                && upper <= &range.lower
-            {
-                return Err("reconciliation range is empty or reversed".into());
-            }
-            previous_upper = range.upper.as_deref();
-            match &range.summary {
-                RangeSummary::Fingerprint { fingerprint, count } => {
-                    self.answer_fingerprint(scope, range, fingerprint, *count, &mut output)
-                }
-                RangeSummary::Items(items) => {
-                    self.answer_items(scope, range, items, &mut output)?
-                }
-            }
-        }
-        for need in &round.needs {
-            self.answer_need(scope, need, &mut output);
-        }
-        Ok(output)
-    }
-
-    fn answer_fingerprint(
-        &mut self,
-        scope: &Scope,
-        range: &Range,
-        fingerprint: &crate::digest::Fingerprint,
-        count: u64,
-        output: &mut RoundOutput,
-    ) {
-        let upper = range.upper.as_deref();
-        let mine: Vec<(String, crate::digest::ItemHash, Vec<Hash>)> = self
-            .records
-            .range(&range.lower, upper, scope)
-            .map(|entry| {
-                (
-                    entry.record().as_str().to_owned(),
-                    *entry.item(),
-                    hashes(&entry.advertised_for_wire()),
-                )
-            })
-            .collect();
-        let mut accumulator = Accumulator::default();
-        mine.iter().for_each(|(_, item, _)| accumulator.add(item));
-        if accumulator.count() == count && &accumulator.fingerprint() == fingerprint {
-            return;
-        }
-        if count == 0 {
-            // They have nothing here: send everything.
-            for (key, _, _) in &mine {
-                if output.truncated {
-                    // The round's budget is spent: the rest waits for the next round,
-                    // and no document is loaded for changes that would not be sent.
-                    break;
-                }
-                let envelopes = self.records.envelopes_after(key, &[]);
-                output.add_changes(envelopes);
-            }
-            return;
-        }
-        if mine.len() <= RANGE_ITEMS_THRESHOLD {
-            let items = mine
-                .into_iter()
-                .map(|(record, _, heads)| Item { record, heads })
-                .collect();
-            output.ranges.push(Range {
-                lower: range.lower.clone(),
-                upper: range.upper.clone(),
-                summary: RangeSummary::Items(items),
-            });
-            return;
-        }
-        let chunk = mine.len().div_ceil(RANGE_FANOUT);
-        let parts: Vec<&[(String, crate::digest::ItemHash, Vec<Hash>)]> =
-            mine.chunks(chunk).collect();
-        for (index, part) in parts.iter().enumerate() {
-            let lower = match index {
-                0 => range.lower.clone(),
-                _ => part[0].0.clone(),
-            };
-            let upper = match parts.get(index + 1) {
-                Some(next) => Some(next[0].0.clone()),
-                None => range.upper.clone(),
-            };
-            let mut accumulator = Accumulator::default();
-            part.iter().for_each(|(_, item, _)| accumulator.add(item));
-            output.ranges.push(Range {
-                lower,
-                upper,
-                summary: RangeSummary::Fingerprint {
-                    fingerprint: accumulator.fingerprint(),
-                    count: accumulator.count(),
-                },
-            });
-        }
-    }
-
-    fn answer_items(
-        &mut self,
-        scope: &Scope,
-        range: &Range,
-        items: &[Item],
-        output: &mut RoundOutput,
-    ) -> Result<(), String> {
-        let mut theirs: BTreeMap<&str, &[Hash]> = BTreeMap::new();
-        for item in items {
-            let inside = item.record >= range.lower
-                && range
-                    .upper
-                    .as_ref()
-                    .is_none_or(|upper| &item.record < upper);
-            let record: RecordId = item
-                .record
-                .parse()
-                .map_err(|_| format!("item names an invalid record `{}`", item.record))?;
-            if !inside {
-                return Err(format!("item `{}` lies outside its range", item.record));
-            }
-            if in_scope(scope, record.collection()) {
-                theirs.insert(item.record.as_str(), &item.heads);
-            }
-        }
-        let missing_there: Vec<String> = self
-            .records
-            .range(&range.lower, range.upper.as_deref(), scope)
-            .filter(|entry| !theirs.contains_key(entry.record().as_str()))
-            .map(|entry| entry.record().as_str().to_owned())
-            .collect();
-        for key in missing_there {
-            if output.truncated {
-                break;
-            }
-            let envelopes = self.records.envelopes_after(&key, &[]);
-            output.add_changes(envelopes);
-        }
-        for (key, heads) in theirs {
-            self.compare(key, &change_hashes(heads), None, output);
-        }
-        Ok(())
-    }
-
-    fn answer_need(&mut self, scope: &Scope, need: &Need, output: &mut RoundOutput) {
-        let Ok(record) = need.record.parse::<RecordId>() else {
-            return;
-        };
-        if !in_scope(scope, record.collection()) {
-            return;
-        }
-        let heads = change_hashes(&need.heads);
-        let ancestors = change_hashes(&need.ancestors);
-        self.compare(&need.record, &heads, Some(&ancestors), output);
-    }
-
-    /// Compares our copy of a record with a peer's heads (and, for a need, some of its older
-    /// hashes): sends what the peer lacks and asks for what we lack.
-    fn compare(
-        &mut self,
-        key: &str,
-        their_heads: &[ChangeHash],
-        their_ancestors: Option<&[ChangeHash]>,
-        output: &mut RoundOutput,
-    ) {
-        let Some(entry) = self.records.entry(key) else {
-            if !their_heads.is_empty() {
-                output.needs.push(self.records.need(key));
-            }
-            return;
-        };
-        if entry.advertised() == their_heads {
-            return;
-        }
-        let all_known = their_heads
-            .iter()
-            .all(|head| admit::holds(&self.records, &self.pipeline, key, head));
-        if all_known {
-            if output.truncated {
-                return;
-            }
-            let envelopes = self.records.envelopes_after(key, their_heads);
-            output.add_changes(envelopes);
-            return;
-        }
-        if let Some(ancestors) = their_ancestors
-            && !output.truncated
-        {
-            // Their history forked from ours: send what follows the hashes we share.
-            let have: Vec<ChangeHash> = their_heads.iter().chain(ancestors).copied().collect();
-            let envelopes = self.records.envelopes_after(key, &have);
-            output.add_changes(envelopes);
-        }
-        output.needs.push(self.records.need(key));
     }
 
     fn finish_session(&mut self, peer: NodeId, initiator: bool, outcome: SyncOutcome) {
@@ -1193,26 +942,4 @@ impl Node {
     pub fn digest(&self) -> crate::digest::Digest {
         self.records.total().digest()
     }
-}
-
-/// Splits envelopes into message-sized batches.
-fn batches(changes: Vec<Vec<u8>>) -> Vec<Vec<EnvelopeBytes>> {
-    let mut batches = Vec::new();
-    let mut batch = Vec::new();
-    let mut bytes = 0;
-    for change in changes {
-        if !batch.is_empty()
-            && (bytes + change.len() > SYNC_BATCH_BYTES_MAX
-                || batch.len() == CHANGES_PER_MESSAGE_MAX)
-        {
-            batches.push(std::mem::take(&mut batch));
-            bytes = 0;
-        }
-        bytes += change.len();
-        batch.push(EnvelopeBytes(change));
-    }
-    if !batch.is_empty() {
-        batches.push(batch);
-    }
-    batches
 }

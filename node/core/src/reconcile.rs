@@ -1,0 +1,300 @@
+//! Range reconciliation, one round at a time: given a peer's round (fingerprints of key
+//! ranges, item lists, needs), what to answer. Pure over the records: the sessions
+//! (sync.rs) decide when rounds go and what they cost.
+
+use std::collections::BTreeMap;
+
+use crdt_schema::{ChangeHash, RecordId};
+
+use crate::admit;
+use crate::digest::Accumulator;
+use crate::limits::*;
+use crate::pipeline::Pipeline;
+use crate::records::{Records, Scope, in_scope};
+use crate::wire::{EnvelopeBytes, Hash, Item, Need, Range, RangeSummary, Round};
+
+/// What answering one round produced.
+#[derive(Default)]
+pub(crate) struct RoundOutput {
+    pub(crate) ranges: Vec<Range>,
+    pub(crate) needs: Vec<Need>,
+    pub(crate) changes: Vec<Vec<u8>>,
+    pub(crate) changes_bytes: usize,
+    pub(crate) truncated: bool,
+}
+
+impl RoundOutput {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ranges.is_empty() && self.needs.is_empty() && self.changes.is_empty()
+    }
+
+    /// Adds envelopes unless the round's budget is spent.
+    pub(crate) fn add_changes(&mut self, envelopes: Vec<Vec<u8>>) {
+        for envelope in envelopes {
+            if self.changes_bytes + envelope.len() > SYNC_ROUND_BYTES_MAX {
+                self.truncated = true;
+                return;
+            }
+            self.changes_bytes += envelope.len();
+            self.changes.push(envelope);
+        }
+    }
+}
+
+pub(crate) fn hashes(heads: &[ChangeHash]) -> Vec<Hash> {
+    heads.iter().map(|hash| hash.0).collect()
+}
+
+pub(crate) fn change_hashes(heads: &[Hash]) -> Vec<ChangeHash> {
+    heads.iter().map(|hash| ChangeHash(*hash)).collect()
+}
+
+/// Splits envelopes into message-sized batches.
+pub(crate) fn batches(changes: Vec<Vec<u8>>) -> Vec<Vec<EnvelopeBytes>> {
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for change in changes {
+        if !batch.is_empty()
+            && (bytes + change.len() > SYNC_BATCH_BYTES_MAX
+                || batch.len() == CHANGES_PER_MESSAGE_MAX)
+        {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += change.len();
+        batch.push(EnvelopeBytes(change));
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+pub(crate) fn root_range(records: &Records, scope: &Scope) -> Range {
+    let accumulator = records.accumulate("", None, scope);
+    Range {
+        lower: String::new(),
+        upper: None,
+        summary: RangeSummary::Fingerprint {
+            fingerprint: accumulator.fingerprint(),
+            count: accumulator.count(),
+        },
+    }
+}
+
+/// What answering reads and changes: the records (documents load on demand) and the
+/// pipeline, whose changes count as held.
+pub(crate) struct Reconcile<'a> {
+    pub(crate) records: &'a mut Records,
+    pub(crate) pipeline: &'a Pipeline,
+}
+
+impl Reconcile<'_> {
+    /// Answers every range and need of a round. An error is a protocol violation.
+    pub(crate) fn answer_round(
+        &mut self,
+        scope: &Scope,
+        round: &Round,
+    ) -> Result<RoundOutput, String> {
+        let mut output = RoundOutput::default();
+        let mut previous_upper: Option<&str> = Some("");
+        for range in &round.ranges {
+            // Ranges must be increasing and not overlap, or a peer could make us list the
+            // same records again and again.
+            match previous_upper {
+                Some(upper) if range.lower.as_str() >= upper => {}
+                _ => return Err("reconciliation ranges overlap or are out of order".into()),
+            }
+            if let Some(upper) = &range.upper
+                && upper <= &range.lower
+            {
+                return Err("reconciliation range is empty or reversed".into());
+            }
+            previous_upper = range.upper.as_deref();
+            match &range.summary {
+                RangeSummary::Fingerprint { fingerprint, count } => {
+                    self.answer_fingerprint(scope, range, fingerprint, *count, &mut output)
+                }
+                RangeSummary::Items(items) => {
+                    self.answer_items(scope, range, items, &mut output)?
+                }
+            }
+        }
+        for need in &round.needs {
+            self.answer_need(scope, need, &mut output);
+        }
+        Ok(output)
+    }
+
+    fn answer_fingerprint(
+        &mut self,
+        scope: &Scope,
+        range: &Range,
+        fingerprint: &crate::digest::Fingerprint,
+        count: u64,
+        output: &mut RoundOutput,
+    ) {
+        let upper = range.upper.as_deref();
+        let mine: Vec<(String, crate::digest::ItemHash, Vec<Hash>)> = self
+            .records
+            .range(&range.lower, upper, scope)
+            .map(|entry| {
+                (
+                    entry.record().as_str().to_owned(),
+                    *entry.item(),
+                    hashes(&entry.advertised_for_wire()),
+                )
+            })
+            .collect();
+        let mut accumulator = Accumulator::default();
+        mine.iter().for_each(|(_, item, _)| accumulator.add(item));
+        if accumulator.count() == count && &accumulator.fingerprint() == fingerprint {
+            return;
+        }
+        if count == 0 {
+            // They have nothing here: send everything.
+            for (key, _, _) in &mine {
+                if output.truncated {
+                    // The round's budget is spent: the rest waits for the next round,
+                    // and no document is loaded for changes that would not be sent.
+                    break;
+                }
+                let envelopes = self.records.envelopes_after(key, &[]);
+                output.add_changes(envelopes);
+            }
+            return;
+        }
+        if mine.len() <= RANGE_ITEMS_THRESHOLD {
+            let items = mine
+                .into_iter()
+                .map(|(record, _, heads)| Item { record, heads })
+                .collect();
+            output.ranges.push(Range {
+                lower: range.lower.clone(),
+                upper: range.upper.clone(),
+                summary: RangeSummary::Items(items),
+            });
+            return;
+        }
+        let chunk = mine.len().div_ceil(RANGE_FANOUT);
+        let parts: Vec<&[(String, crate::digest::ItemHash, Vec<Hash>)]> =
+            mine.chunks(chunk).collect();
+        for (index, part) in parts.iter().enumerate() {
+            let lower = match index {
+                0 => range.lower.clone(),
+                _ => part[0].0.clone(),
+            };
+            let upper = match parts.get(index + 1) {
+                Some(next) => Some(next[0].0.clone()),
+                None => range.upper.clone(),
+            };
+            let mut accumulator = Accumulator::default();
+            part.iter().for_each(|(_, item, _)| accumulator.add(item));
+            output.ranges.push(Range {
+                lower,
+                upper,
+                summary: RangeSummary::Fingerprint {
+                    fingerprint: accumulator.fingerprint(),
+                    count: accumulator.count(),
+                },
+            });
+        }
+    }
+
+    fn answer_items(
+        &mut self,
+        scope: &Scope,
+        range: &Range,
+        items: &[Item],
+        output: &mut RoundOutput,
+    ) -> Result<(), String> {
+        let mut theirs: BTreeMap<&str, &[Hash]> = BTreeMap::new();
+        for item in items {
+            let inside = item.record >= range.lower
+                && range
+                    .upper
+                    .as_ref()
+                    .is_none_or(|upper| &item.record < upper);
+            let record: RecordId = item
+                .record
+                .parse()
+                .map_err(|_| format!("item names an invalid record `{}`", item.record))?;
+            if !inside {
+                return Err(format!("item `{}` lies outside its range", item.record));
+            }
+            if in_scope(scope, record.collection()) {
+                theirs.insert(item.record.as_str(), &item.heads);
+            }
+        }
+        let missing_there: Vec<String> = self
+            .records
+            .range(&range.lower, range.upper.as_deref(), scope)
+            .filter(|entry| !theirs.contains_key(entry.record().as_str()))
+            .map(|entry| entry.record().as_str().to_owned())
+            .collect();
+        for key in missing_there {
+            if output.truncated {
+                break;
+            }
+            let envelopes = self.records.envelopes_after(&key, &[]);
+            output.add_changes(envelopes);
+        }
+        for (key, heads) in theirs {
+            self.compare(key, &change_hashes(heads), None, output);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn answer_need(&mut self, scope: &Scope, need: &Need, output: &mut RoundOutput) {
+        let Ok(record) = need.record.parse::<RecordId>() else {
+            return;
+        };
+        if !in_scope(scope, record.collection()) {
+            return;
+        }
+        let heads = change_hashes(&need.heads);
+        let ancestors = change_hashes(&need.ancestors);
+        self.compare(&need.record, &heads, Some(&ancestors), output);
+    }
+
+    /// Compares our copy of a record with a peer's heads (and, for a need, some of its older
+    /// hashes): sends what the peer lacks and asks for what we lack.
+    fn compare(
+        &mut self,
+        key: &str,
+        their_heads: &[ChangeHash],
+        their_ancestors: Option<&[ChangeHash]>,
+        output: &mut RoundOutput,
+    ) {
+        let Some(entry) = self.records.entry(key) else {
+            if !their_heads.is_empty() {
+                output.needs.push(self.records.need(key));
+            }
+            return;
+        };
+        if entry.advertised() == their_heads {
+            return;
+        }
+        let all_known = their_heads
+            .iter()
+            .all(|head| admit::holds(self.records, self.pipeline, key, head));
+        if all_known {
+            if output.truncated {
+                return;
+            }
+            let envelopes = self.records.envelopes_after(key, their_heads);
+            output.add_changes(envelopes);
+            return;
+        }
+        if let Some(ancestors) = their_ancestors
+            && !output.truncated
+        {
+            // Their history forked from ours: send what follows the hashes we share.
+            let have: Vec<ChangeHash> = their_heads.iter().chain(ancestors).copied().collect();
+            let envelopes = self.records.envelopes_after(key, &have);
+            output.add_changes(envelopes);
+        }
+        output.needs.push(self.records.need(key));
+    }
+}
