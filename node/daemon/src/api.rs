@@ -222,11 +222,11 @@ async fn approve_peer(
     else {
         return Err(unexpected());
     };
-    Ok(axum::Json(json!({
-        "peer": peer,
-        "newly": newly,
-        "policy_in_force": policy_in_force,
-    }))
+    Ok(axum::Json(crate::replies::ApprovedReply {
+        peer,
+        newly,
+        policy_in_force,
+    })
     .into_response())
 }
 
@@ -236,8 +236,11 @@ async fn list(State(state): State<ApiState>, Path(collection): Path<String>) -> 
     let Reply::Records(views) = run(&state, Command::List { collection }).await? else {
         return Err(unexpected());
     };
-    let records: Vec<Value> = views.iter().map(|view| view.to_json()).collect();
-    Ok(axum::Json(json!({ "records": records })).into_response())
+    let records = views
+        .iter()
+        .map(crate::replies::RecordReply::from)
+        .collect();
+    Ok(axum::Json(crate::replies::RecordsReply { records }).into_response())
 }
 
 async fn read(
@@ -253,7 +256,9 @@ async fn read(
     )
     .await?
     {
-        Reply::Record(Some(view)) => Ok(axum::Json(view.to_json()).into_response()),
+        Reply::Record(Some(view)) => {
+            Ok(axum::Json(crate::replies::RecordReply::from(&view)).into_response())
+        }
         Reply::Record(None) => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("record {record} does not exist"),
@@ -309,12 +314,12 @@ fn written(reply: Reply) -> ApiResult {
     else {
         return Err(unexpected());
     };
-    Ok(axum::Json(json!({
-        "record": record.to_string(),
-        "change": change.map(|hash| hash.to_string()),
-        "heads": heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "changed": changed,
-    }))
+    Ok(axum::Json(crate::replies::WrittenReply {
+        record: record.to_string(),
+        change: change.map(|hash| hash.to_string()),
+        heads: heads.iter().map(ToString::to_string).collect(),
+        changed,
+    })
     .into_response())
 }
 

@@ -70,6 +70,19 @@ impl Client {
             .with_context(|| format!("the daemon's answer to {path} is not what this mesh expects; are the CLI and the daemon the same version?"))?)
     }
 
+    /// Sends a JSON body with `method` and reads the answer as the type the API answers
+    /// with (see `replies.rs`).
+    pub fn send_as<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<T, ClientError> {
+        let value = self.send(method, path, body)?;
+        Ok(serde_json::from_value(value)
+            .with_context(|| format!("the daemon's answer to {method} {path} is not what this mesh expects; are the CLI and the daemon the same version?"))?)
+    }
+
     /// GET raw bytes.
     pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
         let response = self.ok(self.authorised_get(&self.agent, path)?)?;

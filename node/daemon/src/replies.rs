@@ -4,7 +4,11 @@
 
 use mesh_core::status::{PeerStatus, SyncRecord};
 use mesh_core::status::{QuarantineRow, RefusedChange, RefusedPeer};
+use std::collections::BTreeMap;
+
+use crdt_schema::{NodeId, RecordView};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// `GET /v1/status`: the core's status and what only the daemon knows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,4 +51,91 @@ pub struct QuarantineReply {
     pub quarantine: Vec<QuarantineRow>,
     /// Changes refused on arrival (bad signature, malformed): not held.
     pub refused: Vec<RefusedChange>,
+}
+
+/// `GET /v1/records/{collection}/{id}`: one record as the API shows it. Fields are in
+/// the API's JSON form (`{"$timestamp": ms}` and the like, see `FieldValue::to_json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordReply {
+    /// The collection.
+    pub collection: String,
+    /// Whether the record is deleted (a tombstone).
+    pub deleted: bool,
+    /// The fields.
+    pub fields: BTreeMap<String, Value>,
+    /// The record's durable heads, hex.
+    pub heads: Vec<String>,
+    /// The record id within the collection.
+    pub id: String,
+}
+
+impl From<&RecordView> for RecordReply {
+    fn from(view: &RecordView) -> RecordReply {
+        RecordReply {
+            collection: view.record.collection().to_owned(),
+            deleted: view.deleted,
+            fields: view
+                .fields
+                .iter()
+                .map(|(name, value)| (name.clone(), value.to_json()))
+                .collect(),
+            heads: view.heads.iter().map(ToString::to_string).collect(),
+            id: view.record.id().to_owned(),
+        }
+    }
+}
+
+/// `GET /v1/records/{collection}`: its live records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordsReply {
+    /// The records, by id.
+    pub records: Vec<RecordReply>,
+}
+
+/// `PUT` or `DELETE /v1/records/{collection}/{id}`: what the write did, once durable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenReply {
+    /// The new change, hex; `None` when the write changed nothing.
+    pub change: Option<String>,
+    /// Whether the record changed.
+    pub changed: bool,
+    /// The record's heads after the write, hex.
+    pub heads: Vec<String>,
+    /// The record, `collection/id`.
+    pub record: String,
+}
+
+/// `POST /v1/peers/approve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovedReply {
+    /// The peer now trusted.
+    pub peer: NodeId,
+    /// Whether it was not trusted before.
+    pub newly: bool,
+    /// Whether a policy is in force (its members are admitted, whoever is trusted).
+    pub policy_in_force: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crdt_schema::{FieldValue, RecordId};
+
+    #[test]
+    fn a_record_reply_is_the_json_the_api_always_sent() {
+        let view = RecordView {
+            record: "stock/s1".parse::<RecordId>().unwrap(),
+            fields: BTreeMap::from([
+                ("count".to_owned(), FieldValue::Int(3)),
+                ("name".to_owned(), FieldValue::Str("gauze".into())),
+                ("at".to_owned(), FieldValue::Timestamp(5)),
+            ]),
+            deleted: false,
+            heads: Vec::new(),
+        };
+        let reply = serde_json::to_value(RecordReply::from(&view)).unwrap();
+        assert_eq!(reply, view.to_json());
+        let back: RecordReply = serde_json::from_value(reply).unwrap();
+        assert_eq!(back.fields["at"], serde_json::json!({"$timestamp": 5}));
+    }
 }

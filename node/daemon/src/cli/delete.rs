@@ -5,6 +5,7 @@ use serde_json::Value;
 use super::output::print_written;
 use super::{Context, record_path};
 use crate::client::ClientError;
+use crate::replies::WrittenReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,7 +16,7 @@ pub struct Args {
 }
 
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
-    let written = context.client()?.send(
+    let written: WrittenReply = context.client()?.send_as(
         "DELETE",
         &record_path(&args.collection, &args.id)?,
         &Value::Null,

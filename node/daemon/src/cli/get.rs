@@ -3,6 +3,7 @@
 use super::output::{print_or, print_record};
 use super::{Context, record_path};
 use crate::client::ClientError;
+use crate::replies::RecordReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,9 +17,9 @@ pub struct Args {
 }
 
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
-    let record = context
+    let record: RecordReply = context
         .client()?
-        .get(&record_path(&args.collection, &args.id)?)?;
+        .get_as(&record_path(&args.collection, &args.id)?)?;
     print_or(args.json, &record, print_record);
     Ok(())
 }

@@ -3,6 +3,7 @@
 use super::Context;
 use super::output::{print_or, print_record};
 use crate::client::ClientError;
+use crate::replies::RecordsReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,15 +17,14 @@ pub struct Args {
 pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     let collection = args.collection;
     crdt_schema::record::check_collection(&collection).map_err(anyhow::Error::from)?;
-    let list = context
+    let list: RecordsReply = context
         .client()?
-        .get(&format!("/v1/records/{collection}"))?;
-    print_or(args.json, &list, |value| {
-        let records = value["records"].as_array().cloned().unwrap_or_default();
-        if records.is_empty() {
+        .get_as(&format!("/v1/records/{collection}"))?;
+    print_or(args.json, &list, |list| {
+        if list.records.is_empty() {
             out!("no live records in {collection}");
         }
-        for record in &records {
+        for record in &list.records {
             print_record(record);
         }
     });

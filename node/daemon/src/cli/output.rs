@@ -1,7 +1,7 @@
 //! What every command prints with: lines made safe for the terminal, JSON or text, and the
 //! small formatters tables share.
 
-use serde_json::Value;
+use crate::replies::{RecordReply, WrittenReply};
 
 /// `text` with every control character but newline and tab, and the Unicode controls that
 /// reorder text, replaced by U+FFFD: an escape sequence from a peer (in its name, a refusal
@@ -72,35 +72,25 @@ pub(crate) fn print_or<T: serde::Serialize>(json: bool, value: &T, human: impl F
     }
 }
 
-pub(crate) fn print_written(written: &Value, verb: &str) {
-    match written["change"].as_str() {
+pub(crate) fn print_written(written: &WrittenReply, verb: &str) {
+    match &written.change {
         Some(change) => out!(
             "{} {verb} (change {})",
-            written["record"].as_str().unwrap_or("?"),
+            written.record,
             &change[..change.len().min(12)]
         ),
-        None => out!("{} unchanged", written["record"].as_str().unwrap_or("?")),
+        None => out!("{} unchanged", written.record),
     }
 }
 
-pub(crate) fn print_record(record: &Value) {
-    let deleted = if record["deleted"].as_bool() == Some(true) {
-        "  (deleted)"
-    } else {
-        ""
-    };
-    out!(
-        "{}/{}{deleted}",
-        record["collection"].as_str().unwrap_or("?"),
-        record["id"].as_str().unwrap_or("?")
-    );
-    if let Some(fields) = record["fields"].as_object() {
-        let width = fields.keys().map(String::len).max().unwrap_or(0);
-        for (name, value) in fields {
-            match value.as_str() {
-                Some(text) => out!("  {name:width$}  {text}"),
-                None => out!("  {name:width$}  {value}"),
-            }
+pub(crate) fn print_record(record: &RecordReply) {
+    let deleted = if record.deleted { "  (deleted)" } else { "" };
+    out!("{}/{}{deleted}", record.collection, record.id);
+    let width = record.fields.keys().map(String::len).max().unwrap_or(0);
+    for (name, value) in &record.fields {
+        match value.as_str() {
+            Some(text) => out!("  {name:width$}  {text}"),
+            None => out!("  {name:width$}  {value}"),
         }
     }
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::Context;
 use super::output::{ago, plural, print_or, print_table, short};
 use crate::client::ClientError;
-use crate::replies::PeersReply;
+use crate::replies::{ApprovedReply, PeersReply};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,16 +36,16 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
             let id = id.trim();
             id.parse::<crdt_schema::NodeId>()
                 .map_err(|error| anyhow!("`{id}` is not a node id: {error}"))?;
-            let reply =
+            let reply: ApprovedReply =
                 context
                     .client()?
-                    .send("POST", "/v1/peers/approve", &json!({ "peer": id }))?;
-            if reply["newly"].as_bool() == Some(true) {
+                    .send_as("POST", "/v1/peers/approve", &json!({ "peer": id }))?;
+            if reply.newly {
                 out!("{id} is trusted: it may connect from now on (saved in config.toml)");
             } else {
                 out!("{id} was trusted already");
             }
-            if reply["policy_in_force"].as_bool() == Some(true) {
+            if reply.policy_in_force {
                 out!("note: a policy is in force; its members are admitted, whoever is trusted");
             }
             Ok(())

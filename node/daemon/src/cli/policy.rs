@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, anyhow};
+use mesh_core::{PolicyOffer, PolicyView};
 use serde_json::Value;
 
 use super::Context;
@@ -57,7 +58,7 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Apply { file } => apply(context, &file),
-        Command::Show { json } => match context.client()?.get("/v1/policy") {
+        Command::Show { json } => match context.client()?.get_as::<PolicyView>("/v1/policy") {
             Ok(policy) => {
                 print_or(json, &policy, print_policy);
                 Ok(())
@@ -81,29 +82,26 @@ fn apply(context: &Context, file: &std::path::Path) -> Result<(), ClientError> {
             file.display()
         )
     })?;
-    let offer = context.client()?.send("POST", "/v1/policy", &signed)?;
-    match offer["outcome"].as_str() {
-        Some("adopted") => out!(
-            "policy version {} is in force and spreading to peers",
-            offer["version"]
-        ),
-        Some("unchanged") => {
-            out!("policy version {} was already in force", offer["version"])
+    let offer: PolicyOffer = context.client()?.send_as("POST", "/v1/policy", &signed)?;
+    match offer {
+        PolicyOffer::Adopted { version } => {
+            out!("policy version {version} is in force and spreading to peers")
         }
-        _ => {
+        PolicyOffer::Unchanged { version } => {
+            out!("policy version {version} was already in force")
+        }
+        PolicyOffer::Older { in_force } => {
             let offered = signed["policy"]
                 .as_str()
                 .and_then(|policy| serde_json::from_str::<Value>(policy).ok())
-                .map(|policy| policy["version"].clone());
-            let message = if offered.as_ref() == Some(&offer["in_force"]) {
+                .and_then(|policy| policy["version"].as_u64());
+            let message = if offered == Some(in_force) {
                 format!(
-                    "not applied: a different policy of the same version {} is in force and wins the tie (the lower hash wins on every node; status shows the conflict); raise `version` and sign again",
-                    offer["in_force"]
+                    "not applied: a different policy of the same version {in_force} is in force and wins the tie (the lower hash wins on every node; status shows the conflict); raise `version` and sign again"
                 )
             } else {
                 format!(
-                    "not applied: the node enforces a newer policy (version {}); raise `version` and sign again",
-                    offer["in_force"]
+                    "not applied: the node enforces a newer policy (version {in_force}); raise `version` and sign again"
                 )
             };
             return Err(anyhow!(message).into());
@@ -112,57 +110,42 @@ fn apply(context: &Context, file: &std::path::Path) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn print_policy(view: &Value) {
-    let policy = &view["policy"];
+fn print_policy(view: &PolicyView) {
+    let policy = &view.policy;
     out!(
         "policy version {}  (hash {}…)",
-        view["version"],
-        short(view["hash"].as_str(), 16)
+        view.version,
+        short(Some(&view.hash), 16)
     );
     out!("members");
-    if let Some(members) = policy["members"].as_object() {
-        for (name, member) in members {
-            let roles: Vec<&str> = member["roles"]
-                .as_array()
-                .map(|roles| roles.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            out!(
-                "  {:<16} {:<24} {}",
-                name,
-                roles.join(","),
-                member["node"].as_str().unwrap_or("?")
-            );
-        }
+    for (name, member) in &policy.members {
+        let roles: Vec<&str> = member.roles.iter().map(String::as_str).collect();
+        out!("  {:<16} {:<24} {}", name, roles.join(","), member.node);
     }
-    if let Some(revoked) = policy["revoked"].as_array().filter(|list| !list.is_empty()) {
+    if !policy.revoked.is_empty() {
         out!("revoked");
-        for node in revoked {
-            out!("  {}", node.as_str().unwrap_or("?"));
+        for node in &policy.revoked {
+            out!("  {node}");
         }
     }
     out!("collections (others: any member may write)");
-    if let Some(collections) = policy["collections"].as_object() {
-        for (name, rule) in collections {
-            let writers: Vec<&str> = rule["writers"]
-                .as_array()
-                .map(|roles| roles.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            out!(
-                "  {:<16} written by {}{}",
-                name,
-                writers.join(", "),
-                if rule["schema"].is_null() {
-                    ""
-                } else {
-                    "; has a field schema"
-                }
-            );
-        }
+    for (name, rule) in &policy.collections {
+        let writers: Vec<&str> = rule.writers.iter().map(String::as_str).collect();
+        out!(
+            "  {:<16} written by {}{}",
+            name,
+            writers.join(", "),
+            if rule.schema.is_none() {
+                ""
+            } else {
+                "; has a field schema"
+            }
+        );
     }
-    if let Some(conflict) = view["conflict"].as_object() {
+    if let Some(conflict) = &view.conflict {
         out!(
             "WARNING another policy also claims version {}; the lower hash is in force",
-            conflict["version"]
+            conflict.version
         );
     }
 }

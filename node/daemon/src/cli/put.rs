@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use super::output::print_written;
 use super::{Context, record_path};
 use crate::client::ClientError;
+use crate::replies::WrittenReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,9 +61,9 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
         return Err(anyhow!("give fields as FIELD=VALUE or --json '{{...}}'").into());
     }
     let path = record_path(&args.collection, &args.id)?;
-    let written = context
+    let written: WrittenReply = context
         .client()?
-        .send("PUT", &path, &Value::Object(object))?;
+        .send_as("PUT", &path, &Value::Object(object))?;
     print_written(&written, "written");
     Ok(())
 }
