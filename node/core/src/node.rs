@@ -107,7 +107,9 @@ impl Node {
             Input::Command { id, command } => self.command(id, command),
             Input::PeerConnecting { peer } => self.peer_connecting(peer),
             Input::PeerConnected { peer } => self.peer_connected(peer),
-            Input::PeerRefused { peer, address } => self.note_refused(peer, address),
+            Input::PeerRefused { peer, address } => {
+                self.policy.note_refused(peer, address, self.now)
+            }
             Input::PeerDisconnected { peer } => self.transport_disconnected(peer),
             Input::MessageReceived { from, bytes } => self.message_received(from, bytes),
             Input::StorageDone { op, result } => self.storage_done(op, result),

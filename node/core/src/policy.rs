@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crdt_schema::policy::{self, Policy, PolicyError, RejectReason, SignedPolicy};
-use crdt_schema::{ChangeHash, NodeId};
+use crdt_schema::{ChangeHash, NodeId, OrgId};
 
 use crate::api::{CommandError, CommandId, Event, PolicyOffer, Reply};
 use crate::limits::{RECEIPTS_MAX, REFUSED_PEERS_MAX};
@@ -31,6 +31,7 @@ use crate::node::Node;
 use crate::status::{
     PeerState, PolicyConflict, PolicyView, QuarantineRow, Receipt, RefusedChange, RefusedPeer,
 };
+use crate::time::Instant;
 use crate::wire::{Message, PolicyTag};
 
 /// The policy this node enforces, with its signature.
@@ -75,13 +76,103 @@ enum OfferVerdict {
     Answer(PolicyOffer),
 }
 
+impl PolicyState {
+    /// The policy in force, if any.
+    pub(crate) fn policy(&self) -> Option<&Policy> {
+        self.in_force.as_ref().map(|in_force| &in_force.policy)
+    }
+
+    pub(crate) fn policy_tag(&self) -> Option<PolicyTag> {
+        self.in_force.as_ref().map(|in_force| PolicyTag {
+            version: in_force.policy.version,
+            hash: in_force.hash,
+        })
+    }
+
+    /// Records a refused connection attempt (the driver refused it, or the core does).
+    pub(crate) fn note_refused(&mut self, peer: NodeId, address: Option<String>, now: Instant) {
+        let refused = &mut self.refused;
+        if !refused.contains_key(&peer) && refused.len() >= REFUSED_PEERS_MAX {
+            // Forget the stalest attempt rather than grow without bound.
+            if let Some(stalest) = refused
+                .values()
+                .min_by_key(|entry| entry.last_at)
+                .map(|entry| entry.peer_id)
+            {
+                refused.remove(&stalest);
+            }
+        }
+        let entry = refused.entry(peer).or_insert(RefusedPeer {
+            peer_id: peer,
+            attempts: 0,
+            last_at: now,
+            address: None,
+        });
+        entry.attempts += 1;
+        entry.last_at = now;
+        if address.is_some() {
+            entry.address = address;
+        }
+    }
+
+    /// Whether `signed` should be put in force here; records a same-version conflict.
+    fn judge_offer(
+        &mut self,
+        signed: SignedPolicy,
+        org: &OrgId,
+    ) -> Result<OfferVerdict, PolicyError> {
+        let policy = signed.verify(org)?;
+        let hash = signed.hash();
+        if let Some(current) = &self.in_force {
+            if current.hash == hash {
+                return Ok(OfferVerdict::Answer(PolicyOffer::Unchanged {
+                    version: policy.version,
+                }));
+            }
+            if current.policy.version == policy.version {
+                let (kept, other) = match hash < current.hash {
+                    true => (hash, current.hash),
+                    false => (current.hash, hash),
+                };
+                self.conflict = Some(PolicyConflict {
+                    version: policy.version,
+                    kept: hex(&kept),
+                    other: hex(&other),
+                });
+            }
+            if !policy::supersedes((&policy, &signed), (&current.policy, &current.signed)) {
+                return Ok(OfferVerdict::Answer(PolicyOffer::Older {
+                    in_force: current.policy.version,
+                }));
+            }
+        }
+        Ok(OfferVerdict::Adopt(Box::new(InForce {
+            policy,
+            signed,
+            hash,
+        })))
+    }
+
+    /// A peer's hello or round named its policy: ours, to send it, if ours is newer.
+    pub(crate) fn newer_than(&self, theirs: Option<PolicyTag>) -> Option<Message> {
+        let in_force = self.in_force.as_ref()?;
+        let ours_newer = match theirs {
+            None => true,
+            Some(theirs) => {
+                (in_force.policy.version, std::cmp::Reverse(in_force.hash))
+                    > (theirs.version, std::cmp::Reverse(theirs.hash))
+            }
+        };
+        ours_newer.then(|| Message::Policy {
+            signed: serde_json::to_vec(&in_force.signed).expect("policies serialise"),
+        })
+    }
+}
+
 impl Node {
     /// The policy in force, if any.
     pub fn policy(&self) -> Option<&Policy> {
-        self.policy
-            .in_force
-            .as_ref()
-            .map(|in_force| &in_force.policy)
+        self.policy.policy()
     }
 
     /// Whether `peer` may connect: any peer while no policy is in force, afterwards only
@@ -132,40 +223,6 @@ impl Node {
         }
     }
 
-    pub(crate) fn policy_tag(&self) -> Option<PolicyTag> {
-        self.policy.in_force.as_ref().map(|in_force| PolicyTag {
-            version: in_force.policy.version,
-            hash: in_force.hash,
-        })
-    }
-
-    /// Records a refused connection attempt (the driver refused it, or the core does).
-    pub(crate) fn note_refused(&mut self, peer: NodeId, address: Option<String>) {
-        let now = self.now;
-        let refused = &mut self.policy.refused;
-        if !refused.contains_key(&peer) && refused.len() >= REFUSED_PEERS_MAX {
-            // Forget the stalest attempt rather than grow without bound.
-            if let Some(stalest) = refused
-                .values()
-                .min_by_key(|entry| entry.last_at)
-                .map(|entry| entry.peer_id)
-            {
-                refused.remove(&stalest);
-            }
-        }
-        let entry = refused.entry(peer).or_insert(RefusedPeer {
-            peer_id: peer,
-            attempts: 0,
-            last_at: now,
-            address: None,
-        });
-        entry.attempts += 1;
-        entry.last_at = now;
-        if address.is_some() {
-            entry.address = address;
-        }
-    }
-
     /// Refuses a connected peer that is not a member.
     pub(crate) fn refuse_peer(&mut self, peer: NodeId) {
         // The driver may have reported this very attempt already (with its address).
@@ -175,7 +232,7 @@ impl Node {
             .get(&peer)
             .is_some_and(|entry| entry.last_at == self.now);
         if !noted_now {
-            self.note_refused(peer, None);
+            self.policy.note_refused(peer, None, self.now);
         }
         self.out
             .disconnect(peer, "not a member of the org's policy".into());
@@ -188,7 +245,7 @@ impl Node {
         signed: SignedPolicy,
         from: NodeId,
     ) -> Result<PolicyOffer, PolicyError> {
-        match self.judge_offer(signed)? {
+        match self.policy.judge_offer(signed, &self.config.org)? {
             OfferVerdict::Answer(offer) => Ok(offer),
             OfferVerdict::Adopt(in_force) => {
                 let version = in_force.policy.version;
@@ -211,7 +268,7 @@ impl Node {
             );
             return self.out.complete(id, Err(CommandError::Policy(message)));
         }
-        let in_force = match self.judge_offer(signed) {
+        let in_force = match self.policy.judge_offer(signed, &self.config.org) {
             Err(error) => {
                 return self
                     .out
@@ -279,7 +336,7 @@ impl Node {
         let Endorsing {
             signed, command, ..
         } = self.policy.endorsing.take().expect("checked above");
-        match self.judge_offer(signed) {
+        match self.policy.judge_offer(signed, &self.config.org) {
             Ok(OfferVerdict::Adopt(in_force)) => self.adopt_applied(command, *in_force),
             Ok(OfferVerdict::Answer(offer)) => {
                 self.out.complete(command, Ok(Reply::PolicyOffered(offer)));
@@ -307,40 +364,6 @@ impl Node {
         );
         self.out
             .complete(endorsing.command, Err(CommandError::Storage(message)));
-    }
-
-    /// Whether `signed` should be put in force here; records a same-version conflict.
-    fn judge_offer(&mut self, signed: SignedPolicy) -> Result<OfferVerdict, PolicyError> {
-        let policy = signed.verify(&self.config.org)?;
-        let hash = signed.hash();
-        if let Some(current) = &self.policy.in_force {
-            if current.hash == hash {
-                return Ok(OfferVerdict::Answer(PolicyOffer::Unchanged {
-                    version: policy.version,
-                }));
-            }
-            if current.policy.version == policy.version {
-                let (kept, other) = match hash < current.hash {
-                    true => (hash, current.hash),
-                    false => (current.hash, hash),
-                };
-                self.policy.conflict = Some(PolicyConflict {
-                    version: policy.version,
-                    kept: hex(&kept),
-                    other: hex(&other),
-                });
-            }
-            if !policy::supersedes((&policy, &signed), (&current.policy, &current.signed)) {
-                return Ok(OfferVerdict::Answer(PolicyOffer::Older {
-                    in_force: current.policy.version,
-                }));
-            }
-        }
-        Ok(OfferVerdict::Adopt(Box::new(InForce {
-            policy,
-            signed,
-            hash,
-        })))
     }
 
     /// Puts a policy in force: re-judges every record and drops peers that are no longer
@@ -442,26 +465,6 @@ impl Node {
             .map(|(id, _)| *id)
             .collect();
         for peer in targets {
-            self.out.send(peer, &message);
-        }
-    }
-
-    /// A peer's hello named its policy: send ours if it is newer.
-    pub(crate) fn compare_policy(&mut self, peer: NodeId, theirs: Option<PolicyTag>) {
-        let Some(in_force) = &self.policy.in_force else {
-            return;
-        };
-        let ours_newer = match theirs {
-            None => true,
-            Some(theirs) => {
-                (in_force.policy.version, std::cmp::Reverse(in_force.hash))
-                    > (theirs.version, std::cmp::Reverse(theirs.hash))
-            }
-        };
-        if ours_newer {
-            let message = Message::Policy {
-                signed: serde_json::to_vec(&in_force.signed).expect("policies serialise"),
-            };
             self.out.send(peer, &message);
         }
     }

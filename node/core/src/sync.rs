@@ -153,7 +153,7 @@ impl Node {
             .as_ref()
             .map(|set| set.iter().cloned().collect());
         let name = self.config.name.clone();
-        let policy = self.policy_tag();
+        let policy = self.policy.policy_tag();
         let org = *self.config.org.as_bytes();
         self.out.send(
             peer,
@@ -285,8 +285,9 @@ impl Node {
                     .peers
                     .get(&from)
                     .is_some_and(|peer| peer.scope.is_some())
+                    && let Some(message) = self.policy.newer_than(policy)
                 {
-                    self.compare_policy(from, policy);
+                    self.out.send(from, &message);
                 }
             }
             _ if !has_hello => self.reject_message(from, "message before hello".into()),
@@ -315,11 +316,15 @@ impl Node {
             } => self.receipt_received(from, record, change, reason),
             Message::Need { needs } => self.answer_needs(from, needs),
             Message::SyncRequest(round) => {
-                self.compare_policy(from, round.policy);
+                if let Some(message) = self.policy.newer_than(round.policy) {
+                    self.out.send(from, &message);
+                }
                 self.sync_request(from, round)
             }
             Message::SyncResponse(round) => {
-                self.compare_policy(from, round.policy);
+                if let Some(message) = self.policy.newer_than(round.policy) {
+                    self.out.send(from, &message);
+                }
                 self.sync_response(from, round)
             }
             Message::SyncChanges {
@@ -488,7 +493,7 @@ impl Node {
         mut round: Round,
         changes: Vec<Vec<u8>>,
     ) {
-        round.policy = self.policy_tag();
+        round.policy = self.policy.policy_tag();
         let session = round.session;
         let count = changes.len() as u64;
         let bytes: u64 = changes.iter().map(|change| change.len() as u64).sum();
