@@ -58,6 +58,7 @@ pub mod status;
 pub mod storage;
 mod sync;
 pub mod time;
+mod views;
 pub mod wire;
 
 pub use api::{Command, CommandError, CommandId, Effect, Event, Input, PolicyOffer, Queues, Reply};

@@ -33,9 +33,10 @@ use crate::policy::PolicyState;
 use crate::reconcile::Reconcile;
 use crate::records::Records;
 use crate::restore::{self, Restored};
-use crate::status::{Counters, SyncRecord};
+use crate::status::{Counters, Status, SyncRecord};
 use crate::storage::{Restore, StorageError, StorageOpId, StorageOps};
 use crate::time::Instant;
+use crate::views::{self, StatusSources};
 
 /// One mesh node: all it decides, none of its IO.
 pub struct Node {
@@ -201,20 +202,21 @@ impl Node {
         }
     }
 
-    pub(crate) fn last_local_change_at(&self) -> Option<Instant> {
-        self.last_local_change
-    }
-
-    pub(crate) fn last_remote_change_at(&self) -> Option<Instant> {
-        self.last_remote_change
-    }
-
-    pub(crate) fn pending_len(&self) -> usize {
-        self.admission.pending_len()
-    }
-
-    pub(crate) fn unflushed_len(&self) -> usize {
-        self.pipeline.unflushed_len()
+    /// The node's status, from indexes only: no document is loaded.
+    pub fn status(&self) -> Status {
+        views::status(StatusSources {
+            me: self.node_id(),
+            records: &self.records,
+            peers: &self.peers,
+            policy: &self.policy,
+            counters: &self.counters,
+            last_local_change: self.last_local_change,
+            last_remote_change: self.last_remote_change,
+            last_sync: self.last_sync,
+            pending_changes: self.admission.pending_len(),
+            unflushed_changes: self.pipeline.unflushed_len(),
+            open: self.is_open(),
+        })
     }
 
     // ----- start -----
@@ -308,11 +310,11 @@ impl Node {
             },
             Command::ApplyPolicy { signed } => self.apply_policy(id, signed),
             Command::ShowPolicy => {
-                let view = self.policy_view().map(Box::new);
+                let view = self.policy.view().map(Box::new);
                 self.out.complete(id, Ok(Reply::Policy(view)));
             }
             Command::Quarantine => {
-                let held = self.quarantine_rows();
+                let held = views::quarantine_rows(&self.records, self.policy(), self.node_id());
                 let refused = self.policy.refused_changes.clone();
                 self.out
                     .complete(id, Ok(Reply::Quarantine { held, refused }));

@@ -28,9 +28,7 @@ use crdt_schema::{ChangeHash, NodeId, OrgId};
 use crate::api::{CommandError, CommandId, Event, PolicyOffer, Reply};
 use crate::limits::{RECEIPTS_MAX, REFUSED_PEERS_MAX};
 use crate::node::Node;
-use crate::status::{
-    PeerState, PolicyConflict, PolicyView, QuarantineRow, Receipt, RefusedChange, RefusedPeer,
-};
+use crate::status::{PeerState, PolicyConflict, PolicyView, Receipt, RefusedChange, RefusedPeer};
 use crate::time::Instant;
 use crate::wire::{Message, PolicyTag};
 
@@ -166,6 +164,25 @@ impl PolicyState {
         ours_newer.then(|| Message::Policy {
             signed: serde_json::to_vec(&in_force.signed).expect("policies serialise"),
         })
+    }
+
+    /// The policy in force, for `mesh policy show`.
+    pub(crate) fn view(&self) -> Option<PolicyView> {
+        self.in_force.as_ref().map(|in_force| PolicyView {
+            version: in_force.policy.version,
+            hash: hex(&in_force.hash),
+            policy: in_force.policy.clone(),
+            conflict: self.conflict.clone(),
+        })
+    }
+
+    /// The name to show for a peer: under a policy, a member's name in the policy (a peer
+    /// could call itself "hq"); otherwise the name it gave itself.
+    pub(crate) fn display_name(&self, peer: &NodeId, claimed: Option<&str>) -> Option<String> {
+        match self.policy() {
+            Some(policy) => policy.member(peer).map(|(name, _)| name.to_owned()),
+            None => claimed.map(str::to_owned),
+        }
     }
 }
 
@@ -547,28 +564,6 @@ impl Node {
         });
     }
 
-    /// Every quarantined change, by record.
-    pub(crate) fn quarantine_rows(&self) -> Vec<QuarantineRow> {
-        let policy = self.policy();
-        self.records
-            .iter()
-            .flat_map(|entry| {
-                entry.quarantine().iter().map(|(hash, held)| QuarantineRow {
-                    record: entry.record().as_str().to_owned(),
-                    change: hash.to_string(),
-                    author: held.author,
-                    author_name: policy
-                        .and_then(|policy| policy.member(&held.author))
-                        .map(|(name, _)| name.to_owned()),
-                    reason: held.reason.clone(),
-                    reason_text: held.reason.to_string(),
-                    rejected_by: self.node_id(),
-                    rejected_at: held.rejected_at,
-                })
-            })
-            .collect()
-    }
-
     /// The changes of a record's accepted document: (hash, author, dependencies). For
     /// checkers that judge what a node shows independently of the node.
     pub fn record_changes(
@@ -587,40 +582,6 @@ impl Node {
                 Some((change.hash(), author, change.deps().to_vec()))
             })
             .collect()
-    }
-
-    /// This node's own changes that were rejected: in its own quarantine, and receipts.
-    pub(crate) fn own_rejections(&self) -> Vec<Receipt> {
-        let me = self.node_id();
-        let mut rows: Vec<Receipt> = self
-            .records
-            .iter()
-            .flat_map(|entry| {
-                entry
-                    .quarantine()
-                    .iter()
-                    .filter(|(_, held)| held.author == me)
-                    .map(|(hash, held)| Receipt {
-                        record: entry.record().as_str().to_owned(),
-                        change: hash.to_string(),
-                        reason: held.reason.to_string(),
-                        rejected_by: me,
-                        at: held.rejected_at,
-                    })
-            })
-            .collect();
-        rows.extend(self.policy.receipts.iter().cloned());
-        rows
-    }
-
-    /// The policy in force, for `mesh policy show`.
-    pub(crate) fn policy_view(&self) -> Option<PolicyView> {
-        self.policy.in_force.as_ref().map(|in_force| PolicyView {
-            version: in_force.policy.version,
-            hash: hex(&in_force.hash),
-            policy: in_force.policy.clone(),
-            conflict: self.policy.conflict.clone(),
-        })
     }
 }
 

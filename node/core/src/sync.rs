@@ -19,7 +19,7 @@
 //! `sync_stall_timeout` is dropped and started again, so a lost message cannot stall a
 //! pair for ever.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crdt_schema::{NodeId, RecordId};
@@ -33,7 +33,7 @@ use crate::peers::Peer;
 use crate::pipeline::Origin;
 use crate::reconcile::{self, RoundOutput, batches, change_hashes};
 use crate::records::Scope;
-use crate::status::{PeerState, PeerStatus, PolicySummary, Status, SyncOutcome, SyncRecord};
+use crate::status::{PeerState, SyncOutcome, SyncRecord};
 use crate::time::Instant;
 use crate::wire::{EnvelopeBytes, Hash, Message, Need, Round};
 
@@ -348,20 +348,11 @@ impl Node {
         }
     }
 
-    /// The name to show for a peer: under a policy, a member's name in the policy (a peer
-    /// could call itself "hq"); otherwise the name it gave itself.
-    pub(crate) fn peer_name(&self, peer: &NodeId, claimed: Option<&str>) -> Option<String> {
-        match self.policy() {
-            Some(policy) => policy.member(peer).map(|(name, _)| name.to_owned()),
-            None => claimed.map(str::to_owned),
-        }
-    }
-
     /// The name to show for another node: a member's name under a policy, else the name it
     /// gave in its hello, if it is or was a peer.
     pub fn name_of(&self, node: &NodeId) -> Option<String> {
         let claimed = self.peers.get(node).and_then(|peer| peer.name.as_deref());
-        self.peer_name(node, claimed)
+        self.policy.display_name(node, claimed)
     }
 
     fn hello(&mut self, from: NodeId, name: String, scope: Option<Vec<String>>) {
@@ -883,63 +874,6 @@ impl Node {
             {
                 self.start_session(peer);
             }
-        }
-    }
-
-    /// The node's status, from indexes only: no document is loaded.
-    pub fn status(&self) -> Status {
-        let mut records: BTreeMap<String, u64> = BTreeMap::new();
-        for entry in self
-            .records
-            .iter()
-            .filter(|entry| !entry.is_deleted() && !entry.heads().is_empty())
-        {
-            *records
-                .entry(entry.record().collection().to_owned())
-                .or_default() += 1;
-        }
-        let peers = self
-            .peers
-            .iter()
-            .map(|(peer_id, peer)| PeerStatus {
-                peer_id: *peer_id,
-                name: self.peer_name(peer_id, peer.name.as_deref()),
-                state: peer.state,
-                connected_since: peer.connected_since,
-                last_sync: peer.last_sync,
-                syncing: peer.outbound.is_some() || peer.inbound.is_some(),
-                behind_estimate: peer.behind_estimate,
-                last_error: peer.last_error.clone(),
-                counters: peer.counters.clone(),
-            })
-            .collect();
-        Status {
-            node_id: self.node_id(),
-            records,
-            records_total: self.records.len() as u64,
-            digest: self.records.total().digest().to_string(),
-            last_local_change: self.last_local_change_at(),
-            last_remote_change: self.last_remote_change_at(),
-            last_sync: self.last_sync,
-            peers,
-            counters: self.counters.clone(),
-            pending_changes: self.pending_len() as u64,
-            unflushed_changes: self.unflushed_len() as u64,
-            loaded_documents: self.records.loaded_count() as u64,
-            policy: self.policy.in_force.as_ref().map(|in_force| PolicySummary {
-                version: in_force.policy.version,
-                hash: crate::policy::hex(&in_force.hash),
-                members: in_force.policy.members.len() as u64,
-                conflict: self.policy.conflict.clone(),
-            }),
-            quarantined_changes: self
-                .records
-                .iter()
-                .map(|entry| entry.quarantine().len() as u64)
-                .sum(),
-            own_changes_rejected: self.own_rejections(),
-            refused_connections: self.policy.refused.values().cloned().collect(),
-            open: self.is_open(),
         }
     }
 
