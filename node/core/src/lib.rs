@@ -54,6 +54,7 @@ pub mod policy;
 mod reconcile;
 pub mod records;
 mod restore;
+mod session;
 pub mod status;
 pub mod storage;
 mod sync;

@@ -1,11 +1,11 @@
 //! What the node knows about each peer: connection state, the sessions running with it,
-//! its counters and timers. Sessions themselves are sync.rs's; a peer only holds them.
+//! its counters and timers. A peer holds its sessions (session.rs); sync.rs drives them.
 
 use std::time::Duration;
 
 use crate::records::Scope;
+use crate::session::Session;
 use crate::status::{PeerCounters, PeerState};
-use crate::sync::Session;
 use crate::time::Instant;
 
 /// What a node knows about one peer.

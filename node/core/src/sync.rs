@@ -19,8 +19,7 @@
 //! `sync_stall_timeout` is dropped and started again, so a lost message cannot stall a
 //! pair for ever.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::time::Duration;
+use std::collections::BTreeSet;
 
 use crdt_schema::{NodeId, RecordId};
 use rand_core::Rng;
@@ -33,74 +32,9 @@ use crate::peers::Peer;
 use crate::pipeline::Origin;
 use crate::reconcile::{self, RoundOutput, batches, change_hashes};
 use crate::records::Scope;
+use crate::session::Session;
 use crate::status::{PeerState, SyncOutcome, SyncRecord};
-use crate::time::Instant;
 use crate::wire::{EnvelopeBytes, Hash, Message, Need, Round};
-
-/// One side's state of one reconciliation session.
-pub(crate) struct Session {
-    pub(crate) id: u64,
-    pub(crate) initiator: bool,
-    scope: Scope,
-    started_at: Instant,
-    pub(crate) last_progress_at: Instant,
-    rounds: u32,
-    /// This session's remote changes waiting for their log append.
-    pub(crate) pipelined: usize,
-    /// Round messages waiting until `pipelined` reaches zero.
-    deferred: VecDeque<Round>,
-    /// Whether changes moved since the last root comparison.
-    exchanged: bool,
-    /// Changes this session brought that the node did not hold.
-    pub(crate) changes_new: u64,
-    changes_received: u64,
-    changes_sent: u64,
-    bytes_received: u64,
-    bytes_sent: u64,
-}
-
-impl Session {
-    /// When the session counts as stalled if it makes no progress before.
-    pub(crate) fn stall_deadline(&self, stall: Duration) -> Instant {
-        self.last_progress_at + stall
-    }
-
-    /// One of the session's changes joined the pipeline: its next round waits for it.
-    pub(crate) fn pipelined_one(&mut self) {
-        self.pipelined += 1;
-        self.changes_new += 1;
-    }
-
-    /// One of the session's changes left the pipeline.
-    pub(crate) fn pipelined_settled(&mut self) {
-        // Saturating: a duplicated request can recreate a session under an old number,
-        // and peer input must never panic the node.
-        self.pipelined = self.pipelined.saturating_sub(1);
-    }
-
-    pub(crate) fn deferred_len(&self) -> usize {
-        self.deferred.len()
-    }
-
-    fn new(id: u64, initiator: bool, scope: Scope, now: Instant) -> Session {
-        Session {
-            id,
-            initiator,
-            scope,
-            started_at: now,
-            last_progress_at: now,
-            rounds: 0,
-            pipelined: 0,
-            deferred: VecDeque::new(),
-            exchanged: false,
-            changes_new: 0,
-            changes_received: 0,
-            changes_sent: 0,
-            bytes_received: 0,
-            bytes_sent: 0,
-        }
-    }
-}
 
 fn intersect(own: &Option<BTreeSet<String>>, theirs: &Scope) -> Scope {
     match (own, theirs) {
