@@ -22,6 +22,8 @@ pub mod plan;
 pub mod policy;
 pub mod rng;
 pub mod scenario;
+mod trace;
+mod workload;
 pub mod world;
 
 pub use plan::{FaultPlan, Knobs, Options};

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use crdt_schema::policy::Policy;
-use crdt_schema::{ChangeHash, FieldValue, Identity, NodeId, RecordId};
+use crdt_schema::{ChangeHash, Identity, NodeId, RecordId};
 use mesh_core::storage::{Restore, SavedRecord, StorageRequest};
 use mesh_core::{
     Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply, StorageOpId,
@@ -31,6 +31,8 @@ use crate::checkers::{Checkers, Failure};
 use crate::plan::{FaultPlan, Options};
 use crate::policy::{PolicyPlay, REFERENCE, accepted_offender};
 use crate::rng::SimRng;
+use crate::trace::Trace;
+use crate::workload;
 
 /// Virtual time in milliseconds since the start of the run.
 pub type Ms = u64;
@@ -277,15 +279,13 @@ pub struct World<'a> {
     events: u64,
     messages: u64,
     bytes: u64,
-    trace_hash: u64,
-    trace: Vec<String>,
+    /// The trace hash over every effect, and the verbose trace's lines.
+    trace: Trace,
     /// The policy workload, with `--policy`.
     play: Option<PolicyPlay>,
     /// Reference records that changed on honest nodes during the current input.
     to_check: Vec<(usize, RecordId)>,
 }
-
-const COLLECTIONS: [&str; 3] = ["stock", "visits", "catalogue"];
 
 impl<'a> World<'a> {
     /// A world for `options` whose fault mix is drawn from the seed.
@@ -378,8 +378,7 @@ impl<'a> World<'a> {
             events: 0,
             messages: 0,
             bytes: 0,
-            trace_hash: 0xcbf2_9ce4_8422_2325,
-            trace: Vec::new(),
+            trace: Trace::default(),
             play,
             to_check: Vec::new(),
         }
@@ -444,10 +443,10 @@ impl<'a> World<'a> {
                     .expect("alive after healing")
                     .digest()
             }),
-            trace_hash: self.trace_hash,
+            trace_hash: self.trace.hash(),
             faults: self.fault_classes.clone(),
             failure: self.checkers.failure.clone(),
-            trace: self.trace.clone(),
+            trace: self.trace.lines().to_vec(),
         }
     }
 
@@ -659,7 +658,7 @@ impl<'a> World<'a> {
     fn process(&mut self, event: Event) {
         if self.options.verbose {
             self.trace
-                .push(format!("{:>8} {}", self.now, describe(&event)));
+                .line(format!("{:>8} {}", self.now, describe(&event)));
         }
         match event {
             Event::Deliver {
@@ -853,7 +852,7 @@ impl<'a> World<'a> {
     }
 
     fn effect(&mut self, node: usize, effect: Effect) {
-        self.hash_effect(node, &effect);
+        self.trace.effect(self.now, node, &effect);
         match effect {
             Effect::Send { to, bytes } => {
                 if let Some(&to) = self.index_of.get(&to) {
@@ -914,7 +913,7 @@ impl<'a> World<'a> {
                             self.to_check.push((node, record.clone()));
                         }
                         mesh_core::Event::PolicyAdopted { .. } => {
-                            for collection in COLLECTIONS.iter().chain([&"crafted"]) {
+                            for collection in workload::COLLECTIONS.iter().chain([&"crafted"]) {
                                 for id in 0..self.plan.records_per_collection {
                                     let record = RecordId::new(collection, &format!("r{id}"))
                                         .expect("valid names");
@@ -927,47 +926,10 @@ impl<'a> World<'a> {
                 }
                 if self.options.verbose {
                     self.trace
-                        .push(format!("{:>8}   node {node}: {event:?}", self.now));
+                        .line(format!("{:>8}   node {node}: {event:?}", self.now));
                 }
             }
         }
-    }
-
-    fn hash_effect(&mut self, node: usize, effect: &Effect) {
-        let mut hash = self.trace_hash;
-        let mut mix = |bytes: &[u8]| {
-            for byte in bytes {
-                hash ^= u64::from(*byte);
-                hash = hash.wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        mix(&self.now.to_le_bytes());
-        mix(&(node as u64).to_le_bytes());
-        match effect {
-            Effect::Send { to, bytes } => {
-                mix(b"send");
-                mix(to.as_bytes());
-                mix(bytes);
-            }
-            Effect::Storage { op, request } => {
-                mix(b"storage");
-                mix(&op.0.to_le_bytes());
-                if let StorageRequest::Append { envelopes } = request {
-                    envelopes.iter().for_each(|envelope| mix(envelope));
-                }
-            }
-            Effect::Complete { id, result } => {
-                mix(b"complete");
-                mix(&id.0.to_le_bytes());
-                mix(&[u8::from(result.is_ok())]);
-            }
-            Effect::Disconnect { peer, .. } => {
-                mix(b"disconnect");
-                mix(peer.as_bytes());
-            }
-            Effect::Emit(_) => mix(b"emit"),
-        }
-        self.trace_hash = hash;
     }
 
     // ----- network -----
@@ -1108,15 +1070,15 @@ impl<'a> World<'a> {
         }
         let roll = self.rng.unit();
         if roll < 0.05 {
-            let record = self.random_record();
+            let record = workload::random_record(&mut self.rng, self.plan.records_per_collection);
             self.command(node, Command::Delete { record });
         } else if roll < 0.15 && self.slots.len() > 1 {
             // Two nodes edit the same field of the same record at the same moment.
-            let record = self.random_record();
+            let record = workload::random_record(&mut self.rng, self.plan.records_per_collection);
             let other = (node + 1 + self.rng.index(self.slots.len() - 1)) % self.slots.len();
             for writer in [node, other] {
                 if self.slots[writer].node.is_some() && !self.slots[writer].paused {
-                    let fields = self.random_fields(1);
+                    let fields = workload::random_fields(&mut self.rng, 1);
                     self.command(
                         writer,
                         Command::Put {
@@ -1128,38 +1090,17 @@ impl<'a> World<'a> {
             }
         } else if roll < 0.18 {
             for _ in 0..20 {
-                let record = self.random_record();
-                let fields = self.random_fields(3);
+                let record =
+                    workload::random_record(&mut self.rng, self.plan.records_per_collection);
+                let fields = workload::random_fields(&mut self.rng, 3);
                 self.command(node, Command::Put { record, fields });
             }
         } else {
-            let record = self.random_record();
+            let record = workload::random_record(&mut self.rng, self.plan.records_per_collection);
             let count = 1 + self.rng.index(3);
-            let fields = self.random_fields(count);
+            let fields = workload::random_fields(&mut self.rng, count);
             self.command(node, Command::Put { record, fields });
         }
-    }
-
-    fn random_record(&mut self) -> RecordId {
-        let collection = COLLECTIONS[self.rng.index(COLLECTIONS.len())];
-        let id = self
-            .rng
-            .range(0, u64::from(self.plan.records_per_collection));
-        RecordId::new(collection, &format!("r{id}")).expect("valid names")
-    }
-
-    fn random_fields(&mut self, count: usize) -> BTreeMap<String, Option<FieldValue>> {
-        (0..count)
-            .map(|_| {
-                let name = format!("f{}", self.rng.range(0, 5));
-                let value = match self.rng.range(0, 3) {
-                    0 => FieldValue::Int(self.rng.range(0, 1000) as i64),
-                    1 => FieldValue::Str(format!("v{}", self.rng.range(0, 1000))),
-                    _ => FieldValue::Bool(self.rng.chance(0.5)),
-                };
-                (name, Some(value))
-            })
-            .collect()
     }
 
     /// Runs a command on a node, remembering writes so their acknowledgement is checked.
@@ -1378,7 +1319,7 @@ impl<'a> World<'a> {
         let (what, bytes) = play.attack(&mut self.rng, records, time_ms);
         let target = self.rng.index(self.slots.len() - 1);
         if self.options.verbose {
-            self.trace.push(format!(
+            self.trace.line(format!(
                 "{:>8}   node {byzantine} (byzantine) sends node {target}: {what}",
                 self.now
             ));
