@@ -18,6 +18,7 @@
 //! ```
 
 pub mod checkers;
+mod disk;
 pub mod plan;
 pub mod policy;
 pub mod rng;

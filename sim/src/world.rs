@@ -17,17 +17,16 @@
 //!   and every node must converge within `heal_bound`.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Duration;
 
 use crdt_schema::policy::Policy;
 use crdt_schema::{ChangeHash, Identity, NodeId, RecordId};
-use mesh_core::storage::{Restore, SavedRecord, StorageRequest};
-use mesh_core::{
-    Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply, StorageOpId,
-};
+use mesh_core::storage::{Restore, StorageRequest};
+use mesh_core::{Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply};
 
 use crate::checkers::{Checkers, Failure};
+use crate::disk::Disk;
 use crate::plan::{FaultPlan, Options};
 use crate::policy::{PolicyPlay, REFERENCE, accepted_offender};
 use crate::rng::SimRng;
@@ -213,19 +212,6 @@ impl Ord for Scheduled {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.at, self.seq).cmp(&(other.at, other.seq))
     }
-}
-
-/// A node's disk: what is durable, and the requests not yet complete.
-#[derive(Default)]
-struct Disk {
-    log: VecDeque<Vec<u8>>,
-    /// Entries ever appended; `log` holds the last `log.len()` of them.
-    log_appended: u64,
-    saved: BTreeMap<RecordId, SavedRecord>,
-    /// The signed policy stored with the last checkpoint that carried one.
-    policy: Option<Vec<u8>>,
-    in_flight: VecDeque<(StorageOpId, StorageRequest, u64)>,
-    busy_until: Ms,
 }
 
 struct Slot {
@@ -602,7 +588,7 @@ impl<'a> World<'a> {
             let stored = play.stored(1);
             let end = self.options.duration.as_millis() as Ms;
             for node in 0..self.slots.len() {
-                self.slots[node].disk.policy = Some(stored.clone());
+                self.slots[node].disk.store_policy(stored.clone());
                 let restore = Restore {
                     policy: Some(stored.clone()),
                     ..Restore::default()
@@ -866,15 +852,11 @@ impl<'a> World<'a> {
                         self.checkers.fail(failure);
                     }
                 }
-                let disk = &mut self.slots[node].disk;
                 let fsync = self.rng.range(
                     self.plan.disk_latency_min_ms,
                     self.plan.disk_latency_max_ms + 1,
                 );
-                let done = disk.busy_until.max(self.now) + fsync;
-                disk.busy_until = done;
-                let appended = disk.log_appended;
-                disk.in_flight.push_back((op, request, appended));
+                let done = self.slots[node].disk.request(op, request, self.now, fsync);
                 let incarnation = self.slots[node].incarnation;
                 self.schedule(done, Event::StorageDone { node, incarnation });
             }
@@ -1024,36 +1006,7 @@ impl<'a> World<'a> {
     // ----- storage -----
 
     fn storage_done(&mut self, node: usize) {
-        let (op, request, appended_before) = self.slots[node]
-            .disk
-            .in_flight
-            .pop_front()
-            .expect("a completion follows a request");
-        let disk = &mut self.slots[node].disk;
-        match request {
-            StorageRequest::Append { envelopes } => {
-                disk.log_appended += envelopes.len() as u64;
-                disk.log.extend(envelopes);
-            }
-            StorageRequest::Checkpoint {
-                records,
-                compact_log,
-                policy,
-            } => {
-                if policy.is_some() {
-                    disk.policy = policy;
-                }
-                for record in records {
-                    disk.saved.insert(record.record.clone(), record);
-                }
-                if compact_log {
-                    // Drop the entries of appends completed before the request.
-                    let dropped_before = disk.log_appended - disk.log.len() as u64;
-                    let drop = appended_before.saturating_sub(dropped_before) as usize;
-                    disk.log.drain(..drop.min(disk.log.len()));
-                }
-            }
-        }
+        let op = self.slots[node].disk.complete();
         self.input(node, Input::StorageDone { op, result: Ok(()) });
     }
 
@@ -1150,15 +1103,7 @@ impl<'a> World<'a> {
         slot.incarnation += 1;
         slot.timer_at = None;
         slot.writes.clear();
-        // Requests not complete are lost; the oldest append may be torn, leaving a prefix.
-        let lost = std::mem::take(&mut slot.disk.in_flight);
-        if torn && let Some((_, StorageRequest::Append { envelopes }, _)) = lost.into_iter().next()
-        {
-            let survivors = (keep % envelopes.len() as u64) as usize;
-            slot.disk.log_appended += survivors as u64;
-            slot.disk.log.extend(envelopes.into_iter().take(survivors));
-        }
-        slot.disk.busy_until = self.now;
+        slot.disk.crash(torn, keep, self.now);
     }
 
     pub(crate) fn restart(&mut self, node: usize) {
@@ -1168,11 +1113,7 @@ impl<'a> World<'a> {
         let seed = self.rng.next_u64();
         let slot = &mut self.slots[node];
         let mut core = (self.factory)(slot.config.clone(), slot.identity.clone(), seed);
-        let restore = Restore {
-            records: slot.disk.saved.values().cloned().collect(),
-            log: slot.disk.log.iter().cloned().collect(),
-            policy: slot.disk.policy.clone(),
-        };
+        let restore = slot.disk.restore();
         let now = Instant::from_millis(((EPOCH_MS + self.now) as i64 + slot.skew_ms) as u64);
         let effects = core.handle(now, Input::Restore(restore));
         slot.node = Some(core);
