@@ -27,6 +27,7 @@ use mesh_core::{Command, CommandId, Config, Digest, Effect, Input, Instant, Node
 
 use crate::checkers::{Checkers, Failure};
 use crate::disk::Disk;
+use crate::network::{Network, Transmission};
 use crate::plan::{FaultPlan, Options};
 use crate::policy::{PolicyPlay, REFERENCE, accepted_offender};
 use crate::rng::SimRng;
@@ -234,14 +235,6 @@ struct Slot {
     replies: BTreeMap<CommandId, Result<Reply, mesh_core::CommandError>>,
 }
 
-#[derive(Default)]
-struct Link {
-    conn: Option<u64>,
-    /// Per direction (lower index first): last delivery time and when the link is free.
-    last_delivery: [Ms; 2],
-    busy_until: [Ms; 2],
-}
-
 /// One simulated run.
 pub struct World<'a> {
     options: Options,
@@ -253,10 +246,8 @@ pub struct World<'a> {
     seq: u64,
     slots: Vec<Slot>,
     index_of: BTreeMap<NodeId, usize>,
-    links: BTreeMap<(usize, usize), Link>,
-    next_conn: u64,
-    /// Directed pairs whose messages are lost and which cannot connect.
-    blocked: BTreeSet<(usize, usize)>,
+    /// Links, connections and cuts.
+    network: Network,
     healing: bool,
     heal_started: Ms,
     /// The fault classes the plan enabled, noted before healing turns them off.
@@ -337,12 +328,7 @@ impl<'a> World<'a> {
                 replies: BTreeMap::new(),
             });
         }
-        let mut links = BTreeMap::new();
-        for a in 0..options.nodes {
-            for b in a + 1..options.nodes {
-                links.insert((a, b), Link::default());
-            }
-        }
+        let network = Network::new(options.nodes);
         let fault_classes = plan.classes();
         World {
             options,
@@ -354,9 +340,7 @@ impl<'a> World<'a> {
             seq: 0,
             slots,
             index_of,
-            links,
-            next_conn: 0,
-            blocked: BTreeSet::new(),
+            network,
             healing: false,
             heal_started: 0,
             fault_classes,
@@ -512,8 +496,8 @@ impl<'a> World<'a> {
     pub fn partition(&mut self, left: &[usize], right: &[usize]) {
         for &a in left {
             for &b in right {
-                self.blocked.insert((a, b));
-                self.blocked.insert((b, a));
+                self.network.block(a, b);
+                self.network.block(b, a);
                 self.drop_link(a, b);
             }
         }
@@ -627,8 +611,8 @@ impl<'a> World<'a> {
             // Node 0 is the laptop that goes away for most of the fault phase.
             let end = self.options.duration.as_millis() as Ms;
             for other in 1..self.slots.len() {
-                self.blocked.insert((0, other));
-                self.blocked.insert((other, 0));
+                self.network.block(0, other);
+                self.network.block(other, 0);
                 self.drop_link(0, other);
             }
             self.schedule(end * 4 / 5, Event::PartitionEnd);
@@ -653,7 +637,7 @@ impl<'a> World<'a> {
                 conn,
                 bytes,
             } => {
-                if self.link(from, to).conn != Some(conn) {
+                if self.network.conn(from, to) != Some(conn) {
                     return;
                 }
                 if self.defer_if_paused(
@@ -679,7 +663,7 @@ impl<'a> World<'a> {
                 );
             }
             Event::Disconnect { a, b, conn } => {
-                if self.link(a, b).conn == Some(conn) {
+                if self.network.conn(a, b) == Some(conn) {
                     self.drop_link(a, b);
                     let backoff = self.rng.range(200, 3000);
                     self.schedule(self.now + backoff, Event::Connect { a, b });
@@ -763,12 +747,6 @@ impl<'a> World<'a> {
         } else {
             false
         }
-    }
-
-    fn link(&mut self, a: usize, b: usize) -> &mut Link {
-        self.links
-            .get_mut(&(a.min(b), a.max(b)))
-            .expect("every pair has a link")
     }
 
     fn node_now(&self, node: usize) -> Instant {
@@ -874,7 +852,7 @@ impl<'a> World<'a> {
             }
             Effect::Disconnect { peer, .. } => {
                 if let Some(&peer) = self.index_of.get(&peer)
-                    && let Some(conn) = self.link(node, peer).conn
+                    && let Some(conn) = self.network.conn(node, peer)
                 {
                     self.schedule(
                         self.now,
@@ -916,74 +894,44 @@ impl<'a> World<'a> {
 
     // ----- network -----
 
-    fn send(&mut self, from: usize, to: usize, mut bytes: Vec<u8>) {
-        let Some(conn) = self.link(from, to).conn else {
-            return;
-        };
-        if self.blocked.contains(&(from, to)) {
-            // Lost in a half-open connection; only the stall timeout notices.
-            return;
-        }
-        let latency = self
-            .rng
-            .range(self.plan.latency_min_ms, self.plan.latency_max_ms + 1);
-        if self.rng.chance(self.plan.drop_rate) {
-            self.schedule(
-                self.now + latency,
+    fn send(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
+        match self
+            .network
+            .transmit(from, to, bytes, self.now, &mut self.rng, &self.plan)
+        {
+            Transmission::Lost => {}
+            Transmission::Breaks { at, conn } => self.schedule(
+                at,
                 Event::Disconnect {
                     a: from,
                     b: to,
                     conn,
                 },
-            );
-            return;
+            ),
+            Transmission::Arrives { at, conn, bytes } => self.schedule(
+                at,
+                Event::Deliver {
+                    from,
+                    to,
+                    conn,
+                    bytes,
+                },
+            ),
         }
-        if !bytes.is_empty() && self.rng.chance(self.plan.corrupt_rate) {
-            let index = self.rng.index(bytes.len());
-            bytes[index] ^= 1 << self.rng.range(0, 8);
-        }
-        let direction = usize::from(from > to);
-        let transmit = match self.plan.bandwidth {
-            0 => 0,
-            bandwidth => (bytes.len() as u64 * 1000).div_ceil(bandwidth),
-        };
-        let now = self.now;
-        let link = self.link(from, to);
-        let start = link.busy_until[direction].max(now);
-        link.busy_until[direction] = start + transmit;
-        let arrival = (start + transmit + latency).max(link.last_delivery[direction]);
-        link.last_delivery[direction] = arrival;
-        self.schedule(
-            arrival,
-            Event::Deliver {
-                from,
-                to,
-                conn,
-                bytes,
-            },
-        );
     }
 
     fn connect(&mut self, a: usize, b: usize) {
         let up = self.slots[a].node.is_some() && self.slots[b].node.is_some();
-        let blocked = self.blocked.contains(&(a, b)) || self.blocked.contains(&(b, a));
-        if !up || blocked || self.link(a, b).conn.is_some() {
+        if !up || !self.network.open(a, b, self.now) {
             return;
         }
-        self.next_conn += 1;
-        let conn = self.next_conn;
-        let now = self.now;
-        let link = self.link(a, b);
-        link.conn = Some(conn);
-        link.last_delivery = [now; 2];
-        link.busy_until = [now; 2];
         let (id_a, id_b) = (self.slots[a].id, self.slots[b].id);
         self.input_or_defer(a, Input::PeerConnected { peer: id_b });
         self.input_or_defer(b, Input::PeerConnected { peer: id_a });
     }
 
     fn drop_link(&mut self, a: usize, b: usize) {
-        if self.link(a, b).conn.take().is_none() {
+        if !self.network.close(a, b) {
             return;
         }
         let (id_a, id_b) = (self.slots[a].id, self.slots[b].id);
@@ -1170,7 +1118,7 @@ impl<'a> World<'a> {
         let Some(every) = self.plan.partition_every else {
             return;
         };
-        if self.healing || self.slots.len() < 2 || !self.blocked.is_empty() {
+        if self.healing || self.slots.len() < 2 || self.network.any_blocked() {
             if !self.healing {
                 let next = self.rng.exponential_ms(every.as_millis() as f64);
                 self.schedule(self.now + next, Event::PartitionStart);
@@ -1182,8 +1130,8 @@ impl<'a> World<'a> {
             0 => {
                 let alone = self.rng.index(count);
                 for other in (0..count).filter(|other| *other != alone) {
-                    self.blocked.insert((alone, other));
-                    self.blocked.insert((other, alone));
+                    self.network.block(alone, other);
+                    self.network.block(other, alone);
                 }
             }
             1 => {
@@ -1191,7 +1139,7 @@ impl<'a> World<'a> {
                 for a in 0..count {
                     for b in 0..count {
                         if side[a] != side[b] {
-                            self.blocked.insert((a, b));
+                            self.network.block(a, b);
                         }
                     }
                 }
@@ -1200,14 +1148,13 @@ impl<'a> World<'a> {
                 // Asymmetric: one node's messages to everyone vanish; theirs still arrive.
                 let mute = self.rng.index(count);
                 for other in (0..count).filter(|other| *other != mute) {
-                    self.blocked.insert((mute, other));
+                    self.network.block(mute, other);
                 }
             }
         }
         // Symmetric cuts break connections at once; a one-way cut leaves them half open.
-        let pairs: Vec<(usize, usize)> = self.links.keys().copied().collect();
-        for (a, b) in pairs {
-            if self.blocked.contains(&(a, b)) && self.blocked.contains(&(b, a)) {
+        for (a, b) in self.network.pairs() {
+            if self.network.is_blocked(a, b) && self.network.is_blocked(b, a) {
                 self.drop_link(a, b);
             }
         }
@@ -1218,13 +1165,12 @@ impl<'a> World<'a> {
     }
 
     fn partition_end(&mut self) {
-        self.blocked.clear();
+        self.network.unblock_all();
         self.reconnect_all();
     }
 
     fn reconnect_all(&mut self) {
-        let pairs: Vec<(usize, usize)> = self.links.keys().copied().collect();
-        for (a, b) in pairs {
+        for (a, b) in self.network.pairs() {
             let delay = self.rng.range(0, 300);
             self.schedule(self.now + delay, Event::Connect { a, b });
         }
@@ -1233,7 +1179,7 @@ impl<'a> World<'a> {
     fn heal(&mut self) {
         self.healing = true;
         self.heal_started = self.now;
-        self.blocked.clear();
+        self.network.unblock_all();
         self.plan.drop_rate = 0.0;
         self.plan.corrupt_rate = 0.0;
         for node in 0..self.slots.len() {
