@@ -19,6 +19,7 @@
 
 pub mod checkers;
 mod disk;
+mod faults;
 mod network;
 pub mod plan;
 pub mod policy;

@@ -27,6 +27,7 @@ use mesh_core::{Command, CommandId, Config, Digest, Effect, Input, Instant, Node
 
 use crate::checkers::{Checkers, Failure};
 use crate::disk::Disk;
+use crate::faults;
 use crate::network::{Network, Transmission};
 use crate::plan::{FaultPlan, Options};
 use crate::policy::{PolicyPlay, REFERENCE, accepted_offender};
@@ -1125,32 +1126,8 @@ impl<'a> World<'a> {
             }
             return;
         }
-        let count = self.slots.len();
-        match self.rng.range(0, 3) {
-            0 => {
-                let alone = self.rng.index(count);
-                for other in (0..count).filter(|other| *other != alone) {
-                    self.network.block(alone, other);
-                    self.network.block(other, alone);
-                }
-            }
-            1 => {
-                let side: Vec<bool> = (0..count).map(|_| self.rng.chance(0.5)).collect();
-                for a in 0..count {
-                    for b in 0..count {
-                        if side[a] != side[b] {
-                            self.network.block(a, b);
-                        }
-                    }
-                }
-            }
-            _ => {
-                // Asymmetric: one node's messages to everyone vanish; theirs still arrive.
-                let mute = self.rng.index(count);
-                for other in (0..count).filter(|other| *other != mute) {
-                    self.network.block(mute, other);
-                }
-            }
+        for (from, to) in faults::draw_cut(&mut self.rng, self.slots.len()) {
+            self.network.block(from, to);
         }
         // Symmetric cuts break connections at once; a one-way cut leaves them half open.
         for (a, b) in self.network.pairs() {
