@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use crdt_schema::{NodeId, VerifiedChange};
+use crdt_schema::policy::RejectReason;
+use crdt_schema::{ChangeHash, NodeId, VerifiedChange};
 
 use crate::limits::{PUSH_CHANGE_BYTES_MAX, SYNC_BATCH_BYTES_MAX};
 use crate::outbox::Outbox;
@@ -78,4 +79,24 @@ fn flush(
         peer.counters.changes_sent += changes.len() as u64;
     }
     out.send(target, &Message::Push { changes });
+}
+
+/// Tells the author of a change this node rejected, if it is connected.
+pub(crate) fn receipt(
+    peers: &BTreeMap<NodeId, Peer>,
+    out: &mut Outbox,
+    record: &str,
+    hash: ChangeHash,
+    author: NodeId,
+    reason: &RejectReason,
+) {
+    let connected = peers.get(&author).is_some_and(Peer::is_ready);
+    if connected {
+        let message = Message::Receipt {
+            record: record.to_owned(),
+            change: hash.0,
+            reason: reason.to_string(),
+        };
+        out.send(author, &message);
+    }
 }

@@ -610,7 +610,7 @@ impl Node {
                         peer.counters.rejected += 1;
                     }
                     if *author != self.node_id() {
-                        self.send_receipt(&key, *hash, *author, reason);
+                        gossip::receipt(&self.peers, &mut self.out, &key, *hash, *author, reason);
                     }
                 }
                 self.out.emit(Event::ChangeQuarantined {

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crdt_schema::policy::{self, Policy, PolicyError, RejectReason, SignedPolicy};
+use crdt_schema::policy::{self, Policy, PolicyError, SignedPolicy};
 use crdt_schema::{ChangeHash, NodeId, OrgId};
 
 use crate::api::{CommandError, CommandId, Event, PolicyOffer, Reply};
@@ -183,6 +183,37 @@ impl PolicyState {
             Some(policy) => policy.member(peer).map(|(name, _)| name.to_owned()),
             None => claimed.map(str::to_owned),
         }
+    }
+
+    /// A peer says it rejected one of our changes (the caller checked that the change is
+    /// this node's and held: anyone could otherwise fill "own changes rejected" with
+    /// invented receipts and push the real ones out).
+    pub(crate) fn receipt_received(
+        &mut self,
+        from: NodeId,
+        record: String,
+        change: [u8; 32],
+        reason: String,
+        now: Instant,
+    ) {
+        let change = hex(&change);
+        let receipts = &mut self.receipts;
+        if receipts
+            .iter()
+            .any(|receipt| receipt.change == change && receipt.rejected_by == from)
+        {
+            return;
+        }
+        if receipts.len() >= RECEIPTS_MAX {
+            receipts.remove(0);
+        }
+        receipts.push(Receipt {
+            record,
+            change,
+            reason,
+            rejected_by: from,
+            at: now,
+        });
     }
 }
 
@@ -494,74 +525,6 @@ impl Node {
                 self.announce_record(&key, None, Vec::new());
             }
         }
-    }
-
-    /// Tells the author of a change this node rejected, if it is connected.
-    pub(crate) fn send_receipt(
-        &mut self,
-        record: &str,
-        hash: ChangeHash,
-        author: NodeId,
-        reason: &RejectReason,
-    ) {
-        let connected = self
-            .peers
-            .get(&author)
-            .is_some_and(crate::peers::Peer::is_ready);
-        if connected {
-            let message = Message::Receipt {
-                record: record.to_owned(),
-                change: hash.0,
-                reason: reason.to_string(),
-            };
-            self.out.send(author, &message);
-        }
-    }
-
-    /// A peer says it rejected one of our changes.
-    pub(crate) fn receipt_received(
-        &mut self,
-        from: NodeId,
-        record: String,
-        change: [u8; 32],
-        reason: String,
-    ) {
-        // Only for a change of this node's that it holds: anyone could otherwise fill
-        // "own changes rejected" with invented receipts and push the real ones out.
-        let hash = ChangeHash(change);
-        let me = self.node_id();
-        let own = match self.records.entry(&record) {
-            None => false,
-            Some(entry) => match entry.quarantine().get(&hash) {
-                Some(held) => held.author == me,
-                None => self
-                    .records
-                    .doc_mut(&record)
-                    .change(&hash)
-                    .is_some_and(|held| held.actor_id().to_bytes() == me.as_bytes()),
-            },
-        };
-        if !own {
-            return;
-        }
-        let change = hex(&change);
-        let receipts = &mut self.policy.receipts;
-        if receipts
-            .iter()
-            .any(|receipt| receipt.change == change && receipt.rejected_by == from)
-        {
-            return;
-        }
-        if receipts.len() >= RECEIPTS_MAX {
-            receipts.remove(0);
-        }
-        receipts.push(Receipt {
-            record,
-            change,
-            reason,
-            rejected_by: from,
-            at: self.now,
-        });
     }
 
     /// The changes of a record's accepted document: (hash, author, dependencies). For

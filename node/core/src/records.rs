@@ -576,6 +576,21 @@ impl Records {
         envelopes
     }
 
+    /// Whether `hash` is a change of record `key` that `me` made and this node holds
+    /// (accepted or quarantined).
+    pub fn holds_own_change(&mut self, key: &str, hash: &ChangeHash, me: &NodeId) -> bool {
+        match self.entry(key) {
+            None => false,
+            Some(entry) => match entry.quarantine().get(hash) {
+                Some(held) => held.author == *me,
+                None => self
+                    .doc_mut(key)
+                    .change(hash)
+                    .is_some_and(|held| held.actor_id().to_bytes() == me.as_bytes()),
+            },
+        }
+    }
+
     /// Keys of every record, in order.
     pub fn keys(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeSet;
 
-use crdt_schema::{NodeId, RecordId};
+use crdt_schema::{ChangeHash, NodeId, RecordId};
 use rand_core::Rng;
 
 use crate::admit;
@@ -247,7 +247,16 @@ impl Node {
                 record,
                 change,
                 reason,
-            } => self.receipt_received(from, record, change, reason),
+            } => {
+                let me = self.node_id();
+                if self
+                    .records
+                    .holds_own_change(&record, &ChangeHash(change), &me)
+                {
+                    self.policy
+                        .receipt_received(from, record, change, reason, self.now);
+                }
+            }
             Message::Need { needs } => self.answer_needs(from, needs),
             Message::SyncRequest(round) => {
                 if let Some(message) = self.policy.newer_than(round.policy) {
