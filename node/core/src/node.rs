@@ -728,52 +728,44 @@ impl Node {
         }
     }
 
-    /// Admits a batch of changes `from` sent as `origin` (admit.rs); returns false if any
-    /// was refused, which costs the sender its connection.
+    /// Admission and the borrows it works through (admit.rs).
+    fn admission(&mut self) -> (&mut Admission, AdmitParts<'_>) {
+        let parts = AdmitParts {
+            config: &self.config,
+            policy: self
+                .policy
+                .in_force
+                .as_ref()
+                .map(|in_force| &in_force.policy),
+            records: &mut self.records,
+            pipeline: &mut self.pipeline,
+            peers: &mut self.peers,
+            refused_changes: &mut self.policy.refused_changes,
+            counters: &mut self.counters,
+            out: &mut self.out,
+            now: self.now,
+        };
+        (&mut self.admission, parts)
+    }
+
+    /// Admits a batch of changes `from` sent as `origin`; returns false if any was
+    /// refused, which costs the sender its connection.
     pub(crate) fn admit_changes(
         &mut self,
         from: NodeId,
         envelopes: Vec<Vec<u8>>,
         origin: Origin,
     ) -> bool {
-        let mut parts = AdmitParts {
-            config: &self.config,
-            policy: self
-                .policy
-                .in_force
-                .as_ref()
-                .map(|in_force| &in_force.policy),
-            records: &mut self.records,
-            pipeline: &mut self.pipeline,
-            peers: &mut self.peers,
-            refused_changes: &mut self.policy.refused_changes,
-            counters: &mut self.counters,
-            out: &mut self.out,
-            now: self.now,
-        };
-        self.admission
+        let (admission, mut parts) = self.admission();
+        admission
             .admit(from, envelopes, origin, &mut parts)
             .all_valid()
     }
 
     /// Moves pending changes whose dependencies are now held into the pipeline.
     fn release_pending(&mut self) {
-        let mut parts = AdmitParts {
-            config: &self.config,
-            policy: self
-                .policy
-                .in_force
-                .as_ref()
-                .map(|in_force| &in_force.policy),
-            records: &mut self.records,
-            pipeline: &mut self.pipeline,
-            peers: &mut self.peers,
-            refused_changes: &mut self.policy.refused_changes,
-            counters: &mut self.counters,
-            out: &mut self.out,
-            now: self.now,
-        };
-        self.admission.release(&mut parts);
+        let (admission, mut parts) = self.admission();
+        admission.release(&mut parts);
     }
 
     /// Pushes newly durable changes to connected peers (gossip.rs).
