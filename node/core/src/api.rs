@@ -37,7 +37,7 @@ pub enum Input {
         peer: NodeId,
     },
     /// The transport refused a connection from a peer that is not a member (see
-    /// [`Node::admits`]); recorded for status.
+    /// [`crate::Node::admits`]); recorded for status.
     PeerRefused {
         /// The peer.
         peer: NodeId,
@@ -63,7 +63,7 @@ pub enum Input {
         /// Whether it succeeded; an append succeeds only once durable.
         result: Result<(), StorageError>,
     },
-    /// A deadline from [`Node::next_deadline`] passed.
+    /// A deadline from [`crate::Node::next_deadline`] passed.
     Tick,
 }
 
@@ -312,7 +312,7 @@ pub enum Event {
     },
 }
 
-/// Queue lengths, from [`Node::queues`].
+/// Queue lengths, from [`crate::Node::queues`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queues {
     /// Changes waiting for their dependencies.

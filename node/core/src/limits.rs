@@ -66,7 +66,7 @@ pub const HISTORY_ENTRIES_MAX: usize = 1000;
 
 /// Most quarantined changes held for one record; past it, and past the per-author and total
 /// bounds below, the changes with the highest hashes are dropped, so that nodes flooded
-/// differently still hold the same ones (`Node::enforce_quarantine_bounds`).
+/// differently still hold the same ones (`Judge::enforce_quarantine_bounds` in judge.rs).
 pub const QUARANTINE_PER_RECORD_MAX: usize = 32;
 /// Most quarantined changes by one author over all records.
 pub const QUARANTINE_PER_AUTHOR_MAX: usize = 4096;

@@ -120,7 +120,7 @@ pub struct Records {
     loaded_max: usize,
     /// Quarantined changes held, over all records and by author, ordered by hash: the
     /// bounds against a member that floods many records keep the lowest hashes (see
-    /// `Node::enforce_quarantine_bounds`), so they need the highest at hand.
+    /// `Judge::enforce_quarantine_bounds` in judge.rs), so they need the highest at hand.
     quarantined_all: BTreeSet<(ChangeHash, String)>,
     quarantined_by_author: BTreeMap<NodeId, BTreeSet<(ChangeHash, String)>>,
 }
