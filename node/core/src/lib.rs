@@ -39,6 +39,7 @@
 
 mod admit;
 pub mod api;
+mod apply;
 mod checkpoint;
 pub mod config;
 pub mod digest;

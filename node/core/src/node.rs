@@ -21,6 +21,7 @@ use crate::admit::{self, Admission, AdmitParts};
 use crate::api::{
     Command, CommandError, CommandId, Effect, Event, Input, PolicyOffer, Queues, Reply,
 };
+use crate::apply::{self, Apply};
 use crate::checkpoint::{Checkpoints, PolicyToSave};
 use crate::config::Config;
 use crate::gossip;
@@ -238,7 +239,8 @@ impl Node {
                 continue;
             }
             if admit::deps_held(&self.records, &self.pipeline, &change) {
-                self.apply_remote_batch(vec![(self.node_id(), change, Origin::Log)]);
+                let me = self.node_id();
+                self.apply().remote_batch(vec![(me, change, Origin::Log)]);
             } else {
                 self.counters.changes_dropped += 1;
             }
@@ -427,7 +429,7 @@ impl Node {
         }
     }
 
-    /// The append is durable: acknowledge, apply, announce.
+    /// The append is durable: acknowledge, apply, announce, push (apply.rs).
     fn append_done(&mut self, entries: Vec<PipelineEntry>) {
         let mut remote = Vec::new();
         let mut pushed: Vec<(Option<NodeId>, VerifiedChange)> = Vec::new();
@@ -439,72 +441,9 @@ impl Node {
                     record,
                     change,
                 } => {
-                    let changed = change.is_some();
-                    let change_hash = change.as_ref().map(VerifiedChange::hash);
-                    own_durable.extend(change_hash);
-                    let forbidden = change.as_ref().and_then(|change| {
-                        let entry = self.records.entry(record.as_str())?;
-                        let held = entry.quarantine().get(&change.hash())?;
-                        Some(held.reason.clone())
-                    });
-                    if let Some(reason) = forbidden {
-                        // A newer policy arrived while the append was in flight and forbids
-                        // this write: it is durable, but in quarantine, never applied.
-                        let key = record.as_str();
-                        self.records
-                            .remove_unacked(key, &change_hash.expect("a change exists"));
-                        self.records.refresh_item(key);
-                        if let Some(command) = command {
-                            let version = self.policy().map_or(0, |policy| policy.version);
-                            self.out.complete(
-                                command,
-                                Err(CommandError::Forbidden { version, reason }),
-                            );
-                        }
-                        continue;
-                    }
-                    if let Some(change) = change {
-                        let key = record.as_str();
-                        let deps = change.change.deps().to_vec();
-                        self.records
-                            .mark_durable(key, change.hash(), &deps, change.signature());
-                        let quarantined_here = self
-                            .records
-                            .entry(key)
-                            .is_some_and(|entry| !entry.quarantine().is_empty());
-                        if quarantined_here && self.policy.in_force.is_some() {
-                            // It may build on this node's quarantined changes (see
-                            // `local::own_quarantined_chain`), which it accepts: judge again.
-                            self.judge().rejudge(key, Vec::new());
-                        }
-                        self.records.refresh_deleted(key);
-                        self.counters.changes_local += 1;
-                        let entry = self.records.entry(key).expect("written");
-                        let (heads, deleted) = (entry.heads().to_vec(), entry.is_deleted());
-                        self.out.emit(Event::RecordChanged {
-                            record: record.clone(),
-                            heads,
-                            from: None,
-                            authors: vec![self.identity.node_id()],
-                            deleted,
-                        });
-                        pushed.push((None, change));
-                    }
-                    let heads = self
-                        .records
-                        .entry(record.as_str())
-                        .map(|entry| entry.heads().to_vec());
-                    if let Some(command) = command {
-                        self.out.complete(
-                            command,
-                            Ok(Reply::Written {
-                                record,
-                                change: change_hash,
-                                heads: heads.unwrap_or_default(),
-                                changed,
-                            }),
-                        );
-                    }
+                    own_durable.extend(change.as_ref().map(VerifiedChange::hash));
+                    let to_push = self.apply().local_durable(command, record, change);
+                    pushed.extend(to_push.map(|change| (None, change)));
                 }
                 PipelineEntry::Remote {
                     from,
@@ -526,107 +465,16 @@ impl Node {
                 }
             }
         }
-        let accepted = self.apply_remote_batch(remote);
-        // Records judged while local changes awaited this append are judged again, now
-        // that those changes are durable.
-        let waiting: Vec<String> = self
-            .rejudge_after_ack
-            .iter()
-            .filter(|key| {
-                self.records
-                    .entry(key)
-                    .is_none_or(|entry| !entry.has_unacked())
-            })
-            .cloned()
-            .collect();
-        for key in waiting {
-            self.rejudge_after_ack.remove(&key);
-            if self.records.entry(&key).is_some() && self.judge().rejudge(&key, Vec::new()).changed
-            {
-                self.announce_record(&key, None, Vec::new());
-            }
-        }
-        // Rejected changes are never pushed: only what is now accepted travels.
-        pushed.retain(|(from, change)| {
-            from.is_none() || accepted.contains(&(change.record.as_str().to_owned(), change.hash()))
-        });
-        pushed.retain(|(_, change)| {
-            self.records
-                .entry(change.record.as_str())
-                .is_some_and(|entry| !entry.quarantine().contains_key(&change.hash()))
-        });
+        let mut apply = self.apply();
+        let accepted = apply.remote_batch(remote);
+        apply.rejudge_acknowledged();
+        let pushed = apply.relayable(pushed, &accepted);
         self.schedule_checkpoint();
         self.push_to_peers(pushed);
         // After the push: peers get a policy's endorsements before the policy.
         self.own_changes_durable(&own_durable);
         self.release_pending();
         self.resume_sessions();
-    }
-
-    /// Applies durable remote changes, grouped per record, under the policy: accepted
-    /// ones join their documents, the rest go to quarantine. Returns the accepted ones.
-    fn apply_remote_batch(
-        &mut self,
-        batch: Vec<(NodeId, VerifiedChange, Origin)>,
-    ) -> BTreeSet<(String, ChangeHash)> {
-        let mut by_record: BTreeMap<String, Vec<(NodeId, VerifiedChange, Origin)>> =
-            BTreeMap::new();
-        for item in batch {
-            by_record
-                .entry(item.1.record.as_str().to_owned())
-                .or_default()
-                .push(item);
-        }
-        let mut accepted = BTreeSet::new();
-        for (key, items) in by_record {
-            let record = items[0].1.record.clone();
-            self.records.create(&record);
-            let changes = items.iter().map(|(_, change, _)| change.clone()).collect();
-            let settled = self.judge().settle(&key, changes);
-            let mut from = None;
-            let mut authors: Vec<NodeId> = Vec::new();
-            for (peer, change, origin) in &items {
-                let hash = change.hash();
-                if settled.accepted.contains(&hash) {
-                    if !authors.contains(&change.author) {
-                        authors.push(change.author);
-                    }
-                    accepted.insert((key.clone(), hash));
-                    if *origin != Origin::Log {
-                        self.counters.changes_applied += 1;
-                        self.last_remote_change = Some(self.now);
-                        from = Some(*peer);
-                    }
-                }
-            }
-            for (hash, author, reason) in &settled.rejected {
-                let arrived = items
-                    .iter()
-                    .find(|(_, change, _)| change.hash() == *hash)
-                    .filter(|(_, _, origin)| *origin != Origin::Log);
-                if let Some((peer, _, _)) = arrived {
-                    self.counters.changes_rejected += 1;
-                    if let Some(peer) = self.peers.get_mut(peer) {
-                        peer.counters.rejected += 1;
-                    }
-                    if *author != self.node_id() {
-                        gossip::receipt(&self.peers, &mut self.out, &key, *hash, *author, reason);
-                    }
-                }
-                self.out.emit(Event::ChangeQuarantined {
-                    record: record.clone(),
-                    change: *hash,
-                    reason: reason.to_string(),
-                });
-            }
-            if settled.changed {
-                self.announce_record(&key, from, authors);
-            } else {
-                // A record created for changes that Automerge refused holds nothing.
-                self.records.remove_empty(&key);
-            }
-        }
-        accepted
     }
 
     /// Tells the change feed that a record's durable state changed.
@@ -636,19 +484,7 @@ impl Node {
         from: Option<NodeId>,
         authors: Vec<NodeId>,
     ) {
-        let Some(entry) = self.records.entry(key) else {
-            return;
-        };
-        let record = entry.record().clone();
-        let heads = entry.heads().to_vec();
-        let deleted = entry.is_deleted();
-        self.out.emit(Event::RecordChanged {
-            record,
-            heads,
-            from,
-            authors,
-            deleted,
-        });
+        apply::announce_record(&self.records, &mut self.out, key, from, authors);
     }
 
     /// The append failed: nothing in it is durable. Fail its writes, undo its local changes
@@ -710,22 +546,31 @@ impl Node {
         }
     }
 
+    /// Applying durable changes: the judge plus the peers (apply.rs).
+    fn apply(&mut self) -> Apply<'_> {
+        Apply {
+            judge: Judge {
+                records: &mut self.records,
+                policy: self
+                    .policy
+                    .in_force
+                    .as_ref()
+                    .map(|in_force| &in_force.policy),
+                identity: &self.identity,
+                org: &self.config.org,
+                now: self.now,
+                counters: &mut self.counters,
+                out: &mut self.out,
+                rejudge_after_ack: &mut self.rejudge_after_ack,
+            },
+            peers: &mut self.peers,
+            last_remote_change: &mut self.last_remote_change,
+        }
+    }
+
     /// The judge, over the records and the policy in force (judge.rs).
     pub(crate) fn judge(&mut self) -> Judge<'_> {
-        Judge {
-            records: &mut self.records,
-            policy: self
-                .policy
-                .in_force
-                .as_ref()
-                .map(|in_force| &in_force.policy),
-            identity: &self.identity,
-            org: &self.config.org,
-            now: self.now,
-            counters: &mut self.counters,
-            out: &mut self.out,
-            rejudge_after_ack: &mut self.rejudge_after_ack,
-        }
+        self.apply().judge
     }
 
     /// Admission and the borrows it works through (admit.rs).
