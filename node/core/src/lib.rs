@@ -55,6 +55,7 @@ pub mod policy;
 mod reconcile;
 pub mod records;
 mod restore;
+mod rounds;
 mod session;
 pub mod status;
 pub mod storage;

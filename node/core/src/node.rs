@@ -11,7 +11,7 @@
 //! 3. when the driver reports the append durable, remote changes are applied, local writes
 //!    are acknowledged, and only then are the changes pushed to peers.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use crdt_schema::{ChangeHash, Edit, Identity, NodeId, RecordId, VerifiedChange};
 use rand_chacha::ChaCha8Rng;
@@ -31,11 +31,11 @@ use crate::outbox::Outbox;
 use crate::peers::Peer;
 use crate::pipeline::{Origin, Pipeline, PipelineEntry};
 use crate::policy::PolicyState;
-use crate::reconcile::Reconcile;
 use crate::records::Records;
 use crate::restore::{self, Restored};
-use crate::status::{Counters, Status, SyncRecord};
+use crate::status::{Counters, Status};
 use crate::storage::{Restore, StorageError, StorageOpId, StorageOps};
+use crate::sync::{Routed, Sessions, SyncLog};
 use crate::time::Instant;
 use crate::views::{self, StatusSources};
 
@@ -50,13 +50,11 @@ pub struct Node {
     admission: Admission,
     pub(crate) peers: BTreeMap<NodeId, Peer>,
     pub(crate) counters: Counters,
-    pub(crate) history: VecDeque<SyncRecord>,
+    sync_log: SyncLog,
     storage_ops: StorageOps,
-    pub(crate) next_session: u64,
     pub(crate) checkpoints: Checkpoints,
     last_local_change: Option<Instant>,
     last_remote_change: Option<Instant>,
-    pub(crate) last_sync: Option<Instant>,
     pub(crate) out: Outbox,
     pub(crate) policy: PolicyState,
     /// Records re-judged while local changes awaited their append; judged again after.
@@ -77,13 +75,11 @@ impl Node {
             admission: Admission::default(),
             peers: BTreeMap::new(),
             counters: Counters::default(),
-            history: VecDeque::new(),
+            sync_log: SyncLog::default(),
             storage_ops: StorageOps::default(),
-            next_session: 0,
             checkpoints: Checkpoints::default(),
             last_local_change: None,
             last_remote_change: None,
-            last_sync: None,
             out: Outbox::default(),
             policy: PolicyState::default(),
             rejudge_after_ack: BTreeSet::new(),
@@ -107,12 +103,20 @@ impl Node {
         match input {
             Input::Restore(restore) => self.restore(restore),
             Input::Command { id, command } => self.command(id, command),
-            Input::PeerConnecting { peer } => self.peer_connecting(peer),
-            Input::PeerConnected { peer } => self.peer_connected(peer),
+            Input::PeerConnecting { peer } => self.sessions().peer_connecting(peer),
+            Input::PeerConnected { peer } => {
+                if peer != self.node_id() && !self.admits(&peer) {
+                    // Once a policy is in force only members may connect. The daemon
+                    // refuses them at the transport already; this covers every other driver.
+                    self.refuse_peer(peer);
+                } else {
+                    self.sessions().peer_connected(peer);
+                }
+            }
             Input::PeerRefused { peer, address } => {
                 self.policy.note_refused(peer, address, self.now)
             }
-            Input::PeerDisconnected { peer } => self.transport_disconnected(peer),
+            Input::PeerDisconnected { peer } => self.sessions().transport_disconnected(peer),
             Input::MessageReceived { from, bytes } => self.message_received(from, bytes),
             Input::StorageDone { op, result } => self.storage_done(op, result),
             Input::Tick => self.tick(),
@@ -192,7 +196,7 @@ impl Node {
             pending_changes: self.admission.pending_len(),
             pipeline_remote_changes: self.pipeline.remote_len(),
             peers: self.peers.len(),
-            history: self.history.len(),
+            history: self.sync_log.history.len(),
             loaded_documents: self.records.loaded_count(),
             deferred_rounds_max: sessions
                 .clone()
@@ -213,7 +217,7 @@ impl Node {
             counters: &self.counters,
             last_local_change: self.last_local_change,
             last_remote_change: self.last_remote_change,
-            last_sync: self.last_sync,
+            last_sync: self.sync_log.last_sync,
             pending_changes: self.admission.pending_len(),
             unflushed_changes: self.pipeline.unflushed_len(),
             open: self.is_open(),
@@ -294,13 +298,13 @@ impl Node {
                 let status = self.status();
                 self.out.complete(id, Ok(Reply::Status(Box::new(status))));
             }
-            Command::SyncNow { peer } => self.sync_now(id, peer),
+            Command::SyncNow { peer } => self.sessions().sync_now(id, peer),
             Command::SyncAbort => {
-                let sessions = self.abort_syncs();
+                let sessions = self.sessions().abort_syncs();
                 self.out.complete(id, Ok(Reply::SyncAborted { sessions }));
             }
             Command::History => {
-                let rows = self.history.iter().rev().cloned().collect();
+                let rows = self.sync_log.history.iter().rev().cloned().collect();
                 self.out.complete(id, Ok(Reply::History(rows)));
             }
             Command::Export { record } => match self.records.entry(record.as_str()) {
@@ -454,7 +458,10 @@ impl Node {
                     self.pipeline.settle(&change);
                     if let Origin::Session { id, initiator } = origin
                         && counted
-                        && let Some(session) = self.session_mut(from, id, initiator)
+                        && let Some(session) = self
+                            .peers
+                            .get_mut(&from)
+                            .and_then(|peer| peer.session_mut(id, initiator))
                     {
                         session.pipelined_settled();
                     }
@@ -474,7 +481,7 @@ impl Node {
         // After the push: peers get a policy's endorsements before the policy.
         self.own_changes_durable(&own_durable);
         self.release_pending();
-        self.resume_sessions();
+        self.sessions().resume_sessions();
     }
 
     /// Tells the change feed that a record's durable state changed.
@@ -532,19 +539,86 @@ impl Node {
         }
         // The dropped remote changes belonged to sessions that now cannot finish; end
         // them, and the next timer reconciles again.
-        self.fail_all_sessions(&format!("storage failed: {}", error.0));
+        self.sessions()
+            .fail_all_sessions(&format!("storage failed: {}", error.0));
         self.out.emit(Event::StorageFailed { error: error.0 });
     }
 
-    // ----- remote changes -----
+    // ----- peers -----
 
-    /// Range reconciliation over the records (reconcile.rs).
-    pub(crate) fn reconcile(&mut self) -> Reconcile<'_> {
-        Reconcile {
-            records: &mut self.records,
-            pipeline: &self.pipeline,
+    /// A peer's message: the sessions handle what is theirs and hand back the rest.
+    fn message_received(&mut self, from: NodeId, bytes: Vec<u8>) {
+        match self.sessions().receive(from, bytes) {
+            None => {}
+            Some(Routed::Admit {
+                envelopes,
+                origin,
+                refusal,
+            }) => {
+                let admitted = self.admit_changes(from, envelopes, origin);
+                if !admitted {
+                    self.sessions().reject_message(from, refusal.into());
+                }
+            }
+            Some(Routed::Policy { signed }) => {
+                let offered = serde_json::from_slice(&signed)
+                    .map_err(|error| error.to_string())
+                    .and_then(|signed| {
+                        self.offer_policy(signed, from)
+                            .map_err(|error| error.to_string())
+                    });
+                if let Err(reason) = offered {
+                    let reason = format!("sent a policy this node refuses: {reason}");
+                    self.sessions().reject_message(from, reason);
+                }
+            }
+            Some(Routed::Receipt {
+                record,
+                change,
+                reason,
+            }) => {
+                let me = self.node_id();
+                if self
+                    .records
+                    .holds_own_change(&record, &ChangeHash(change), &me)
+                {
+                    self.policy
+                        .receipt_received(from, record, change, reason, self.now);
+                }
+            }
         }
     }
+
+    /// The peers and their sessions (sync.rs).
+    pub(crate) fn sessions(&mut self) -> Sessions<'_> {
+        Sessions {
+            me: self.identity.node_id(),
+            now: self.now,
+            config: &self.config,
+            rng: &mut self.rng,
+            peers: &mut self.peers,
+            log: &mut self.sync_log,
+            counters: &mut self.counters,
+            out: &mut self.out,
+            records: &mut self.records,
+            pipeline: &self.pipeline,
+            policy: &self.policy,
+        }
+    }
+
+    /// The name to show for another node: a member's name under a policy, else the name it
+    /// gave in its hello, if it is or was a peer.
+    pub fn name_of(&self, node: &NodeId) -> Option<String> {
+        let claimed = self.peers.get(node).and_then(|peer| peer.name.as_deref());
+        self.policy.display_name(node, claimed)
+    }
+
+    /// The digest over every record's durable heads.
+    pub fn digest(&self) -> crate::digest::Digest {
+        self.records.total().digest()
+    }
+
+    // ----- remote changes -----
 
     /// Applying durable changes: the judge plus the peers (apply.rs).
     fn apply(&mut self) -> Apply<'_> {
@@ -648,6 +722,6 @@ impl Node {
         }
         let expired = self.admission.expire(now);
         self.counters.changes_dropped += expired as u64;
-        self.sync_timers();
+        self.sessions().sync_timers();
     }
 }

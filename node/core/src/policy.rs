@@ -284,7 +284,7 @@ impl Node {
         }
         self.out
             .disconnect(peer, "not a member of the org's policy".into());
-        self.peer_disconnected(peer);
+        self.sessions().peer_disconnected(peer);
     }
 
     /// A signed policy from the user (`from` is `None`) or a peer.

@@ -1,5 +1,5 @@
 //! One side's state of one reconciliation session (the protocol is in sync.rs's module
-//! doc). A peer holds its sessions (peers.rs); sync.rs drives them.
+//! doc). A peer holds its sessions (peers.rs); rounds.rs drives them.
 
 use std::collections::VecDeque;
 use std::time::Duration;
