@@ -52,6 +52,7 @@ mod outbox;
 mod peers;
 mod pipeline;
 pub mod policy;
+mod reads;
 mod reconcile;
 pub mod records;
 mod restore;

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crdt_schema::policy::Policy;
+use crdt_schema::policy::{self, Policy};
 use crdt_schema::{
     Change, ChangeHash, Edit, Identity, NodeId, RecordDoc, RecordId, VerifiedChange,
 };
@@ -176,4 +176,54 @@ pub(crate) fn undo(
         records.refresh_item(key);
     }
     true
+}
+
+/// Before a policy applied here takes away someone's right to write a record, this node
+/// (if the `new` policy lets it write the record) endorses the record: a change that builds
+/// on everything it holds of it. What a valid member built on stays accepted, so the
+/// history this node has seen stays, while what the demoted or revoked author writes from
+/// now on (or wrote unseen, behind a partition) is rejected, the same on every node.
+/// Returns the endorsement of record `key`, if it needs one, for the caller to sign.
+pub(crate) fn endorsement(
+    records: &mut Records,
+    key: &str,
+    previous: Option<&Policy>,
+    new: &Policy,
+    me: NodeId,
+    trusted: Option<&BTreeSet<NodeId>>,
+    now: Instant,
+) -> Option<(RecordId, Change)> {
+    let entry = records.entry(key)?;
+    if !entry.is_visible() {
+        return None;
+    }
+    let record = entry.record().clone();
+    let collection = record.collection();
+    if policy::judge_author(new, &me, collection).is_err() {
+        return None;
+    }
+    // Only history by authors who were allowed to write it is kept: under the previous
+    // policy, or before the first one this node and its trusted peers. Writes by keys that
+    // never had the right (a stranger while the mesh was open) are not laundered into
+    // accepted history.
+    let was_allowed = |author: &NodeId| match previous {
+        Some(previous) => policy::judge_author(previous, author, collection).is_ok(),
+        None => *author == me || trusted.is_some_and(|trusted| trusted.contains(author)),
+    };
+    let loses_a_writer = records
+        .doc_mut(key)
+        .changes_after(&[])
+        .iter()
+        .filter_map(|change| NodeId::from_slice(change.actor_id().to_bytes()).ok())
+        .any(|author| {
+            was_allowed(&author) && policy::judge_author(new, &author, collection).is_err()
+        });
+    if !loses_a_writer {
+        return None;
+    }
+    let time_ms = i64::try_from(now.as_millis()).unwrap_or(i64::MAX);
+    match records.doc_mut(key).endorse(new.version, time_ms) {
+        Ok(Some(change)) => Some((record, change)),
+        _ => None,
+    }
 }

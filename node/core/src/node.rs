@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crdt_schema::policy::{Policy, PolicyError, SignedPolicy};
 use crdt_schema::{ChangeHash, Edit, Identity, NodeId, RecordId, VerifiedChange};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -30,10 +31,11 @@ use crate::local;
 use crate::outbox::Outbox;
 use crate::peers::Peer;
 use crate::pipeline::{Origin, Pipeline, PipelineEntry};
-use crate::policy::PolicyState;
+use crate::policy::{ApplyVerdict, Endorsed, InForce, OfferVerdict, PolicyState};
+use crate::reads;
 use crate::records::Records;
 use crate::restore::{self, Restored};
-use crate::status::{Counters, Status};
+use crate::status::{Counters, PeerState, Status};
 use crate::storage::{Restore, StorageError, StorageOpId, StorageOps};
 use crate::sync::{Routed, Sessions, SyncLog};
 use crate::time::Instant;
@@ -270,28 +272,11 @@ impl Node {
                 }
             }
             Command::Get { record } => {
-                let view = self
-                    .records
-                    .entry(record.as_str())
-                    .is_some_and(crate::records::Entry::is_visible)
-                    .then(|| self.records.doc_mut(record.as_str()).view(&record));
+                let view = reads::record(&mut self.records, &record);
                 self.out.complete(id, Ok(Reply::Record(view)));
             }
             Command::List { collection } => {
-                let keys: Vec<RecordId> = self
-                    .records
-                    .range(
-                        &format!("{collection}/"),
-                        Some(&format!("{collection}0")),
-                        &None,
-                    )
-                    .filter(|entry| !entry.is_deleted() && entry.is_visible())
-                    .map(|entry| entry.record().clone())
-                    .collect();
-                let views = keys
-                    .iter()
-                    .map(|record| self.records.doc_mut(record.as_str()).view(record))
-                    .collect();
+                let views = reads::list(&mut self.records, &collection);
                 self.out.complete(id, Ok(Reply::Records(views)));
             }
             Command::Status => {
@@ -307,12 +292,9 @@ impl Node {
                 let rows = self.sync_log.history.iter().rev().cloned().collect();
                 self.out.complete(id, Ok(Reply::History(rows)));
             }
-            Command::Export { record } => match self.records.entry(record.as_str()) {
-                Some(entry) if entry.is_visible() => {
-                    let bytes = self.records.doc_mut(record.as_str()).save();
-                    self.out.complete(id, Ok(Reply::Document(bytes)));
-                }
-                _ => self.out.complete(id, Err(CommandError::NotFound(record))),
+            Command::Export { record } => match reads::export(&mut self.records, &record) {
+                Some(bytes) => self.out.complete(id, Ok(Reply::Document(bytes))),
+                None => self.out.complete(id, Err(CommandError::NotFound(record))),
             },
             Command::ApplyPolicy { signed } => self.apply_policy(id, signed),
             Command::ShowPolicy => {
@@ -334,7 +316,7 @@ impl Node {
                     let message = "that is this node's own id".to_owned();
                     return self.out.complete(id, Err(CommandError::Invalid(message)));
                 }
-                let newly = self.approve_peer(peer);
+                let newly = self.policy.approve(peer, &mut self.config.trusted_peers);
                 let policy_in_force = self.policy().is_some();
                 self.out.complete(
                     id,
@@ -527,7 +509,9 @@ impl Node {
             }
         }
         let lost: BTreeSet<ChangeHash> = undone.values().flatten().copied().collect();
-        self.own_changes_lost(&lost, &error.0);
+        if let Some((command, lost)) = self.policy.own_changes_lost(&lost, &error.0) {
+            self.out.complete(command, Err(lost));
+        }
         let me = self.node_id();
         for (key, hashes) in undone {
             let still_held = local::undo(&mut self.records, &me, &key, &hashes);
@@ -616,6 +600,170 @@ impl Node {
     /// The digest over every record's durable heads.
     pub fn digest(&self) -> crate::digest::Digest {
         self.records.total().digest()
+    }
+
+    // ----- policy -----
+
+    /// The policy in force, if any.
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.policy()
+    }
+
+    /// Whether `peer` may connect: any peer while no policy is in force (but for the
+    /// trusted peers of a closed node), afterwards only members whose key is not revoked.
+    /// The daemon asks this of every new connection.
+    pub fn admits(&self, peer: &NodeId) -> bool {
+        self.policy.admits(peer, self.config.trusted_peers.as_ref())
+    }
+
+    /// The node ids allowed to connect: the policy's members while one is in force, else
+    /// the trusted peers; `None` for an open mesh (every key).
+    pub fn members(&self) -> Option<Vec<NodeId>> {
+        self.policy.members(self.config.trusted_peers.as_ref())
+    }
+
+    /// Whether any key may connect: no policy and no list of trusted peers.
+    pub fn is_open(&self) -> bool {
+        self.policy().is_none() && self.config.trusted_peers.is_none()
+    }
+
+    /// The changes of a record's accepted document: (hash, author, dependencies). For
+    /// checkers that judge what a node shows independently of the node.
+    pub fn record_changes(
+        &mut self,
+        record: &RecordId,
+    ) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)> {
+        reads::accepted_changes(&mut self.records, record)
+    }
+
+    /// Refuses a connected peer that is not a member.
+    fn refuse_peer(&mut self, peer: NodeId) {
+        self.policy.note_refused_member(peer, self.now);
+        self.out
+            .disconnect(peer, "not a member of the org's policy".into());
+        self.sessions().peer_disconnected(peer);
+    }
+
+    /// A signed policy from a peer.
+    fn offer_policy(
+        &mut self,
+        signed: SignedPolicy,
+        from: NodeId,
+    ) -> Result<PolicyOffer, PolicyError> {
+        match self.policy.judge_offer(signed, &self.config.org)? {
+            OfferVerdict::Answer(offer) => Ok(offer),
+            OfferVerdict::Adopt(in_force) => {
+                let version = in_force.policy.version;
+                self.adopt_policy(*in_force);
+                self.spread_policy(Some(from));
+                Ok(PolicyOffer::Adopted { version })
+            }
+        }
+    }
+
+    /// A policy handed to this node by its operator (`mesh policy apply`). If it takes
+    /// write rights away, the node first endorses the history it holds (see
+    /// `local::endorsement`) and adopts the policy once that is durable. The command is
+    /// answered once the policy is saved.
+    fn apply_policy(&mut self, id: CommandId, signed: SignedPolicy) {
+        let me = self.node_id();
+        let pending = self.checkpoints.policy_pending();
+        let in_force = match self
+            .policy
+            .judge_apply(signed, &self.config.org, &me, pending)
+        {
+            ApplyVerdict::Refuse(error) => return self.out.complete(id, Err(error)),
+            ApplyVerdict::Answer(offer) => {
+                return self.out.complete(id, Ok(Reply::PolicyOffered(offer)));
+            }
+            ApplyVerdict::AnswerWhenSaved(offer) => {
+                return self.answer_when_policy_saved(id, offer);
+            }
+            ApplyVerdict::Adopt(in_force) => in_force,
+        };
+        let mut waiting = BTreeSet::new();
+        for key in self.records.keys() {
+            let endorsement = local::endorsement(
+                &mut self.records,
+                &key,
+                self.policy.policy(),
+                &in_force.policy,
+                me,
+                self.config.trusted_peers.as_ref(),
+                self.now,
+            );
+            if let Some((record, change)) = endorsement {
+                waiting.insert(self.queue_own_change(record, change));
+            }
+        }
+        if waiting.is_empty() {
+            self.adopt_applied(id, *in_force);
+        } else {
+            self.policy.await_endorsements(*in_force, id, waiting);
+        }
+    }
+
+    fn adopt_applied(&mut self, id: CommandId, in_force: InForce) {
+        let version = in_force.policy.version;
+        self.adopt_policy(in_force);
+        self.spread_policy(None);
+        self.answer_when_policy_saved(id, PolicyOffer::Adopted { version });
+    }
+
+    /// Own changes whose append completed: an applied policy whose endorsements are all
+    /// durable now goes in force (unless a newer one arrived meanwhile).
+    fn own_changes_durable(&mut self, hashes: &[ChangeHash]) {
+        let Some(Endorsed { command, verdict }) =
+            self.policy.own_changes_durable(hashes, &self.config.org)
+        else {
+            return;
+        };
+        match verdict {
+            Ok(OfferVerdict::Adopt(in_force)) => self.adopt_applied(command, *in_force),
+            Ok(OfferVerdict::Answer(offer)) => {
+                self.out.complete(command, Ok(Reply::PolicyOffered(offer)));
+            }
+            Err(error) => self
+                .out
+                .complete(command, Err(CommandError::Policy(error.to_string()))),
+        }
+    }
+
+    /// Puts a policy in force: re-judges every record and drops peers that are no longer
+    /// members.
+    fn adopt_policy(&mut self, in_force: InForce) {
+        let version = in_force.policy.version;
+        self.policy.put_in_force(in_force);
+        self.checkpoints.policy_changed();
+        self.rejudge_all();
+        self.schedule_checkpoint();
+        let outsiders: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, peer)| peer.state == PeerState::Connected && !self.admits(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in outsiders {
+            self.refuse_peer(peer);
+        }
+        self.out.emit(Event::PolicyAdopted { version });
+    }
+
+    /// Sends the policy in force to every connected peer but `except`.
+    fn spread_policy(&mut self, except: Option<NodeId>) {
+        if let Some(message) = self.policy.message() {
+            self.sessions().send_to_ready(&message, except);
+        }
+    }
+
+    /// Re-judges every record under the policy in force.
+    fn rejudge_all(&mut self) {
+        for key in self.records.keys() {
+            let rejudged = self.judge().rejudge(&key, Vec::new());
+            if rejudged.changed {
+                self.announce_record(&key, None, Vec::new());
+            }
+        }
     }
 
     // ----- remote changes -----

@@ -25,10 +25,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use crdt_schema::policy::{self, Policy, PolicyError, SignedPolicy};
 use crdt_schema::{ChangeHash, NodeId, OrgId};
 
-use crate::api::{CommandError, CommandId, Event, PolicyOffer, Reply};
+use crate::api::{CommandError, CommandId, PolicyOffer};
 use crate::limits::{RECEIPTS_MAX, REFUSED_PEERS_MAX};
-use crate::node::Node;
-use crate::status::{PeerState, PolicyConflict, PolicyView, Receipt, RefusedChange, RefusedPeer};
+use crate::status::{PolicyConflict, PolicyView, Receipt, RefusedChange, RefusedPeer};
 use crate::time::Instant;
 use crate::wire::{Message, PolicyTag};
 
@@ -67,7 +66,7 @@ pub(crate) struct Endorsing {
 }
 
 /// What to do with an offered policy.
-enum OfferVerdict {
+pub(crate) enum OfferVerdict {
     /// Put it in force.
     Adopt(Box<InForce>),
     /// Nothing to adopt; answer this.
@@ -114,7 +113,7 @@ impl PolicyState {
     }
 
     /// Whether `signed` should be put in force here; records a same-version conflict.
-    fn judge_offer(
+    pub(crate) fn judge_offer(
         &mut self,
         signed: SignedPolicy,
         org: &OrgId,
@@ -217,28 +216,38 @@ impl PolicyState {
     }
 }
 
-impl Node {
-    /// The policy in force, if any.
-    pub fn policy(&self) -> Option<&Policy> {
-        self.policy.policy()
-    }
+/// What to do with a policy the operator applies here (`mesh policy apply`).
+pub(crate) enum ApplyVerdict {
+    /// Refuse the command with this error.
+    Refuse(CommandError),
+    /// Nothing to adopt: answer now.
+    Answer(PolicyOffer),
+    /// The policy in force again, while its save is pending: answer once it is durable.
+    AnswerWhenSaved(PolicyOffer),
+    /// Endorse the held history, then put it in force.
+    Adopt(Box<InForce>),
+}
 
-    /// Whether `peer` may connect: any peer while no policy is in force, afterwards only
-    /// members whose key is not revoked. The daemon asks this of every new connection.
-    pub fn admits(&self, peer: &NodeId) -> bool {
+/// An applied policy whose endorsements are all durable, with its command.
+pub(crate) struct Endorsed {
+    pub(crate) command: CommandId,
+    pub(crate) verdict: Result<OfferVerdict, PolicyError>,
+}
+
+impl PolicyState {
+    /// Whether `peer` may connect: any peer while no policy is in force (but for a list of
+    /// `trusted` peers, if the node keeps one), afterwards only members whose key is not
+    /// revoked.
+    pub(crate) fn admits(&self, peer: &NodeId, trusted: Option<&BTreeSet<NodeId>>) -> bool {
         match self.policy() {
             Some(policy) => policy.admits(peer),
-            None => self
-                .config
-                .trusted_peers
-                .as_ref()
-                .is_none_or(|trusted| trusted.contains(peer)),
+            None => trusted.is_none_or(|trusted| trusted.contains(peer)),
         }
     }
 
     /// The node ids allowed to connect: the policy's members while one is in force, else
     /// the trusted peers; `None` for an open mesh (every key).
-    pub fn members(&self) -> Option<Vec<NodeId>> {
+    pub(crate) fn members(&self, trusted: Option<&BTreeSet<NodeId>>) -> Option<Vec<NodeId>> {
         match self.policy() {
             Some(policy) => Some(
                 policy
@@ -248,303 +257,155 @@ impl Node {
                     .filter(|node| !policy.revoked.contains(node))
                     .collect(),
             ),
-            None => self
-                .config
-                .trusted_peers
-                .as_ref()
-                .map(|trusted| trusted.iter().copied().collect()),
+            None => trusted.map(|trusted| trusted.iter().copied().collect()),
         }
-    }
-
-    /// Whether any key may connect: no policy and no list of trusted peers.
-    pub fn is_open(&self) -> bool {
-        self.policy().is_none() && self.config.trusted_peers.is_none()
     }
 
     /// Trusts a peer (`mesh peers approve`): without a policy it is admitted from now on.
     /// Returns whether it was newly trusted. An open mesh trusts every key already.
-    pub(crate) fn approve_peer(&mut self, peer: NodeId) -> bool {
-        self.policy.refused.remove(&peer);
-        match &mut self.config.trusted_peers {
+    pub(crate) fn approve(&mut self, peer: NodeId, trusted: &mut Option<BTreeSet<NodeId>>) -> bool {
+        self.refused.remove(&peer);
+        match trusted {
             Some(trusted) => trusted.insert(peer),
             None => false,
         }
     }
 
-    /// Refuses a connected peer that is not a member.
-    pub(crate) fn refuse_peer(&mut self, peer: NodeId) {
-        // The driver may have reported this very attempt already (with its address).
+    /// Notes that the core refuses a connected peer that is not a member, unless the
+    /// driver reported this very attempt already (with its address).
+    pub(crate) fn note_refused_member(&mut self, peer: NodeId, now: Instant) {
         let noted_now = self
-            .policy
             .refused
             .get(&peer)
-            .is_some_and(|entry| entry.last_at == self.now);
+            .is_some_and(|entry| entry.last_at == now);
         if !noted_now {
-            self.policy.note_refused(peer, None, self.now);
+            self.note_refused(peer, None, now);
         }
-        self.out
-            .disconnect(peer, "not a member of the org's policy".into());
-        self.sessions().peer_disconnected(peer);
     }
 
-    /// A signed policy from the user (`from` is `None`) or a peer.
-    pub(crate) fn offer_policy(
+    /// A policy handed to this node `me` by its operator. It is refused while another
+    /// waits for its endorsements, and if it would cut this node off (a policy that
+    /// revokes it or does not list it is applied at a node that stays a member).
+    pub(crate) fn judge_apply(
         &mut self,
         signed: SignedPolicy,
-        from: NodeId,
-    ) -> Result<PolicyOffer, PolicyError> {
-        match self.policy.judge_offer(signed, &self.config.org)? {
-            OfferVerdict::Answer(offer) => Ok(offer),
-            OfferVerdict::Adopt(in_force) => {
-                let version = in_force.policy.version;
-                self.adopt_policy(*in_force);
-                self.spread_policy(Some(from));
-                Ok(PolicyOffer::Adopted { version })
-            }
-        }
-    }
-
-    /// A policy handed to this node by its operator (`mesh policy apply`). If it takes
-    /// write rights away, the node first endorses the history it holds (see
-    /// [`Node::endorse_held_history`]) and adopts the policy once that is durable. The
-    /// command is answered once the policy is saved.
-    pub(crate) fn apply_policy(&mut self, id: CommandId, signed: SignedPolicy) {
-        if let Some(endorsing) = &self.policy.endorsing {
+        org: &OrgId,
+        me: &NodeId,
+        save_pending: bool,
+    ) -> ApplyVerdict {
+        if let Some(endorsing) = &self.endorsing {
             let version = endorsing.version;
             let message = format!(
                 "policy version {version} is being applied (its endorsements are being saved); try again in a moment"
             );
-            return self.out.complete(id, Err(CommandError::Policy(message)));
+            return ApplyVerdict::Refuse(CommandError::Policy(message));
         }
-        let in_force = match self.policy.judge_offer(signed, &self.config.org) {
-            Err(error) => {
-                return self
-                    .out
-                    .complete(id, Err(CommandError::Policy(error.to_string())));
-            }
-            Ok(OfferVerdict::Answer(offer @ PolicyOffer::Unchanged { .. }))
-                if self.checkpoints.policy_pending() =>
-            {
+        let in_force = match self.judge_offer(signed, org) {
+            Err(error) => return ApplyVerdict::Refuse(CommandError::Policy(error.to_string())),
+            Ok(OfferVerdict::Answer(offer @ PolicyOffer::Unchanged { .. })) if save_pending => {
                 // Applied again after its save failed (or while it is being saved): answer
                 // once it is durable, as the first time.
-                return self.answer_when_policy_saved(id, offer);
+                return ApplyVerdict::AnswerWhenSaved(offer);
             }
-            Ok(OfferVerdict::Answer(offer)) => {
-                return self.out.complete(id, Ok(Reply::PolicyOffered(offer)));
-            }
+            Ok(OfferVerdict::Answer(offer)) => return ApplyVerdict::Answer(offer),
             Ok(OfferVerdict::Adopt(in_force)) => in_force,
         };
-        let me = self.node_id();
-        let excluded = if in_force.policy.revoked.contains(&me) {
+        let excluded = if in_force.policy.revoked.contains(me) {
             Some("revokes this node")
-        } else if in_force.policy.member(&me).is_none() {
+        } else if in_force.policy.member(me).is_none() {
             Some("does not list this node as a member")
         } else {
             None
         };
-        if let Some(excluded) = excluded {
-            let message = format!(
-                "policy version {} {excluded} ({me}): applied here it would cut this node off from every peer; apply it at a node that stays a member",
-                in_force.policy.version
-            );
-            return self.out.complete(id, Err(CommandError::Policy(message)));
-        }
-        let waiting = self.endorse_held_history(&in_force.policy);
-        if waiting.is_empty() {
-            self.adopt_applied(id, *in_force);
-        } else {
-            self.policy.endorsing = Some(Endorsing {
-                version: in_force.policy.version,
-                signed: in_force.signed,
-                command: id,
-                waiting,
-            });
+        match excluded {
+            Some(excluded) => {
+                let message = format!(
+                    "policy version {} {excluded} ({me}): applied here it would cut this node off from every peer; apply it at a node that stays a member",
+                    in_force.policy.version
+                );
+                ApplyVerdict::Refuse(CommandError::Policy(message))
+            }
+            None => ApplyVerdict::Adopt(in_force),
         }
     }
 
-    fn adopt_applied(&mut self, id: CommandId, in_force: InForce) {
-        let version = in_force.policy.version;
-        self.adopt_policy(in_force);
-        self.spread_policy(None);
-        self.answer_when_policy_saved(id, PolicyOffer::Adopted { version });
+    /// An applied policy waits for its endorsement changes (`waiting`) to be durable.
+    pub(crate) fn await_endorsements(
+        &mut self,
+        in_force: InForce,
+        command: CommandId,
+        waiting: BTreeSet<ChangeHash>,
+    ) {
+        self.endorsing = Some(Endorsing {
+            version: in_force.policy.version,
+            signed: in_force.signed,
+            command,
+            waiting,
+        });
     }
 
     /// Own changes whose append completed: an applied policy whose endorsements are all
-    /// durable now goes in force (unless a newer one arrived meanwhile).
-    pub(crate) fn own_changes_durable(&mut self, hashes: &[ChangeHash]) {
-        let Some(endorsing) = &mut self.policy.endorsing else {
-            return;
-        };
+    /// durable now is judged again (a newer one may have arrived meanwhile).
+    pub(crate) fn own_changes_durable(
+        &mut self,
+        hashes: &[ChangeHash],
+        org: &OrgId,
+    ) -> Option<Endorsed> {
+        let endorsing = self.endorsing.as_mut()?;
         for hash in hashes {
             endorsing.waiting.remove(hash);
         }
         if !endorsing.waiting.is_empty() {
-            return;
+            return None;
         }
         let Endorsing {
             signed, command, ..
-        } = self.policy.endorsing.take().expect("checked above");
-        match self.policy.judge_offer(signed, &self.config.org) {
-            Ok(OfferVerdict::Adopt(in_force)) => self.adopt_applied(command, *in_force),
-            Ok(OfferVerdict::Answer(offer)) => {
-                self.out.complete(command, Ok(Reply::PolicyOffered(offer)));
-            }
-            Err(error) => self
-                .out
-                .complete(command, Err(CommandError::Policy(error.to_string()))),
-        }
+        } = self.endorsing.take().expect("checked above");
+        let verdict = self.judge_offer(signed, org);
+        Some(Endorsed { command, verdict })
     }
 
     /// Own changes whose append failed: an applied policy waiting for them is not adopted.
-    pub(crate) fn own_changes_lost(&mut self, hashes: &BTreeSet<ChangeHash>, error: &str) {
+    /// Returns its command and the error to answer it with.
+    pub(crate) fn own_changes_lost(
+        &mut self,
+        hashes: &BTreeSet<ChangeHash>,
+        error: &str,
+    ) -> Option<(CommandId, CommandError)> {
         let lost = self
-            .policy
             .endorsing
             .as_ref()
             .is_some_and(|endorsing| !endorsing.waiting.is_disjoint(hashes));
         if !lost {
-            return;
+            return None;
         }
-        let endorsing = self.policy.endorsing.take().expect("checked above");
+        let endorsing = self.endorsing.take().expect("checked above");
         let message = format!(
             "could not save the endorsements policy version {} needs ({error}); the policy was not applied: apply it again",
             endorsing.version
         );
-        self.out
-            .complete(endorsing.command, Err(CommandError::Storage(message)));
+        Some((endorsing.command, CommandError::Storage(message)))
     }
 
-    /// Puts a policy in force: re-judges every record and drops peers that are no longer
-    /// members.
-    pub(crate) fn adopt_policy(&mut self, in_force: InForce) {
+    /// Puts a policy in force. A tie of an older version is settled by it.
+    pub(crate) fn put_in_force(&mut self, in_force: InForce) {
         let version = in_force.policy.version;
-        // A tie of an older version is settled once a newer policy is in force.
         if self
-            .policy
             .conflict
             .as_ref()
             .is_some_and(|conflict| conflict.version < version)
         {
-            self.policy.conflict = None;
+            self.conflict = None;
         }
-        self.policy.in_force = Some(in_force);
-        self.checkpoints.policy_changed();
-        self.rejudge_all();
-        self.schedule_checkpoint();
-        let outsiders: Vec<NodeId> = self
-            .peers
-            .iter()
-            .filter(|(id, peer)| peer.state == PeerState::Connected && !self.admits(id))
-            .map(|(id, _)| *id)
-            .collect();
-        for peer in outsiders {
-            self.refuse_peer(peer);
-        }
-        self.out.emit(Event::PolicyAdopted { version });
+        self.in_force = Some(in_force);
     }
 
-    /// Before a policy applied here takes away someone's right to write a record, this
-    /// node (if the new policy lets it write the record) endorses the record: a change that
-    /// builds on everything it holds of it. What a valid member built on stays accepted, so
-    /// the history this node has seen stays, while what the demoted or revoked author writes
-    /// from now on (or wrote unseen, behind a partition) is rejected, the same on every node.
-    /// Returns the endorsement changes queued for the log.
-    fn endorse_held_history(&mut self, new: &Policy) -> BTreeSet<ChangeHash> {
-        let mut queued = BTreeSet::new();
-        let me = self.node_id();
-        let time_ms = i64::try_from(self.now.as_millis()).unwrap_or(i64::MAX);
-        for key in self.records.keys() {
-            let Some(entry) = self.records.entry(&key) else {
-                continue;
-            };
-            if !entry.is_visible() {
-                continue;
-            }
-            let record = entry.record().clone();
-            let collection = record.collection();
-            if policy::judge_author(new, &me, collection).is_err() {
-                continue;
-            }
-            // Only history by authors who were allowed to write it is kept: under the
-            // previous policy, or before the first one this node and its trusted peers.
-            // Writes by keys that never had the right (a stranger while the mesh was open)
-            // are not laundered into accepted history.
-            let previous = self
-                .policy
-                .in_force
-                .as_ref()
-                .map(|in_force| &in_force.policy);
-            let trusted = self.config.trusted_peers.as_ref();
-            let was_allowed = |author: &NodeId| match previous {
-                Some(previous) => policy::judge_author(previous, author, collection).is_ok(),
-                None => *author == me || trusted.is_some_and(|trusted| trusted.contains(author)),
-            };
-            let loses_a_writer = self
-                .records
-                .doc_mut(&key)
-                .changes_after(&[])
-                .iter()
-                .filter_map(|change| NodeId::from_slice(change.actor_id().to_bytes()).ok())
-                .any(|author| {
-                    was_allowed(&author) && policy::judge_author(new, &author, collection).is_err()
-                });
-            if !loses_a_writer {
-                continue;
-            }
-            if let Ok(Some(change)) = self.records.doc_mut(&key).endorse(new.version, time_ms) {
-                queued.insert(self.queue_own_change(record, change));
-            }
-        }
-        queued
-    }
-
-    /// Sends the policy in force to every connected peer but `except`.
-    fn spread_policy(&mut self, except: Option<NodeId>) {
-        let Some(in_force) = &self.policy.in_force else {
-            return;
-        };
-        let message = Message::Policy {
+    /// The policy in force as a message for peers.
+    pub(crate) fn message(&self) -> Option<Message> {
+        let in_force = self.in_force.as_ref()?;
+        Some(Message::Policy {
             signed: serde_json::to_vec(&in_force.signed).expect("policies serialise"),
-        };
-        let targets: Vec<NodeId> = self
-            .peers
-            .iter()
-            .filter(|(id, peer)| peer.is_ready() && Some(**id) != except)
-            .map(|(id, _)| *id)
-            .collect();
-        for peer in targets {
-            self.out.send(peer, &message);
-        }
-    }
-
-    /// Re-judges every record under the policy in force.
-    pub(crate) fn rejudge_all(&mut self) {
-        for key in self.records.keys() {
-            let rejudged = self.judge().rejudge(&key, Vec::new());
-            if rejudged.changed {
-                self.announce_record(&key, None, Vec::new());
-            }
-        }
-    }
-
-    /// The changes of a record's accepted document: (hash, author, dependencies). For
-    /// checkers that judge what a node shows independently of the node.
-    pub fn record_changes(
-        &mut self,
-        record: &crdt_schema::RecordId,
-    ) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)> {
-        if self.records.entry(record.as_str()).is_none() {
-            return Vec::new();
-        }
-        self.records
-            .doc_mut(record.as_str())
-            .changes_after(&[])
-            .iter()
-            .filter_map(|change| {
-                let author = NodeId::from_slice(change.actor_id().to_bytes()).ok()?;
-                Some((change.hash(), author, change.deps().to_vec()))
-            })
-            .collect()
+        })
     }
 }
 

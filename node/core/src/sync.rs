@@ -415,6 +415,19 @@ impl Sessions<'_> {
         intersect(&self.config.collections, &theirs)
     }
 
+    /// Sends `message` to every connected, greeted peer but `except`.
+    pub(crate) fn send_to_ready(&mut self, message: &Message, except: Option<NodeId>) {
+        let targets: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, peer)| peer.is_ready() && Some(**id) != except)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in targets {
+            self.out.send(peer, message);
+        }
+    }
+
     pub(crate) fn reconcile(&mut self) -> Reconcile<'_> {
         Reconcile {
             records: self.records,

@@ -1,0 +1,59 @@
+//! Reads that load documents: a record's view (`mesh get`), a collection's records
+//! (`mesh list`), a record's document (`mesh export`), and the accepted changes of a
+//! record for checkers. Functions over the records; deleted and quarantine-only records
+//! are not shown.
+
+use crdt_schema::{ChangeHash, NodeId, RecordId, RecordView};
+
+use crate::records::{Entry, Records};
+
+/// A visible record's view, if it is held.
+pub(crate) fn record(records: &mut Records, record: &RecordId) -> Option<RecordView> {
+    records
+        .entry(record.as_str())
+        .is_some_and(Entry::is_visible)
+        .then(|| records.doc_mut(record.as_str()).view(record))
+}
+
+/// The views of a collection's visible, not deleted records, in id order.
+pub(crate) fn list(records: &mut Records, collection: &str) -> Vec<RecordView> {
+    let keys: Vec<RecordId> = records
+        .range(
+            &format!("{collection}/"),
+            Some(&format!("{collection}0")),
+            &None,
+        )
+        .filter(|entry| !entry.is_deleted() && entry.is_visible())
+        .map(|entry| entry.record().clone())
+        .collect();
+    keys.iter()
+        .map(|record| records.doc_mut(record.as_str()).view(record))
+        .collect()
+}
+
+/// A visible record's saved document, if it is held.
+pub(crate) fn export(records: &mut Records, record: &RecordId) -> Option<Vec<u8>> {
+    match records.entry(record.as_str()) {
+        Some(entry) if entry.is_visible() => Some(records.doc_mut(record.as_str()).save()),
+        _ => None,
+    }
+}
+
+/// The changes of a record's accepted document: (hash, author, dependencies).
+pub(crate) fn accepted_changes(
+    records: &mut Records,
+    record: &RecordId,
+) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)> {
+    if records.entry(record.as_str()).is_none() {
+        return Vec::new();
+    }
+    records
+        .doc_mut(record.as_str())
+        .changes_after(&[])
+        .iter()
+        .filter_map(|change| {
+            let author = NodeId::from_slice(change.actor_id().to_bytes()).ok()?;
+            Some((change.hash(), author, change.deps().to_vec()))
+        })
+        .collect()
+}
