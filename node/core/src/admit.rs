@@ -12,6 +12,7 @@ use crdt_schema::{ChangeHash, Envelope, NodeId, VerifiedChange};
 
 use crate::api::Event;
 use crate::config::Config;
+use crate::history;
 use crate::limits::{
     PENDING_BYTES_MAX, PENDING_CHANGE_TTL, PENDING_CHANGES_MAX, QUARANTINE_PEER_WINDOW,
     QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_PEER_PER_WINDOW, QUARANTINE_PER_RECORD_MAX,
@@ -344,7 +345,7 @@ impl Admission {
         );
         if !asked {
             // Ask the sender for what we lack of this record, once per record.
-            let need = parts.records.need(&key);
+            let need = history::need(parts.records, &key);
             parts.out.send(from, &Message::Need { needs: vec![need] });
         }
     }

@@ -44,6 +44,7 @@ mod checkpoint;
 pub mod config;
 pub mod digest;
 mod gossip;
+mod history;
 mod judge;
 pub mod limits;
 mod local;

@@ -29,7 +29,7 @@ use crate::gossip;
 use crate::judge::Judge;
 use crate::local;
 use crate::outbox::Outbox;
-use crate::peers::Peer;
+use crate::peers::{self, Peer};
 use crate::pipeline::{Origin, Pipeline, PipelineEntry};
 use crate::policy::{ApplyVerdict, Endorsed, InForce, OfferVerdict, PolicyState};
 use crate::reads;
@@ -125,20 +125,8 @@ impl Node {
         }
         self.start_append();
         let effects = self.out.take();
-        self.count_sends(&effects);
+        peers::count_sends(&mut self.peers, &effects);
         effects
-    }
-
-    /// Adds each message sent to its peer's counters.
-    fn count_sends(&mut self, effects: &[Effect]) {
-        for effect in effects {
-            if let Effect::Send { to, bytes } = effect
-                && let Some(peer) = self.peers.get_mut(to)
-            {
-                peer.counters.messages_sent += 1;
-                peer.counters.bytes_sent += bytes.len() as u64;
-            }
-        }
     }
 
     /// When the driver must next call `handle(now, Input::Tick)`.
@@ -176,37 +164,19 @@ impl Node {
 
     /// Every quarantined change as (record, change), in order. For checkers.
     pub fn quarantined(&self) -> Vec<(String, ChangeHash)> {
-        self.records
-            .iter()
-            .flat_map(|entry| {
-                entry
-                    .quarantine()
-                    .keys()
-                    .map(|hash| (entry.record().as_str().to_owned(), *hash))
-            })
-            .collect()
+        views::quarantined(&self.records)
     }
 
     /// The current length of every queue that grows with peer input, for checkers and
     /// metrics. Cheap: no document is loaded.
     pub fn queues(&self) -> Queues {
-        let sessions = self
-            .peers
-            .values()
-            .flat_map(|peer| peer.outbound.iter().chain(&peer.inbound));
-        Queues {
-            pending_changes: self.admission.pending_len(),
-            pipeline_remote_changes: self.pipeline.remote_len(),
-            peers: self.peers.len(),
-            history: self.sync_log.history.len(),
-            loaded_documents: self.records.loaded_count(),
-            deferred_rounds_max: sessions
-                .clone()
-                .map(|session| session.deferred_len())
-                .max()
-                .unwrap_or(0),
-            oldest_session_progress: sessions.map(|session| session.last_progress_at).min(),
-        }
+        views::queues(
+            &self.peers,
+            &self.records,
+            self.admission.pending_len(),
+            self.pipeline.remote_len(),
+            self.sync_log.history.len(),
+        )
     }
 
     /// The node's status, from indexes only: no document is loaded.
@@ -308,23 +278,11 @@ impl Node {
                     .complete(id, Ok(Reply::Quarantine { held, refused }));
             }
             Command::ApprovePeer { peer } => {
-                if self.config.trusted_peers.is_none() {
-                    let message = "this node is open (made with `mesh init --open`): it admits every key already".to_owned();
-                    return self.out.complete(id, Err(CommandError::Invalid(message)));
-                }
-                if peer == self.node_id() {
-                    let message = "that is this node's own id".to_owned();
-                    return self.out.complete(id, Err(CommandError::Invalid(message)));
-                }
-                let newly = self.policy.approve(peer, &mut self.config.trusted_peers);
-                let policy_in_force = self.policy().is_some();
-                self.out.complete(
-                    id,
-                    Ok(Reply::PeerApproved {
-                        newly,
-                        policy_in_force,
-                    }),
-                );
+                let me = self.node_id();
+                let reply = self
+                    .policy
+                    .approve(peer, &me, &mut self.config.trusted_peers);
+                self.out.complete(id, reply);
             }
         }
     }
@@ -481,33 +439,9 @@ impl Node {
     /// (reconciliation brings them again).
     fn append_failed(&mut self, entries: Vec<PipelineEntry>, error: StorageError) {
         self.counters.storage_errors += 1;
-        let queued = self.pipeline.take_queued();
-        let mut undone: BTreeMap<String, BTreeSet<ChangeHash>> = BTreeMap::new();
-        for entry in entries.into_iter().chain(queued) {
-            match entry {
-                PipelineEntry::Local {
-                    command,
-                    change,
-                    record,
-                    ..
-                } => {
-                    if let Some(change) = change {
-                        undone
-                            .entry(record.as_str().to_owned())
-                            .or_default()
-                            .insert(change.hash());
-                    }
-                    if let Some(command) = command {
-                        self.out
-                            .complete(command, Err(CommandError::Storage(error.0.clone())));
-                    }
-                }
-                PipelineEntry::Remote { change, .. } => {
-                    self.pipeline.settle(&change);
-                    self.counters.changes_dropped += 1;
-                }
-            }
-        }
+        let undone = self
+            .pipeline
+            .fail(entries, &error, &mut self.out, &mut self.counters);
         let lost: BTreeSet<ChangeHash> = undone.values().flatten().copied().collect();
         if let Some((command, lost)) = self.policy.own_changes_lost(&lost, &error.0) {
             self.out.complete(command, Err(lost));
@@ -545,14 +479,8 @@ impl Node {
                 }
             }
             Some(Routed::Policy { signed }) => {
-                let offered = serde_json::from_slice(&signed)
-                    .map_err(|error| error.to_string())
-                    .and_then(|signed| {
-                        self.offer_policy(signed, from)
-                            .map_err(|error| error.to_string())
-                    });
-                if let Err(reason) = offered {
-                    let reason = format!("sent a policy this node refuses: {reason}");
+                if let Err(error) = self.offer_policy(signed, from) {
+                    let reason = format!("sent a policy this node refuses: {error}");
                     self.sessions().reject_message(from, reason);
                 }
             }

@@ -1,7 +1,12 @@
 //! What the node knows about each peer: connection state, the sessions running with it,
 //! its counters and timers. A peer holds its sessions (session.rs); sync.rs drives them.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crdt_schema::NodeId;
+
+use crate::api::Effect;
 
 use crate::records::Scope;
 use crate::session::Session;
@@ -90,6 +95,18 @@ impl Peer {
             behind_estimate: 0,
             inbound_session_max: 0,
             forbidden_relayed: (Instant::from_millis(0), 0),
+        }
+    }
+}
+
+/// Adds each message sent to its peer's counters.
+pub(crate) fn count_sends(peers: &mut BTreeMap<NodeId, Peer>, effects: &[Effect]) {
+    for effect in effects {
+        if let Effect::Send { to, bytes } = effect
+            && let Some(peer) = peers.get_mut(to)
+        {
+            peer.counters.messages_sent += 1;
+            peer.counters.bytes_sent += bytes.len() as u64;
         }
     }
 }

@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crdt_schema::{ChangeHash, NodeId, RecordId, VerifiedChange};
 
-use crate::api::CommandId;
+use crate::api::{CommandError, CommandId};
 use crate::limits::PIPELINE_REMOTE_CHANGES_MAX;
 use crate::outbox::Outbox;
-use crate::storage::{StorageOpId, StorageOps, StorageRequest};
+use crate::status::Counters;
+use crate::storage::{StorageError, StorageOpId, StorageOps, StorageRequest};
 
 /// Where a remote change came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +157,45 @@ impl Pipeline {
     /// Everything queued behind the append in flight (on failure, it fails too).
     pub(crate) fn take_queued(&mut self) -> Vec<PipelineEntry> {
         std::mem::take(&mut self.queued)
+    }
+
+    /// An append failed: fails the writes of its `entries` and of every queued entry
+    /// (which could build on them) with `error`, and drops their remote changes
+    /// (reconciliation brings them again). Returns the local changes to undo, per record.
+    pub(crate) fn fail(
+        &mut self,
+        entries: Vec<PipelineEntry>,
+        error: &StorageError,
+        out: &mut Outbox,
+        counters: &mut Counters,
+    ) -> BTreeMap<String, BTreeSet<ChangeHash>> {
+        let queued = self.take_queued();
+        let mut undone: BTreeMap<String, BTreeSet<ChangeHash>> = BTreeMap::new();
+        for entry in entries.into_iter().chain(queued) {
+            match entry {
+                PipelineEntry::Local {
+                    command,
+                    change,
+                    record,
+                    ..
+                } => {
+                    if let Some(change) = change {
+                        undone
+                            .entry(record.as_str().to_owned())
+                            .or_default()
+                            .insert(change.hash());
+                    }
+                    if let Some(command) = command {
+                        out.complete(command, Err(CommandError::Storage(error.0.clone())));
+                    }
+                }
+                PipelineEntry::Remote { change, .. } => {
+                    self.settle(&change);
+                    counters.changes_dropped += 1;
+                }
+            }
+        }
+        undone
     }
 
     /// A remote change has left the pipeline (applied, quarantined or dropped).

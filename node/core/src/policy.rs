@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crdt_schema::policy::{self, Policy, PolicyError, SignedPolicy};
 use crdt_schema::{ChangeHash, NodeId, OrgId};
 
-use crate::api::{CommandError, CommandId, PolicyOffer};
+use crate::api::{CommandError, CommandId, PolicyOffer, Reply};
 use crate::limits::{RECEIPTS_MAX, REFUSED_PEERS_MAX};
 use crate::status::{PolicyConflict, PolicyView, Receipt, RefusedChange, RefusedPeer};
 use crate::time::Instant;
@@ -262,13 +262,30 @@ impl PolicyState {
     }
 
     /// Trusts a peer (`mesh peers approve`): without a policy it is admitted from now on.
-    /// Returns whether it was newly trusted. An open mesh trusts every key already.
-    pub(crate) fn approve(&mut self, peer: NodeId, trusted: &mut Option<BTreeSet<NodeId>>) -> bool {
-        self.refused.remove(&peer);
-        match trusted {
-            Some(trusted) => trusted.insert(peer),
-            None => false,
+    /// Says whether it was newly trusted. An open node trusts every key already, and a node
+    /// does not approve itself.
+    pub(crate) fn approve(
+        &mut self,
+        peer: NodeId,
+        me: &NodeId,
+        trusted: &mut Option<BTreeSet<NodeId>>,
+    ) -> Result<Reply, CommandError> {
+        let Some(trusted) = trusted else {
+            let message =
+                "this node is open (made with `mesh init --open`): it admits every key already"
+                    .to_owned();
+            return Err(CommandError::Invalid(message));
+        };
+        if peer == *me {
+            return Err(CommandError::Invalid(
+                "that is this node's own id".to_owned(),
+            ));
         }
+        self.refused.remove(&peer);
+        Ok(Reply::PeerApproved {
+            newly: trusted.insert(peer),
+            policy_in_force: self.in_force.is_some(),
+        })
     }
 
     /// Notes that the core refuses a connected peer that is not a member, unless the

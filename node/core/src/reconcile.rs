@@ -8,6 +8,7 @@ use crdt_schema::{ChangeHash, RecordId};
 
 use crate::admit;
 use crate::digest::Accumulator;
+use crate::history;
 use crate::limits::*;
 use crate::pipeline::Pipeline;
 use crate::records::{Records, Scope, in_scope};
@@ -160,7 +161,7 @@ impl Reconcile<'_> {
                     // and no document is loaded for changes that would not be sent.
                     break;
                 }
-                let envelopes = self.records.envelopes_after(key, &[]);
+                let envelopes = history::envelopes_after(self.records, key, &[]);
                 output.add_changes(envelopes);
             }
             return;
@@ -237,7 +238,7 @@ impl Reconcile<'_> {
             if output.truncated {
                 break;
             }
-            let envelopes = self.records.envelopes_after(&key, &[]);
+            let envelopes = history::envelopes_after(self.records, &key, &[]);
             output.add_changes(envelopes);
         }
         for (key, heads) in theirs {
@@ -269,7 +270,7 @@ impl Reconcile<'_> {
     ) {
         let Some(entry) = self.records.entry(key) else {
             if !their_heads.is_empty() {
-                output.needs.push(self.records.need(key));
+                output.needs.push(history::need(self.records, key));
             }
             return;
         };
@@ -283,7 +284,7 @@ impl Reconcile<'_> {
             if output.truncated {
                 return;
             }
-            let envelopes = self.records.envelopes_after(key, their_heads);
+            let envelopes = history::envelopes_after(self.records, key, their_heads);
             output.add_changes(envelopes);
             return;
         }
@@ -292,9 +293,9 @@ impl Reconcile<'_> {
         {
             // Their history forked from ours: send what follows the hashes we share.
             let have: Vec<ChangeHash> = their_heads.iter().chain(ancestors).copied().collect();
-            let envelopes = self.records.envelopes_after(key, &have);
+            let envelopes = history::envelopes_after(self.records, key, &have);
             output.add_changes(envelopes);
         }
-        output.needs.push(self.records.need(key));
+        output.needs.push(history::need(self.records, key));
     }
 }

@@ -10,12 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use crdt_schema::policy::RejectReason;
-use crdt_schema::{Change, ChangeHash, Envelope, NodeId, RecordDoc, RecordId};
+use crdt_schema::{Change, ChangeHash, NodeId, RecordDoc, RecordId};
 
 use crate::digest::{Accumulator, ItemHash};
-use crate::limits::{HEADS_PER_ITEM_MAX, NEED_ANCESTORS_MAX};
+use crate::limits::HEADS_PER_ITEM_MAX;
 use crate::time::Instant;
-use crate::wire::Need;
 
 /// Collections a reconciliation covers; `None` means all.
 pub type Scope = Option<BTreeSet<String>>;
@@ -479,101 +478,6 @@ impl Records {
             self.total.add(&item);
             entry.item = item;
         }
-    }
-
-    /// What this node has of a record, for a `Need`: its advertised heads and, when no
-    /// local change is in flight, some ancestors, so the sender can skip what is held.
-    pub fn need(&mut self, key: &str) -> Need {
-        match self.entry(key) {
-            None => Need {
-                record: key.to_owned(),
-                heads: Vec::new(),
-                ancestors: Vec::new(),
-            },
-            Some(entry) => {
-                let heads: Vec<[u8; 32]> = entry
-                    .advertised_for_wire()
-                    .iter()
-                    .map(|hash| hash.0)
-                    .collect();
-                let has_unacked = entry.has_unacked();
-                let doc = self.doc_mut(key);
-                // The ancestors of the document's heads are durable unless local changes
-                // are in flight; skip them then rather than reveal unacknowledged hashes.
-                let ancestors = if has_unacked {
-                    Vec::new()
-                } else {
-                    doc.ancestors(NEED_ANCESTORS_MAX)
-                        .iter()
-                        .map(|hash| hash.0)
-                        .collect()
-                };
-                Need {
-                    record: key.to_owned(),
-                    heads,
-                    ancestors,
-                }
-            }
-        }
-    }
-
-    /// Durable changes of `key` not in the history of `have`, as envelopes.
-    pub fn envelopes_after(&mut self, key: &str, have: &[ChangeHash]) -> Vec<Vec<u8>> {
-        let Some(entry) = self.entry(key) else {
-            return Vec::new();
-        };
-        let record = entry.record().clone();
-        let unacked = entry.unacked().clone();
-        let changes = self.doc_mut(key).changes_after(have);
-        let entry = self.entry(key).expect("checked above");
-        let mut envelopes: Vec<Vec<u8>> = changes
-            .iter()
-            .filter(|change| !unacked.contains(&change.hash()))
-            .filter_map(|change| {
-                let signature = entry.signatures().get(&change.hash())?;
-                Some(Envelope::encode(&record, change.raw_bytes(), signature).into_bytes())
-            })
-            .collect();
-        if !entry.quarantine().is_empty() {
-            // Quarantined changes travel by reconciliation too (never by push), so every
-            // node judges the same set: those not behind `have`, in dependency order.
-            let mut known: BTreeSet<ChangeHash> = BTreeSet::new();
-            let mut stack: Vec<ChangeHash> = have.to_vec();
-            while let Some(hash) = stack.pop() {
-                if let Some(held) = entry.quarantine().get(&hash)
-                    && known.insert(hash)
-                {
-                    stack.extend(held.change.deps().iter().copied());
-                }
-                known.insert(hash);
-            }
-            let mut sent: BTreeSet<ChangeHash> = BTreeSet::new();
-            loop {
-                let ready: Vec<ChangeHash> = entry
-                    .quarantine()
-                    .iter()
-                    .filter(|(hash, _)| {
-                        !known.contains(hash) && !sent.contains(hash) && !unacked.contains(hash)
-                    })
-                    .filter(|(_, held)| {
-                        held.change.deps().iter().all(|dep| {
-                            !entry.quarantine().contains_key(dep)
-                                || known.contains(dep)
-                                || sent.contains(dep)
-                        })
-                    })
-                    .map(|(hash, _)| *hash)
-                    .collect();
-                if ready.is_empty() {
-                    break;
-                }
-                for hash in ready {
-                    envelopes.push(entry.quarantine()[&hash].envelope.clone());
-                    sent.insert(hash);
-                }
-            }
-        }
-        envelopes
     }
 
     /// Whether `hash` is a change of record `key` that `me` made and this node holds

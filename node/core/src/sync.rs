@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crdt_schema::policy::SignedPolicy;
 use crdt_schema::{NodeId, RecordId};
 use rand_chacha::ChaCha8Rng;
 use rand_core::Rng;
@@ -33,6 +34,7 @@ use rand_core::Rng;
 use crate::admit;
 use crate::api::Event;
 use crate::config::Config;
+use crate::history;
 use crate::limits::*;
 use crate::outbox::Outbox;
 use crate::peers::Peer;
@@ -62,8 +64,8 @@ pub(crate) enum Routed {
         origin: Origin,
         refusal: &'static str,
     },
-    /// A signed policy, as JSON.
-    Policy { signed: Vec<u8> },
+    /// A signed policy.
+    Policy { signed: SignedPolicy },
     /// A peer rejected one of this node's changes.
     Receipt {
         record: String,
@@ -289,7 +291,13 @@ impl Sessions<'_> {
                 });
             }
             Message::Announce { record, heads } => self.announced(from, &record, &heads),
-            Message::Policy { signed } => return Some(Routed::Policy { signed }),
+            Message::Policy { signed } => match serde_json::from_slice(&signed) {
+                Ok(signed) => return Some(Routed::Policy { signed }),
+                Err(error) => {
+                    let reason = format!("sent a policy this node refuses: {error}");
+                    self.reject_message(from, reason);
+                }
+            },
             Message::Receipt {
                 record,
                 change,
@@ -378,7 +386,7 @@ impl Sessions<'_> {
             .iter()
             .any(|head| !admit::holds(self.records, self.pipeline, key, head))
         {
-            let need = self.records.need(key);
+            let need = history::need(self.records, key);
             self.out.send(from, &Message::Need { needs: vec![need] });
         }
     }

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use crdt_schema::NodeId;
 use crdt_schema::policy::Policy;
+use crdt_schema::{ChangeHash, NodeId};
 
+use crate::api::Queues;
 use crate::peers::Peer;
 use crate::policy::PolicyState;
 use crate::records::Records;
@@ -130,4 +131,44 @@ pub(crate) fn own_rejections(records: &Records, receipts: &[Receipt], me: NodeId
         .collect();
     rows.extend(receipts.iter().cloned());
     rows
+}
+
+/// The current length of every queue that grows with peer input, for checkers and
+/// metrics. Cheap: no document is loaded.
+pub(crate) fn queues(
+    peers: &BTreeMap<NodeId, Peer>,
+    records: &Records,
+    pending_changes: usize,
+    pipeline_remote_changes: usize,
+    history: usize,
+) -> Queues {
+    let sessions = peers
+        .values()
+        .flat_map(|peer| peer.outbound.iter().chain(&peer.inbound));
+    Queues {
+        pending_changes,
+        pipeline_remote_changes,
+        peers: peers.len(),
+        history,
+        loaded_documents: records.loaded_count(),
+        deferred_rounds_max: sessions
+            .clone()
+            .map(|session| session.deferred_len())
+            .max()
+            .unwrap_or(0),
+        oldest_session_progress: sessions.map(|session| session.last_progress_at).min(),
+    }
+}
+
+/// Every quarantined change as (record, change), in order.
+pub(crate) fn quarantined(records: &Records) -> Vec<(String, ChangeHash)> {
+    records
+        .iter()
+        .flat_map(|entry| {
+            entry
+                .quarantine()
+                .keys()
+                .map(|hash| (entry.record().as_str().to_owned(), *hash))
+        })
+        .collect()
 }
