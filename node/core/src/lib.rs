@@ -27,14 +27,16 @@
 //! randomness comes from a seeded rng, ids from counters. The same inputs give the same
 //! effects, which is what lets the simulator replay any run from its seed.
 //!
-//! Modules:
-//! - [`node`]: the state machine, the input/effect enums and the write pipeline.
-//! - [`sync`](crate::node::Node::status): peers and range-based reconciliation sessions.
+//! The core is a set of parts that never see the node: node.rs routes between them (see
+//! ARCHITECTURE.md for the map). The public modules:
+//! - [`node`]: the state machine and its routing.
+//! - [`api`]: inputs, effects, commands, replies and events.
 //! - [`records`]: the record index (durable heads, digest) and the document cache.
 //! - [`wire`]: the versioned peer protocol with its size limits.
 //! - [`digest`]: item hashes, accumulators and fingerprints.
 //! - [`storage`]: what the core asks of storage and what it gets back on start.
 //! - [`policy`]: the org's policy in force, membership, and the verdict on every change.
+//! - [`status`]: the serialisable views.
 //! - [`limits`]: every bound, in one place.
 
 mod admit;
