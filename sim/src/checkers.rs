@@ -7,7 +7,8 @@
 //! - **stalled-session**: no session goes without progress past the stall timeout (it must
 //!   have been dropped and restarted by then).
 //! - **acked-write-lost**: once digests are equal after healing, every acknowledged change is
-//!   held by every node (checked in the world, which knows when digests are equal).
+//!   held by every node.
+//! - **quarantine-diverged**: equal digests come with equal quarantines.
 //! - **convergence**: all digests equal within the healing bound.
 //! - **timer-not-advanced**: after a tick, no deadline is still due (checked in the world).
 
@@ -21,6 +22,8 @@ use mesh_core::limits::{
 };
 use mesh_core::{Config, Instant, Queues};
 use sha2::{Digest as _, Sha256};
+
+use crate::world::SimNode;
 
 /// A checker that failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,87 @@ impl Checkers {
         if self.failure.is_none() {
             self.failure = Some(failure);
         }
+    }
+
+    /// Whether the honest nodes (`honest[i]`) have converged: every one is up with node
+    /// 0's digest and, under the policy workload, the administrator's latest policy
+    /// (`issued`) in force. Once they have, equal digests must come with equal quarantines
+    /// (**quarantine-diverged**) and every acknowledged write on every node
+    /// (**acked-write-lost**); either failure is recorded and the run is not converged.
+    pub fn converged(
+        &mut self,
+        nodes: &[Option<&dyn SimNode>],
+        honest: &[bool],
+        issued: Option<u64>,
+        now_ms: u64,
+    ) -> bool {
+        let Some(first) = nodes[0].map(|node| node.digest()) else {
+            return false;
+        };
+        let all_equal = nodes
+            .iter()
+            .enumerate()
+            .all(|(index, node)| !honest[index] || node.is_some_and(|node| node.digest() == first));
+        if !all_equal {
+            return false;
+        }
+        if let Some(issued) = issued {
+            let everywhere = nodes.iter().enumerate().all(|(index, node)| {
+                !honest[index]
+                    || node
+                        .and_then(|node| node.policy())
+                        .is_some_and(|policy| policy.version == issued)
+            });
+            if !everywhere {
+                return false;
+            }
+        }
+        let quarantine = nodes[0].map(|node| node.quarantined());
+        for (index, node) in nodes.iter().enumerate() {
+            if !honest[index] {
+                continue;
+            }
+            let held = node.map(|node| node.quarantined());
+            if held != quarantine {
+                let message = format!(
+                    "node {index} and node 0 have equal digests but different quarantines: {} and {} changes",
+                    held.map_or(0, |held| held.len()),
+                    quarantine.as_ref().map_or(0, Vec::len)
+                );
+                self.fail(Failure {
+                    checker: "quarantine-diverged",
+                    message,
+                    at_ms: now_ms,
+                });
+                return false;
+            }
+        }
+        for (record, hash, writer) in &self.acked {
+            if !honest[*writer] {
+                continue;
+            }
+            for (index, node) in nodes.iter().enumerate() {
+                if !honest[index] {
+                    continue;
+                }
+                let node = node.expect("all alive when equal");
+                if !node.holds_change(record, hash) {
+                    let message = format!(
+                        "node {index} lacks change {hash} to {record}, acknowledged by node {writer}, though all digests are equal"
+                    );
+                    let failure = Failure {
+                        checker: "acked-write-lost",
+                        message,
+                        at_ms: now_ms,
+                    };
+                    if self.failure.is_none() {
+                        self.failure = Some(failure);
+                    }
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Checks envelopes a node asks to append.

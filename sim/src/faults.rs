@@ -1,7 +1,49 @@
 //! Fault shapes drawn from the run's one rng: the world asks, in its order, and applies
-//! what comes back.
+//! what comes back (and schedules it). Every draw of a fault's timing and target is here;
+//! the order of the calls is the world's, and it is part of every seed's trace.
+
+use std::time::Duration;
 
 use crate::rng::SimRng;
+use crate::world::Ms;
+
+/// When the next fault of a kind follows, a random wait of mean `every`.
+pub(crate) fn draw_next(rng: &mut SimRng, every: Duration) -> Ms {
+    rng.exponential_ms(every.as_millis() as f64)
+}
+
+/// Which of `count` nodes a crash or a pause strikes.
+pub(crate) fn draw_target(rng: &mut SimRng, count: usize) -> usize {
+    rng.index(count)
+}
+
+/// How long a crashed node stays down.
+pub(crate) fn draw_downtime(rng: &mut SimRng) -> Ms {
+    rng.range(500, 8000)
+}
+
+/// How a crash leaves the node's disk: whether the append in flight is torn, and the
+/// draw that decides how much of it stays.
+pub(crate) fn draw_crash_damage(rng: &mut SimRng) -> (bool, u64) {
+    let torn = rng.chance(0.5);
+    let keep = rng.next_u64();
+    (torn, keep)
+}
+
+/// How long a paused node stays frozen.
+pub(crate) fn draw_pause(rng: &mut SimRng) -> Ms {
+    rng.range(500, 5000)
+}
+
+/// How long a partition lasts.
+pub(crate) fn draw_partition_length(rng: &mut SimRng) -> Ms {
+    rng.range(2000, 10_000)
+}
+
+/// How long after a restart or a heal a node dials a peer.
+pub(crate) fn draw_dial_delay(rng: &mut SimRng, max: Ms) -> Ms {
+    rng.range(0, max)
+}
 
 /// A network cut among `count` nodes, as the directed pairs whose messages are lost: one
 /// node alone, two random sides, or one node whose messages to everyone vanish (theirs

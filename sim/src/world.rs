@@ -597,15 +597,15 @@ impl<'a> World<'a> {
             }
         }
         if let Some(every) = self.plan.partition_every {
-            let at = self.rng.exponential_ms(every.as_millis() as f64);
+            let at = faults::draw_next(&mut self.rng, every);
             self.schedule(at, Event::PartitionStart);
         }
         if let Some(every) = self.plan.crash_every {
-            let at = self.rng.exponential_ms(every.as_millis() as f64);
+            let at = faults::draw_next(&mut self.rng, every);
             self.schedule(at, Event::Crash);
         }
         if let Some(every) = self.plan.pause_every {
-            let at = self.rng.exponential_ms(every.as_millis() as f64);
+            let at = faults::draw_next(&mut self.rng, every);
             self.schedule(at, Event::Pause);
         }
         if self.plan.offline_node && self.slots.len() > 1 {
@@ -1026,14 +1026,14 @@ impl<'a> World<'a> {
         if self.healing {
             return;
         }
-        let next = self.rng.exponential_ms(every.as_millis() as f64);
+        let next = faults::draw_next(&mut self.rng, every);
         self.schedule(self.now + next, Event::Crash);
-        let node = self.rng.index(self.slots.len());
+        let node = faults::draw_target(&mut self.rng, self.slots.len());
         if self.slots[node].node.is_none() {
             return;
         }
         self.crash_node(node);
-        let down = self.rng.range(500, 8000);
+        let down = faults::draw_downtime(&mut self.rng);
         self.schedule(self.now + down, Event::Restart { node });
     }
 
@@ -1043,8 +1043,7 @@ impl<'a> World<'a> {
                 self.drop_link(node, other);
             }
         }
-        let torn = self.rng.chance(0.5);
-        let keep = self.rng.next_u64();
+        let (torn, keep) = faults::draw_crash_damage(&mut self.rng);
         let slot = &mut self.slots[node];
         slot.node = None;
         slot.paused = false;
@@ -1072,7 +1071,7 @@ impl<'a> World<'a> {
         self.arm_timer(node);
         for other in 0..self.slots.len() {
             if other != node {
-                let delay = self.rng.range(0, 500);
+                let delay = faults::draw_dial_delay(&mut self.rng, 500);
                 let (a, b) = (node.min(other), node.max(other));
                 self.schedule(self.now + delay, Event::Connect { a, b });
             }
@@ -1086,14 +1085,14 @@ impl<'a> World<'a> {
         if self.healing {
             return;
         }
-        let next = self.rng.exponential_ms(every.as_millis() as f64);
+        let next = faults::draw_next(&mut self.rng, every);
         self.schedule(self.now + next, Event::Pause);
-        let node = self.rng.index(self.slots.len());
+        let node = faults::draw_target(&mut self.rng, self.slots.len());
         if self.slots[node].node.is_none() || self.slots[node].paused {
             return;
         }
         self.slots[node].paused = true;
-        let length = self.rng.range(500, 5000);
+        let length = faults::draw_pause(&mut self.rng);
         self.schedule(self.now + length, Event::Unpause { node });
     }
 
@@ -1121,7 +1120,7 @@ impl<'a> World<'a> {
         };
         if self.healing || self.slots.len() < 2 || self.network.any_blocked() {
             if !self.healing {
-                let next = self.rng.exponential_ms(every.as_millis() as f64);
+                let next = faults::draw_next(&mut self.rng, every);
                 self.schedule(self.now + next, Event::PartitionStart);
             }
             return;
@@ -1135,9 +1134,9 @@ impl<'a> World<'a> {
                 self.drop_link(a, b);
             }
         }
-        let length = self.rng.range(2000, 10_000);
+        let length = faults::draw_partition_length(&mut self.rng);
         self.schedule(self.now + length, Event::PartitionEnd);
-        let next = length + self.rng.exponential_ms(every.as_millis() as f64);
+        let next = length + faults::draw_next(&mut self.rng, every);
         self.schedule(self.now + next, Event::PartitionStart);
     }
 
@@ -1148,7 +1147,7 @@ impl<'a> World<'a> {
 
     fn reconnect_all(&mut self) {
         for (a, b) in self.network.pairs() {
-            let delay = self.rng.range(0, 300);
+            let delay = faults::draw_dial_delay(&mut self.rng, 300);
             self.schedule(self.now + delay, Event::Connect { a, b });
         }
     }
@@ -1232,79 +1231,13 @@ impl<'a> World<'a> {
     // ----- checks -----
 
     fn converged(&mut self) -> bool {
-        let Some(first) = self.slots[0].node.as_ref().map(|node| node.digest()) else {
-            return false;
-        };
-        let all_equal = self.slots.iter().enumerate().all(|(index, slot)| {
-            !self.honest(index)
-                || slot
-                    .node
-                    .as_ref()
-                    .is_some_and(|node| node.digest() == first)
-        });
-        if !all_equal {
-            return false;
-        }
-        // The administrator's latest policy is in force on every honest node.
-        if let Some(play) = &self.play {
-            let issued = play.issued;
-            let everywhere = self.slots.iter().enumerate().all(|(index, slot)| {
-                !self.honest(index)
-                    || slot
-                        .node
-                        .as_ref()
-                        .and_then(|node| node.policy())
-                        .is_some_and(|policy| policy.version == issued)
-            });
-            if !everywhere {
-                return false;
-            }
-        }
-        // Equal digests: every honest node holds the same quarantine.
-        let quarantine = self.slots[0].node.as_ref().map(|node| node.quarantined());
-        for (index, slot) in self.slots.iter().enumerate() {
-            if !self.honest(index) {
-                continue;
-            }
-            let held = slot.node.as_ref().map(|node| node.quarantined());
-            if held != quarantine {
-                let message = format!(
-                    "node {index} and node 0 have equal digests but different quarantines: {} and {} changes",
-                    held.map_or(0, |held| held.len()),
-                    quarantine.as_ref().map_or(0, Vec::len)
-                );
-                self.checkers.fail(Failure {
-                    checker: "quarantine-diverged",
-                    message,
-                    at_ms: self.now,
-                });
-                return false;
-            }
-        }
-        // Equal digests: every acknowledged write must be on every node.
-        for (record, hash, writer) in &self.checkers.acked {
-            if !self.honest(*writer) {
-                continue;
-            }
-            for (index, slot) in self.slots.iter().enumerate() {
-                if !self.honest(index) {
-                    continue;
-                }
-                let node = slot.node.as_ref().expect("all alive when equal");
-                if !node.holds_change(record, hash) {
-                    let message = format!(
-                        "node {index} lacks change {hash} to {record}, acknowledged by node {writer}, though all digests are equal"
-                    );
-                    self.checkers.fail(Failure {
-                        checker: "acked-write-lost",
-                        message,
-                        at_ms: self.now,
-                    });
-                    return false;
-                }
-            }
-        }
-        true
+        let nodes: Vec<Option<&dyn SimNode>> =
+            self.slots.iter().map(|slot| slot.node.as_deref()).collect();
+        let honest: Vec<bool> = (0..self.slots.len())
+            .map(|node| self.honest(node))
+            .collect();
+        let issued = self.play.as_ref().map(|play| play.issued);
+        self.checkers.converged(&nodes, &honest, issued, self.now)
     }
 
     fn digest_list(&self) -> String {
