@@ -7,6 +7,14 @@ use std::time::Duration;
 use crate::rng::SimRng;
 use crate::world::Ms;
 
+/// A node's clock skew, up to `max_ms` either way (none when `max_ms` is 0: no draw).
+pub(crate) fn draw_skew(rng: &mut SimRng, max_ms: u64) -> i64 {
+    match max_ms {
+        0 => 0,
+        max => rng.range(0, 2 * max + 1) as i64 - max as i64,
+    }
+}
+
 /// When the next fault of a kind follows, a random wait of mean `every`.
 pub(crate) fn draw_next(rng: &mut SimRng, every: Duration) -> Ms {
     rng.exponential_ms(every.as_millis() as f64)

@@ -296,10 +296,7 @@ impl<'a> World<'a> {
         for (index, identity) in identities.into_iter().enumerate() {
             let id = identity.node_id();
             index_of.insert(id, index);
-            let skew_ms = match plan.clock_skew_max_ms {
-                0 => 0,
-                max => rng.range(0, 2 * max + 1) as i64 - max as i64,
-            };
+            let skew_ms = faults::draw_skew(&mut rng, plan.clock_skew_max_ms);
             let config = Config {
                 name: format!("node-{index}"),
                 sync_interval: plan.sync_interval,
