@@ -84,16 +84,18 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// What a client is told of a body over [`BODY_BYTES_MAX`] (the CLI says it before sending).
+pub fn body_too_large() -> String {
+    format!(
+        "the body is larger than the API takes ({} MiB); store large values outside the record",
+        BODY_BYTES_MAX / (1024 * 1024)
+    )
+}
+
 /// Why a JSON body was refused: too large (413, with the limit), or not what was expected.
 fn body_refused(rejection: &JsonRejection, not_valid: &str) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the body is larger than the API takes ({} MiB); store large values outside the record",
-                BODY_BYTES_MAX / (1024 * 1024)
-            ),
-        );
+        return ApiError(StatusCode::PAYLOAD_TOO_LARGE, body_too_large());
     }
     ApiError(
         StatusCode::BAD_REQUEST,

@@ -136,17 +136,26 @@ impl Client {
     pub fn send(&self, method: &str, path: &str, body: &Value) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
+        let bytes = serde_json::to_vec(body).expect("JSON values serialise");
+        if bytes.len() > crate::api::BODY_BYTES_MAX {
+            // Said here rather than sent: the daemon answers 413 as soon as it sees the
+            // length and closes, and a client still writing the body sees only a reset.
+            return Err(anyhow!(crate::api::body_too_large()).into());
+        }
+        let json = "application/json";
         let result = match method {
             "PUT" => self
                 .agent
                 .put(url)
                 .header("Authorization", auth)
-                .send_json(body),
+                .header("Content-Type", json)
+                .send(&bytes[..]),
             "POST" => self
                 .agent
                 .post(url)
                 .header("Authorization", auth)
-                .send_json(body),
+                .header("Content-Type", json)
+                .send(&bytes[..]),
             "DELETE" => self.agent.delete(url).header("Authorization", auth).call(),
             other => return Err(anyhow!("unsupported method {other}").into()),
         };
