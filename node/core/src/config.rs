@@ -35,6 +35,9 @@ pub struct Config {
     /// a benchmark's baseline): envelopes any of them verified are not verified again.
     /// Default: `None`, every envelope is verified. The daemon never sets it.
     pub verified_cache: Option<crdt_schema::VerifiedCache>,
+    /// What one reconciliation answer may hold. Default: the wire's limits (what every
+    /// peer accepts); smaller budgets only make more, smaller rounds.
+    pub round_budget: crate::limits::RoundBudget,
 }
 
 impl Default for Config {
@@ -50,6 +53,7 @@ impl Default for Config {
             loaded_documents_max: crate::limits::LOADED_DOCUMENTS_MAX,
             trusted_peers: None,
             verified_cache: None,
+            round_budget: crate::limits::RoundBudget::default(),
         }
     }
 }

@@ -35,6 +35,48 @@ pub const NAME_BYTES_MAX: usize = 128;
 /// Most collections named in a replication scope.
 pub const SCOPE_COLLECTIONS_MAX: usize = 1024;
 
+/// What one reconciliation answer may hold (reconcile.rs). The default is what a peer
+/// accepts on decoding; a node may answer in smaller rounds (tests use small budgets to
+/// cross every bound with few records), never in larger ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundBudget {
+    /// Ranges in one answer. Default: [`RANGES_PER_MESSAGE_MAX`].
+    pub ranges: usize,
+    /// Items listed over all the ranges of one answer. Default: [`ITEMS_PER_MESSAGE_MAX`].
+    pub items: usize,
+    /// Record needs in one answer. Default: [`NEEDS_PER_MESSAGE_MAX`].
+    pub needs: usize,
+    /// Change bytes sent with one answer. Default: [`SYNC_ROUND_BYTES_MAX`].
+    pub change_bytes: usize,
+}
+
+impl Default for RoundBudget {
+    fn default() -> RoundBudget {
+        RoundBudget {
+            ranges: RANGES_PER_MESSAGE_MAX,
+            items: ITEMS_PER_MESSAGE_MAX,
+            needs: NEEDS_PER_MESSAGE_MAX,
+            change_bytes: SYNC_ROUND_BYTES_MAX,
+        }
+    }
+}
+
+impl RoundBudget {
+    /// The budget a node answers with: within the wire's limits, and large enough that
+    /// every round settles at least one range (a split and the span after it, a listed
+    /// range, a need).
+    pub fn effective(self) -> RoundBudget {
+        RoundBudget {
+            ranges: self.ranges.clamp(RANGE_FANOUT + 1, RANGES_PER_MESSAGE_MAX),
+            items: self
+                .items
+                .clamp(RANGE_ITEMS_THRESHOLD, ITEMS_PER_MESSAGE_MAX),
+            needs: self.needs.clamp(1, NEEDS_PER_MESSAGE_MAX),
+            change_bytes: self.change_bytes.clamp(1, SYNC_ROUND_BYTES_MAX),
+        }
+    }
+}
+
 /// A range holding at most this many records is answered with its item list.
 pub const RANGE_ITEMS_THRESHOLD: usize = 32;
 /// A larger range that differs is split into this many subranges.

@@ -1,6 +1,17 @@
 //! Range reconciliation, one round at a time: given a peer's round (fingerprints of key
 //! ranges, item lists, needs), what to answer. Pure over the records: the sessions
 //! (sync.rs) decide when rounds go and what they cost.
+//!
+//! **Every answer fits in one message, whatever the size of the difference.** An answer
+//! holds at most the node's [`RoundBudget`] of ranges, items, needs and change bytes,
+//! which is never more than a peer accepts on decoding (the wire's limits). Ranges are
+//! answered in key order; a range that differs is split or listed only while one more range
+//! still fits after it. Once one does not, it and every range after it go back as a single
+//! range with this node's fingerprint of their whole span, and the peer splits that span in
+//! the next round. So each round settles the lowest ranges, no answer grows past the
+//! budget, and a difference of any size streams through rounds. Needs past their bound and
+//! changes past the round's bytes are left for a later pass: the answer says it was
+//! truncated, so the initiator compares the roots again before it ends.
 
 use std::collections::BTreeMap;
 
@@ -15,16 +26,33 @@ use crate::records::{Records, Scope, in_scope};
 use crate::wire::{EnvelopeBytes, Hash, Item, Need, Range, RangeSummary, Round};
 
 /// What answering one round produced.
-#[derive(Default)]
 pub(crate) struct RoundOutput {
+    budget: RoundBudget,
     pub(crate) ranges: Vec<Range>,
     pub(crate) needs: Vec<Need>,
     pub(crate) changes: Vec<Vec<u8>>,
     pub(crate) changes_bytes: usize,
+    /// Items listed over all of `ranges`.
+    pub(crate) items: usize,
+    /// Whether something was left out (changes past the round's bytes, needs past their
+    /// bound): another pass must follow.
     pub(crate) truncated: bool,
 }
 
 impl RoundOutput {
+    /// An empty answer within `budget` (see [`RoundBudget::effective`]).
+    pub(crate) fn new(budget: RoundBudget) -> RoundOutput {
+        RoundOutput {
+            budget: budget.effective(),
+            ranges: Vec::new(),
+            needs: Vec::new(),
+            changes: Vec::new(),
+            changes_bytes: 0,
+            items: 0,
+            truncated: false,
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.ranges.is_empty() && self.needs.is_empty() && self.changes.is_empty()
     }
@@ -32,13 +60,32 @@ impl RoundOutput {
     /// Adds envelopes unless the round's budget is spent.
     pub(crate) fn add_changes(&mut self, envelopes: Vec<Vec<u8>>) {
         for envelope in envelopes {
-            if self.changes_bytes + envelope.len() > SYNC_ROUND_BYTES_MAX {
+            // The first change of a round always goes, so that one larger than a small
+            // budget still moves.
+            if !self.changes.is_empty()
+                && self.changes_bytes + envelope.len() > self.budget.change_bytes
+            {
                 self.truncated = true;
                 return;
             }
             self.changes_bytes += envelope.len();
             self.changes.push(envelope);
         }
+    }
+
+    /// Whether `ranges` more ranges listing `items` items fit with one range to spare (for
+    /// the span of the ranges not answered, should the next not fit).
+    fn has_room(&self, ranges: usize, items: usize) -> bool {
+        self.ranges.len() + ranges < self.budget.ranges && self.items + items <= self.budget.items
+    }
+
+    /// Whether another need fits; if not, the answer is truncated.
+    fn has_room_for_need(&mut self) -> bool {
+        if self.needs.len() < self.budget.needs {
+            return true;
+        }
+        self.truncated = true;
+        false
     }
 }
 
@@ -89,6 +136,8 @@ pub(crate) fn root_range(records: &Records, scope: &Scope) -> Range {
 pub(crate) struct Reconcile<'a> {
     pub(crate) records: &'a mut Records,
     pub(crate) pipeline: &'a Pipeline,
+    /// What one answer may hold.
+    pub(crate) budget: RoundBudget,
 }
 
 impl Reconcile<'_> {
@@ -98,7 +147,7 @@ impl Reconcile<'_> {
         scope: &Scope,
         round: &Round,
     ) -> Result<RoundOutput, String> {
-        let mut output = RoundOutput::default();
+        let mut output = RoundOutput::new(self.budget);
         let mut previous_upper: Option<&str> = Some("");
         for range in &round.ranges {
             // Ranges must be increasing and not overlap, or a peer could make us list the
@@ -113,13 +162,30 @@ impl Reconcile<'_> {
                 return Err("reconciliation range is empty or reversed".into());
             }
             previous_upper = range.upper.as_deref();
-            match &range.summary {
+            let answered = match &range.summary {
                 RangeSummary::Fingerprint { fingerprint, count } => {
-                    self.answer_fingerprint(scope, range, fingerprint, *count, &mut output)
+                    self.answer_fingerprint(scope, range, (fingerprint, *count), &mut output)
                 }
                 RangeSummary::Items(items) => {
-                    self.answer_items(scope, range, items, &mut output)?
+                    self.answer_items(scope, range, items, &mut output)?;
+                    true
                 }
+            };
+            if !answered {
+                // No room for this range's answer: it and the rest go back as one span.
+                let last = round.ranges.last().expect("this range is one");
+                let accumulator =
+                    self.records
+                        .accumulate(&range.lower, last.upper.as_deref(), scope);
+                output.ranges.push(Range {
+                    lower: range.lower.clone(),
+                    upper: last.upper.clone(),
+                    summary: RangeSummary::Fingerprint {
+                        fingerprint: accumulator.fingerprint(),
+                        count: accumulator.count(),
+                    },
+                });
+                break;
             }
         }
         for need in &round.needs {
@@ -128,14 +194,15 @@ impl Reconcile<'_> {
         Ok(output)
     }
 
+    /// Answers a peer's fingerprint `(fingerprint, count)` of `range`; false if the answer
+    /// would not fit in `output` (nothing was added then).
     fn answer_fingerprint(
         &mut self,
         scope: &Scope,
         range: &Range,
-        fingerprint: &crate::digest::Fingerprint,
-        count: u64,
+        (fingerprint, count): (&crate::digest::Fingerprint, u64),
         output: &mut RoundOutput,
-    ) {
+    ) -> bool {
         let upper = range.upper.as_deref();
         let mine: Vec<(String, crate::digest::ItemHash, Vec<Hash>)> = self
             .records
@@ -151,7 +218,7 @@ impl Reconcile<'_> {
         let mut accumulator = Accumulator::default();
         mine.iter().for_each(|(_, item, _)| accumulator.add(item));
         if accumulator.count() == count && &accumulator.fingerprint() == fingerprint {
-            return;
+            return true;
         }
         if count == 0 {
             // They have nothing here: send everything.
@@ -164,9 +231,13 @@ impl Reconcile<'_> {
                 let envelopes = history::envelopes_after(self.records, key, &[]);
                 output.add_changes(envelopes);
             }
-            return;
+            return true;
         }
         if mine.len() <= RANGE_ITEMS_THRESHOLD {
+            if !output.has_room(1, mine.len()) {
+                return false;
+            }
+            output.items += mine.len();
             let items = mine
                 .into_iter()
                 .map(|(record, _, heads)| Item { record, heads })
@@ -176,11 +247,14 @@ impl Reconcile<'_> {
                 upper: range.upper.clone(),
                 summary: RangeSummary::Items(items),
             });
-            return;
+            return true;
         }
         let chunk = mine.len().div_ceil(RANGE_FANOUT);
         let parts: Vec<&[(String, crate::digest::ItemHash, Vec<Hash>)]> =
             mine.chunks(chunk).collect();
+        if !output.has_room(parts.len(), 0) {
+            return false;
+        }
         for (index, part) in parts.iter().enumerate() {
             let lower = match index {
                 0 => range.lower.clone(),
@@ -201,6 +275,7 @@ impl Reconcile<'_> {
                 },
             });
         }
+        true
     }
 
     fn answer_items(
@@ -269,7 +344,7 @@ impl Reconcile<'_> {
         output: &mut RoundOutput,
     ) {
         let Some(entry) = self.records.entry(key) else {
-            if !their_heads.is_empty() {
+            if !their_heads.is_empty() && output.has_room_for_need() {
                 output.needs.push(history::need(self.records, key));
             }
             return;
@@ -296,6 +371,8 @@ impl Reconcile<'_> {
             let envelopes = history::envelopes_after(self.records, key, &have);
             output.add_changes(envelopes);
         }
-        output.needs.push(history::need(self.records, key));
+        if output.has_room_for_need() {
+            output.needs.push(history::need(self.records, key));
+        }
     }
 }

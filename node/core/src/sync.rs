@@ -392,7 +392,7 @@ impl Sessions<'_> {
     }
 
     pub(crate) fn answer_needs(&mut self, from: NodeId, needs: Vec<Need>) {
-        let mut output = RoundOutput::default();
+        let mut output = RoundOutput::new(self.config.round_budget);
         let scope = self.scope_with(from);
         for need in &needs {
             self.reconcile().answer_need(&scope, need, &mut output);
@@ -440,6 +440,7 @@ impl Sessions<'_> {
         Reconcile {
             records: self.records,
             pipeline: self.pipeline,
+            budget: self.config.round_budget,
         }
     }
 }
