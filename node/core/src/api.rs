@@ -122,10 +122,16 @@ pub enum Command {
         /// The record.
         record: RecordId,
     },
-    /// Read every live record of a collection.
+    /// Read the live records of a collection, in id order, a page at a time.
     List {
         /// The collection.
         collection: String,
+        /// Start after this record id (the `next` of the previous page); `None` from the
+        /// first.
+        after: Option<String>,
+        /// Most records in the page; 0 means [`crate::limits::LIST_PAGE_MAX`], and larger
+        /// values are lowered to it.
+        limit: usize,
     },
     /// The node's status.
     Status,
@@ -175,8 +181,13 @@ pub enum Reply {
     },
     /// A record, or `None` if it does not exist.
     Record(Option<RecordView>),
-    /// Records of a collection.
-    Records(Vec<RecordView>),
+    /// A page of a collection's records.
+    Records {
+        /// The records, in id order.
+        records: Vec<RecordView>,
+        /// The id to ask the next page `after`, if more records follow.
+        next: Option<String>,
+    },
     /// Status.
     Status(Box<Status>),
     /// How many reconciliations were started.

@@ -30,6 +30,8 @@ pub const CHANGES_PER_MESSAGE_MAX: usize = 65_536;
 /// hold together, checked while decoding. The largest honest message lists about 86,000
 /// (4,096 ranges, 65,536 items, 16,384 needs).
 pub const MESSAGE_ELEMENTS_MAX: usize = 131_072;
+/// Most records in one page of `Command::List` (and `GET /v1/records/{collection}`).
+pub const LIST_PAGE_MAX: usize = 1000;
 /// Longest node name, in bytes.
 pub const NAME_BYTES_MAX: usize = 128;
 /// Most collections named in a replication scope.

@@ -245,9 +245,14 @@ impl Node {
                 let view = reads::record(&mut self.records, &record);
                 self.out.complete(id, Ok(Reply::Record(view)));
             }
-            Command::List { collection } => {
-                let views = reads::list(&mut self.records, &collection);
-                self.out.complete(id, Ok(Reply::Records(views)));
+            Command::List {
+                collection,
+                after,
+                limit,
+            } => {
+                let (records, next) =
+                    reads::list(&mut self.records, &collection, after.as_deref(), limit);
+                self.out.complete(id, Ok(Reply::Records { records, next }));
             }
             Command::Status => {
                 let status = self.status();

@@ -5,6 +5,7 @@
 
 use crdt_schema::{ChangeHash, NodeId, RecordId, RecordView};
 
+use crate::limits::LIST_PAGE_MAX;
 use crate::records::{Entry, Records};
 
 /// A visible record's view, if it is held.
@@ -15,20 +16,39 @@ pub(crate) fn record(records: &mut Records, record: &RecordId) -> Option<RecordV
         .then(|| records.doc_mut(record.as_str()).view(record))
 }
 
-/// The views of a collection's visible, not deleted records, in id order.
-pub(crate) fn list(records: &mut Records, collection: &str) -> Vec<RecordView> {
-    let keys: Vec<RecordId> = records
-        .range(
-            &format!("{collection}/"),
-            Some(&format!("{collection}0")),
-            &None,
-        )
+/// A page of the views of a collection's visible, not deleted records, in id order: at
+/// most `limit` (0 or more than [`LIST_PAGE_MAX`]: that many) after the record id `after`.
+/// Returns the page and the id to continue after, if more records follow.
+pub(crate) fn list(
+    records: &mut Records,
+    collection: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> (Vec<RecordView>, Option<String>) {
+    let limit = match limit {
+        0 => LIST_PAGE_MAX,
+        limit => limit.min(LIST_PAGE_MAX),
+    };
+    let lower = match after {
+        Some(id) => format!("{collection}/{id}"),
+        None => format!("{collection}/"),
+    };
+    let mut keys: Vec<RecordId> = records
+        .range(&lower, Some(&format!("{collection}0")), &None)
+        .filter(|entry| after.is_none() || entry.record().as_str() != lower)
         .filter(|entry| !entry.is_deleted() && entry.is_visible())
         .map(|entry| entry.record().clone())
+        .take(limit + 1)
         .collect();
-    keys.iter()
+    let next = (keys.len() > limit).then(|| {
+        keys.truncate(limit);
+        keys.last().expect("a full page").id().to_owned()
+    });
+    let views = keys
+        .iter()
         .map(|record| records.doc_mut(record.as_str()).view(record))
-        .collect()
+        .collect();
+    (views, next)
 }
 
 /// A visible record's saved document, if it is held.

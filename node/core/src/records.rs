@@ -543,9 +543,11 @@ impl Records {
         upper: Option<&str>,
         scope: &'a Scope,
     ) -> impl Iterator<Item = &'a Entry> + 'a {
-        let upper = match upper {
-            Some(upper) => Bound::Excluded(upper),
-            None => Bound::Unbounded,
+        // An empty or reversed range is empty (a `BTreeMap` range would panic).
+        let (lower, upper) = match upper {
+            Some(upper) if upper <= lower => (upper, Bound::Excluded(upper)),
+            Some(upper) => (lower, Bound::Excluded(upper)),
+            None => (lower, Bound::Unbounded),
         };
         self.entries
             .range::<str, _>((Bound::Included(lower), upper))

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /v1/status` | node status (see README for every field) |
 //! | `GET /v1/peers` | peers with state and last sync |
-//! | `GET /v1/records/{collection}` | live records of a collection |
+//! | `GET /v1/records/{collection}?after=ID&limit=N` | a page of a collection's live records, in id order (at most 1,000; `next` is the `after` of the next page, `null` at the end) |
 //! | `GET /v1/records/{collection}/{id}` | one record; 404 if absent |
 //! | `PUT /v1/records/{collection}/{id}` | set fields from a JSON object (`null` removes) |
 //! | `DELETE /v1/records/{collection}/{id}` | mark deleted |
@@ -232,17 +232,45 @@ async fn approve_peer(
     .into_response())
 }
 
-async fn list(State(state): State<ApiState>, Path(collection): Path<String>) -> ApiResult {
+/// Which page of a collection's records a client wants.
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    /// Start after this record id.
+    after: Option<String>,
+    /// Most records in the page (at most 1,000, the default).
+    #[serde(default)]
+    limit: usize,
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    Path(collection): Path<String>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
     crdt_schema::record::check_collection(&collection)
         .map_err(|error| ApiError(StatusCode::BAD_REQUEST, error.to_string()))?;
-    let Reply::Records(views) = run(&state, Command::List { collection }).await? else {
+    let axum::extract::Query(ListQuery { after, limit }) = query.map_err(|error| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the page is asked as ?after=ID&limit=N: {}",
+                error.body_text()
+            ),
+        )
+    })?;
+    let command = Command::List {
+        collection,
+        after,
+        limit,
+    };
+    let Reply::Records { records, next } = run(&state, command).await? else {
         return Err(unexpected());
     };
-    let records = views
+    let records = records
         .iter()
         .map(crate::replies::RecordReply::from)
         .collect();
-    Ok(axum::Json(crate::replies::RecordsReply { records }).into_response())
+    Ok(axum::Json(crate::replies::RecordsReply { records, next }).into_response())
 }
 
 async fn read(

@@ -166,10 +166,17 @@ impl Client {
     fn json(&self, response: ureq::http::Response<ureq::Body>) -> Result<Value, ClientError> {
         let status = response.status().as_u16();
         let mut body = response.into_body();
-        let value: Value = body.read_json().unwrap_or(Value::Null);
         if status == 200 {
-            return Ok(value);
+            // An answer that cannot be read is an error, never "nothing": every list the
+            // API answers is bounded (records come in pages), so this limit is far above
+            // any honest answer.
+            return Ok(body
+                .with_config()
+                .limit(ANSWER_BYTES_MAX)
+                .read_json()
+                .context("the daemon's answer could not be read")?);
         }
+        let value: Value = body.read_json().unwrap_or(Value::Null);
         let message = value["error"]
             .as_str()
             .unwrap_or("the daemon gave no reason")
@@ -195,6 +202,9 @@ impl Client {
         }
     }
 }
+
+/// The largest answer the CLI reads from its daemon.
+const ANSWER_BYTES_MAX: u64 = 256 * 1024 * 1024;
 
 fn not_running(dir: &DataDir) -> ClientError {
     anyhow!(

@@ -85,11 +85,13 @@ impl From<&RecordView> for RecordReply {
     }
 }
 
-/// `GET /v1/records/{collection}`: its live records.
+/// `GET /v1/records/{collection}`: a page of its live records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordsReply {
     /// The records, by id.
     pub records: Vec<RecordReply>,
+    /// The id to ask the next page after (`?after=`); `None` on the last page.
+    pub next: Option<String>,
 }
 
 /// `PUT` or `DELETE /v1/records/{collection}/{id}`: what the write did, once durable.

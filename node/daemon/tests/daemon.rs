@@ -406,3 +406,61 @@ fn completions_and_manual_pages_come_from_the_command_definitions() {
     assert!(put.contains("FIELDS"), "the page lists the arguments");
     assert!(pages.join("mesh.1").exists());
 }
+
+/// More than 10 MB of records (the walkthrough's P1: the CLI read at most about 10 MB and
+/// called anything larger "no live records"): `mesh list` pages through all of them, a
+/// limited listing says where to go on, and `--after` goes on from there.
+#[test]
+fn a_collection_larger_than_one_answer_is_listed_page_by_page() {
+    const RECORDS: usize = 2100;
+    let dir = TempDir::new("paged-list");
+    init(&dir.0, "hq");
+    let _daemon = start(&dir.0);
+    let addr = std::fs::read_to_string(dir.0.join("api.addr")).unwrap();
+    let token = std::fs::read_to_string(dir.0.join("api.token")).unwrap();
+    let note = "n".repeat(5000);
+    for record in 0..RECORDS {
+        let (status, body) = http(
+            &addr,
+            &format!("PUT /v1/records/stock/r{record:04}"),
+            Some(token.trim()),
+            &format!(r#"{{"note": "{note}", "count": {record}}}"#),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let text = mesh_ok(&dir.0, &["list", "stock"]);
+    let listed = |text: &str| {
+        text.lines()
+            .filter(|line| line.starts_with("stock/"))
+            .count()
+    };
+    assert_eq!(listed(&text), RECORDS, "{}", &text[..200.min(text.len())]);
+    assert!(!text.contains("more records follow"));
+
+    let json: serde_json::Value =
+        serde_json::from_str(&mesh_ok(&dir.0, &["list", "stock", "--json"])).unwrap();
+    assert_eq!(json["records"].as_array().map(Vec::len), Some(RECORDS));
+    assert!(json["next"].is_null());
+    assert_eq!(json["records"][1234]["id"], "r1234");
+
+    let first = mesh_ok(&dir.0, &["list", "stock", "--limit", "1500"]);
+    assert_eq!(listed(&first), 1500);
+    assert!(
+        first.contains("more records follow: mesh list stock --after r1499"),
+        "{}",
+        first.lines().last().unwrap_or("")
+    );
+    let rest = mesh_ok(&dir.0, &["list", "stock", "--after", "r1499"]);
+    assert_eq!(listed(&rest), RECORDS - 1500);
+    assert!(rest.starts_with("stock/r1500"));
+
+    let (status, body) = http(
+        &addr,
+        "GET /v1/records/stock?limit=many",
+        Some(token.trim()),
+        "",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("?after=ID&limit=N"), "{body}");
+}
