@@ -1,0 +1,307 @@
+//! The scale benchmark (issue 12): real daemons on loopback, a head office with many
+//! records and a laptop that clones them and later catches up. Prints its figures.
+//!
+//! `cargo bench -p mesh-daemon --bench scale` builds 100,000 records; `-- --records N` sets
+//! another count (`-- --records 1000000` for the million). Measured in one run:
+//! - bulk load through the API, 16 writers, records of 5 fields;
+//! - the head office's memory (resident set) after the load;
+//! - cold start: process start until status answers, and the memory then;
+//! - clone: a fresh laptop dials the head office, until their digests are equal: records/s
+//!   and the bytes the laptop received;
+//! - catch-up: the laptop stops, the head office edits one field of every record, the
+//!   laptop starts again: time until equal digests, bytes received per edit, and the rounds
+//!   of the reconciliation sessions that brought them;
+//! - the reference, in the same run: plain Automerge saving and loading the same number of
+//!   documents of the same fields eagerly (time and memory).
+
+#![allow(clippy::disallowed_methods, missing_docs)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+const WRITERS: usize = 16;
+/// How long any one phase may take before the run is called stuck.
+const PHASE_DEADLINE: Duration = Duration::from_secs(1800);
+
+struct Api {
+    base: String,
+    token: String,
+}
+
+fn api(dir: &Path) -> Api {
+    let addr = std::fs::read_to_string(dir.join("api.addr")).expect("the daemon wrote its API");
+    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+    Api {
+        base: format!("http://{}", addr.trim()),
+        token: token.trim().to_owned(),
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn status(agent: &ureq::Agent, api: &Api) -> Option<serde_json::Value> {
+    let mut response = agent
+        .get(format!("{}/v1/status", api.base))
+        .header("Authorization", format!("Bearer {}", api.token))
+        .call()
+        .ok()?;
+    (response.status() == 200)
+        .then(|| response.body_mut().read_json().ok())
+        .flatten()
+}
+
+fn history(agent: &ureq::Agent, api: &Api) -> serde_json::Value {
+    agent
+        .get(format!("{}/v1/history", api.base))
+        .header("Authorization", format!("Bearer {}", api.token))
+        .call()
+        .expect("history")
+        .body_mut()
+        .read_json()
+        .expect("history is JSON")
+}
+
+/// Starts `mesh node run` for `dir` (dialling `peer`), returns it once its API answers,
+/// with the time that took.
+fn start(dir: &Path, peer: Option<&str>) -> (common::Daemon, Duration) {
+    let _ = std::fs::remove_file(dir.join("api.addr"));
+    let started = Instant::now();
+    let mut command = Command::new(common::MESH);
+    command.arg("--data-dir").arg(dir).args(["node", "run"]);
+    if let Some(peer) = peer {
+        command.args(["--peer", peer]);
+    }
+    // Killed on drop, should anything below fail.
+    let daemon = common::Daemon {
+        child: command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the daemon starts"),
+    };
+    let agent = agent();
+    loop {
+        if dir.join("api.addr").exists() && status(&agent, &api(dir)).is_some() {
+            return (daemon, started.elapsed());
+        }
+        assert!(started.elapsed() < PHASE_DEADLINE, "the daemon never answered");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Stops a daemon with SIGTERM (a clean shutdown) and waits for it.
+fn stop(mut daemon: common::Daemon) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status();
+    let _ = daemon.child.wait();
+}
+
+/// A process's resident set, MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Writes `fields(record)` to every record through the API with [`WRITERS`] writers;
+/// returns records per second.
+fn load(api: &Api, records: usize, fields: impl Fn(usize) -> serde_json::Value + Sync) -> f64 {
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for writer in 0..WRITERS {
+            let fields = &fields;
+            scope.spawn(move || {
+                let agent = agent();
+                for record in (writer..records).step_by(WRITERS) {
+                    let response = agent
+                        .put(format!("{}/v1/records/stock/r{record:07}", api.base))
+                        .header("Authorization", format!("Bearer {}", api.token))
+                        .send_json(fields(record))
+                        .expect("put");
+                    assert_eq!(response.status(), 200);
+                }
+            });
+        }
+    });
+    records as f64 / started.elapsed().as_secs_f64()
+}
+
+fn five_fields(record: usize) -> serde_json::Value {
+    serde_json::json!({
+        "item": format!("item {record}"),
+        "site": format!("clinic-{}", record % 20),
+        "count": record % 1000,
+        "unit": "box",
+        "checked": record.is_multiple_of(2),
+    })
+}
+
+/// Bytes the node received from all its peers, by its own counters.
+fn bytes_received(status: &serde_json::Value) -> u64 {
+    status["peers"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter_map(|peer| peer["counters"]["bytes_received"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `laptop` has `hub`'s digest; returns how long that took.
+fn until_equal(agent: &ureq::Agent, hub: &Api, laptop: &Api, since: Instant) -> Duration {
+    let target = status(agent, hub).expect("hub status")["digest"].clone();
+    loop {
+        if status(agent, laptop).is_some_and(|status| status["digest"] == target) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < PHASE_DEADLINE, "the laptop never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Plain Automerge, the reference: `records` documents of the same five fields, saved, then
+/// loaded eagerly. Returns (load seconds, resident MiB the loaded documents added, total
+/// saved bytes).
+fn automerge_reference(records: usize) -> (f64, f64, usize) {
+    use automerge::transaction::Transactable;
+    let saved: Vec<Vec<u8>> = (0..records)
+        .map(|record| {
+            let mut doc = automerge::AutoCommit::new();
+            let fields = five_fields(record);
+            for (name, value) in fields.as_object().expect("an object") {
+                let value: automerge::ScalarValue = match value {
+                    serde_json::Value::String(text) => text.as_str().into(),
+                    serde_json::Value::Bool(flag) => (*flag).into(),
+                    other => other.as_i64().expect("an integer").into(),
+                };
+                doc.put(automerge::ROOT, name, value).expect("put");
+            }
+            doc.save()
+        })
+        .collect();
+    let bytes = saved.iter().map(Vec::len).sum();
+    let before = rss_mib(std::process::id());
+    let started = Instant::now();
+    let loaded: Vec<automerge::AutoCommit> = saved
+        .iter()
+        .map(|bytes| automerge::AutoCommit::load(bytes).expect("loads"))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let added = rss_mib(std::process::id()) - before;
+    drop(loaded);
+    (seconds, added, bytes)
+}
+
+fn main() {
+    let mut records = 100_000;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--records" {
+            records = args
+                .next()
+                .and_then(|count| count.parse().ok())
+                .expect("--records takes a count");
+        }
+    }
+    println!("mesh scale benchmark: {records} records (release build, loopback)");
+
+    let (reference_seconds, reference_mib, reference_bytes) = automerge_reference(records);
+    println!(
+        "reference, plain Automerge: loads {records} saved documents ({:.1} MB) in {reference_seconds:.2} s = {:.0} documents/s, +{reference_mib:.0} MiB",
+        reference_bytes as f64 / 1e6,
+        records as f64 / reference_seconds
+    );
+
+    let hub_dir = common::TempDir::new("scale-hq");
+    common::init(&hub_dir.0, "hq");
+    let (hub, _) = start(&hub_dir.0, None);
+    let hub_api = api(&hub_dir.0);
+    let agent = agent();
+
+    let rate = load(&hub_api, records, five_fields);
+    println!("bulk load through the API, {WRITERS} writers: {rate:.0} records/s");
+    println!(
+        "head office memory after the load: {:.0} MiB",
+        rss_mib(hub.child.id())
+    );
+
+    stop(hub);
+    let (hub, cold) = start(&hub_dir.0, None);
+    // Every start takes a new API port and a new listen port.
+    let hub_api = api(&hub_dir.0);
+    println!(
+        "cold start, process start to status answering: {:.2} s, {:.0} MiB",
+        cold.as_secs_f64(),
+        rss_mib(hub.child.id())
+    );
+    let listen = status(&agent, &hub_api).expect("hub status")["listen_addrs"][0]
+        .as_str()
+        .expect("a listen address")
+        .to_owned();
+
+    let laptop_dir = common::TempDir::new("scale-laptop");
+    common::init(&laptop_dir.0, "laptop");
+    let since = Instant::now();
+    let (laptop, _) = start(&laptop_dir.0, Some(&listen));
+    let laptop_api = api(&laptop_dir.0);
+    let clone = until_equal(&agent, &hub_api, &laptop_api, since);
+    let cloned_bytes = bytes_received(&status(&agent, &laptop_api).expect("laptop status"));
+    println!(
+        "clone: {records} records in {:.1} s = {:.0} records/s ({:.2}x the reference load rate), {:.1} MB received = {:.0} B per record ({:.2}x the saved documents), laptop at {:.0} MiB",
+        clone.as_secs_f64(),
+        records as f64 / clone.as_secs_f64(),
+        (records as f64 / clone.as_secs_f64()) / (records as f64 / reference_seconds),
+        cloned_bytes as f64 / 1e6,
+        cloned_bytes as f64 / records as f64,
+        cloned_bytes as f64 / reference_bytes as f64,
+        rss_mib(laptop.child.id())
+    );
+
+    stop(laptop);
+    let edits = load(&hub_api, records, |record| {
+        serde_json::json!({ "count": record % 1000 + 1 })
+    });
+    println!("head office edits one field of every record: {edits:.0} edits/s");
+    let since = Instant::now();
+    let (laptop, _) = start(&laptop_dir.0, Some(&listen));
+    let laptop_api = api(&laptop_dir.0);
+    let catch_up = until_equal(&agent, &hub_api, &laptop_api, since);
+    let after = status(&agent, &laptop_api).expect("laptop status");
+    // The counters start afresh with the process: all of it is the catch-up.
+    let caught_bytes = bytes_received(&after);
+    // The session that brought the last changes ends just after the digests meet.
+    let waited = Instant::now();
+    let rounds: Vec<u64> = loop {
+        let sessions = history(&agent, &laptop_api);
+        let rounds: Vec<u64> = sessions["history"]
+            .as_array()
+            .map(|rows| rows.iter().filter_map(|row| row["rounds"].as_u64()).collect())
+            .unwrap_or_default();
+        if !rounds.is_empty() || waited.elapsed() > Duration::from_secs(60) {
+            break rounds;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "catch-up after {records} one-field edits: converged in {:.1} s, {:.1} MB received = {:.0} B per edit, sessions' rounds (newest first) {rounds:?}",
+        catch_up.as_secs_f64(),
+        caught_bytes as f64 / 1e6,
+        caught_bytes as f64 / records as f64
+    );
+    stop(laptop);
+    stop(hub);
+}
