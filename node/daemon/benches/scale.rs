@@ -93,7 +93,10 @@ fn start(dir: &Path, peer: Option<&str>) -> (common::Daemon, Duration) {
         if dir.join("api.addr").exists() && status(&agent, &api(dir)).is_some() {
             return (daemon, started.elapsed());
         }
-        assert!(started.elapsed() < PHASE_DEADLINE, "the daemon never answered");
+        assert!(
+            started.elapsed() < PHASE_DEADLINE,
+            "the daemon never answered"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -168,7 +171,10 @@ fn until_equal(agent: &ureq::Agent, hub: &Api, laptop: &Api, since: Instant) -> 
         if status(agent, laptop).is_some_and(|status| status["digest"] == target) {
             return since.elapsed();
         }
-        assert!(since.elapsed() < PHASE_DEADLINE, "the laptop never caught up");
+        assert!(
+            since.elapsed() < PHASE_DEADLINE,
+            "the laptop never caught up"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -272,9 +278,11 @@ fn main() {
     );
 
     stop(laptop);
-    let edits = load(&hub_api, records, |record| {
-        serde_json::json!({ "count": record % 1000 + 1 })
-    });
+    let edits = load(
+        &hub_api,
+        records,
+        |record| serde_json::json!({ "count": record % 1000 + 1 }),
+    );
     println!("head office edits one field of every record: {edits:.0} edits/s");
     let since = Instant::now();
     let (laptop, _) = start(&laptop_dir.0, Some(&listen));
@@ -289,7 +297,11 @@ fn main() {
         let sessions = history(&agent, &laptop_api);
         let rounds: Vec<u64> = sessions["history"]
             .as_array()
-            .map(|rows| rows.iter().filter_map(|row| row["rounds"].as_u64()).collect())
+            .map(|rows| {
+                rows.iter()
+                    .filter_map(|row| row["rounds"].as_u64())
+                    .collect()
+            })
             .unwrap_or_default();
         if !rounds.is_empty() || waited.elapsed() > Duration::from_secs(60) {
             break rounds;
