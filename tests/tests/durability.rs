@@ -168,7 +168,7 @@ fn a_restarted_node_recovers_every_acknowledged_write_from_checkpoint_and_log() 
 }
 
 #[test]
-fn a_damaged_stored_record_is_reported_and_not_trusted() {
+fn a_damaged_stored_record_is_reported_when_first_loaded_and_not_trusted() {
     let mut mesh = Harness::new(2);
     mesh.put(0, "stock/a", &[("count", FieldValue::Int(1))]);
     mesh.put(0, "stock/b", &[("count", FieldValue::Int(2))]);
@@ -177,7 +177,7 @@ fn a_damaged_stored_record_is_reported_and_not_trusted() {
     assert_eq!(saved.len(), 2);
     saved[0].document.truncate(10);
     let mut restarted = Node::new(Config::default(), crdt_schema::Identity::from_seed(1), 0);
-    let effects = restarted.handle(
+    restarted.handle(
         mesh.now,
         Input::Restore(Restore {
             records: saved,
@@ -185,14 +185,109 @@ fn a_damaged_stored_record_is_reported_and_not_trusted() {
             policy: None,
         }),
     );
+    // A start reads the index only: the damage shows when the document is first loaded.
+    assert_eq!(restarted.queues().loaded_documents, 0);
+    let effects = restarted.handle(
+        mesh.now,
+        Input::Command {
+            id: mesh_core::CommandId(1),
+            command: Command::Get {
+                record: "stock/a".parse().unwrap(),
+            },
+        },
+    );
+    assert!(
+        matches!(
+            effects.first(),
+            Some(Effect::Complete {
+                result: Ok(Reply::Record(None)),
+                ..
+            })
+        ),
+        "a damaged record reads as absent: {effects:?}"
+    );
     assert!(
         effects.iter().any(|effect| matches!(effect, Effect::Emit(mesh_core::Event::StorageFailed { error }) if error.contains("stock/a is damaged"))),
         "{effects:?}"
     );
     assert_eq!(restarted.status().counters.storage_errors, 1);
     assert_eq!(
-        restarted.status().records_total,
-        1,
+        restarted.status().records.get("stock"),
+        Some(&1),
         "the damaged record is not trusted"
+    );
+    assert_ne!(
+        restarted.digest(),
+        mesh.digest(0),
+        "the digest no longer claims the damaged record's changes, so peers send them again"
+    );
+}
+
+#[test]
+fn a_restarted_node_answers_status_and_lists_before_it_loads_any_document() {
+    let mut mesh = Harness::new(1);
+    for record in 0..50 {
+        mesh.put(
+            0,
+            &format!("stock/r{record:02}"),
+            &[("count", FieldValue::Int(record))],
+        );
+    }
+    mesh.command(
+        0,
+        Command::Delete {
+            record: "stock/r07".parse().unwrap(),
+        },
+    )
+    .unwrap();
+    mesh.advance(std::time::Duration::from_secs(2));
+    let restore = Restore {
+        records: mesh.nodes[0].saved.values().cloned().collect(),
+        log: mesh.nodes[0].log.clone(),
+        policy: None,
+    };
+    assert_eq!(restore.records.len(), 50, "everything is in the checkpoint");
+    let mut restarted = Node::new(Config::default(), crdt_schema::Identity::from_seed(1), 0);
+    restarted.handle(mesh.now, Input::Restore(restore));
+    assert_eq!(
+        restarted.queues().loaded_documents,
+        0,
+        "a start loads no document"
+    );
+    assert_eq!(restarted.digest(), mesh.digest(0));
+    let status = restarted.status();
+    assert_eq!(
+        status.records.get("stock"),
+        Some(&49),
+        "the deleted record is known as deleted"
+    );
+    assert_eq!(restarted.queues().loaded_documents, 0);
+    let effects = restarted.handle(
+        mesh.now,
+        Input::Command {
+            id: mesh_core::CommandId(1),
+            command: Command::Get {
+                record: "stock/r33".parse().unwrap(),
+            },
+        },
+    );
+    let Some(Effect::Complete {
+        result: Ok(Reply::Record(Some(view))),
+        ..
+    }) = effects.first()
+    else {
+        panic!("{effects:?}")
+    };
+    assert_eq!(view.fields["count"], FieldValue::Int(33));
+    assert_eq!(
+        restarted.queues().loaded_documents,
+        1,
+        "a read loads only its document"
+    );
+    assert!(
+        !effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::Emit(mesh_core::Event::StorageFailed { .. }))),
+        "{effects:?}"
     );
 }

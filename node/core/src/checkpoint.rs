@@ -129,6 +129,7 @@ impl Checkpoints {
                     })
                     .collect(),
                 judged_under,
+                deleted: Some(entry.is_deleted()),
             });
         }
         let op = ops.next();

@@ -124,6 +124,10 @@ impl Node {
             Input::Tick => self.tick(),
         }
         self.start_append();
+        for error in self.records.take_damaged() {
+            self.counters.storage_errors += 1;
+            self.out.emit(Event::StorageFailed { error });
+        }
         let effects = self.out.take();
         peers::count_sends(&mut self.peers, &effects);
         effects

@@ -8,12 +8,19 @@ use crdt_schema::{ChangeHash, NodeId, RecordId, RecordView};
 use crate::limits::LIST_PAGE_MAX;
 use crate::records::{Entry, Records};
 
+/// Whether a record is visible with its document loaded: loading a stored document may
+/// find it damaged, and its record then holds nothing until peers send it again.
+fn visible_loaded(records: &mut Records, key: &str) -> bool {
+    if !records.entry(key).is_some_and(Entry::is_visible) {
+        return false;
+    }
+    records.doc_mut(key);
+    records.entry(key).is_some_and(Entry::is_visible)
+}
+
 /// A visible record's view, if it is held.
 pub(crate) fn record(records: &mut Records, record: &RecordId) -> Option<RecordView> {
-    records
-        .entry(record.as_str())
-        .is_some_and(Entry::is_visible)
-        .then(|| records.doc_mut(record.as_str()).view(record))
+    visible_loaded(records, record.as_str()).then(|| records.doc_mut(record.as_str()).view(record))
 }
 
 /// A page of the views of a collection's visible, not deleted records, in id order: at
@@ -44,19 +51,18 @@ pub(crate) fn list(
         keys.truncate(limit);
         keys.last().expect("a full page").id().to_owned()
     });
-    let views = keys
-        .iter()
-        .map(|record| records.doc_mut(record.as_str()).view(record))
-        .collect();
+    let mut views = Vec::with_capacity(keys.len());
+    for record in &keys {
+        if visible_loaded(records, record.as_str()) {
+            views.push(records.doc_mut(record.as_str()).view(record));
+        }
+    }
     (views, next)
 }
 
 /// A visible record's saved document, if it is held.
 pub(crate) fn export(records: &mut Records, record: &RecordId) -> Option<Vec<u8>> {
-    match records.entry(record.as_str()) {
-        Some(entry) if entry.is_visible() => Some(records.doc_mut(record.as_str()).save()),
-        _ => None,
-    }
+    visible_loaded(records, record.as_str()).then(|| records.doc_mut(record.as_str()).save())
 }
 
 /// The changes of a record's accepted document: (hash, author, dependencies).

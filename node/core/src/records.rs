@@ -106,7 +106,10 @@ pub struct Quarantined {
 
 enum Body {
     Loaded(Box<RecordDoc>),
+    /// Saved by this process when the cache evicted it.
     Saved(Vec<u8>),
+    /// As restored from storage, not loaded yet: checked against the index when it is.
+    Stored(Vec<u8>),
 }
 
 /// All records of a node.
@@ -122,6 +125,8 @@ pub struct Records {
     /// `Judge::enforce_quarantine_bounds` in judge.rs), so they need the highest at hand.
     quarantined_all: BTreeSet<(ChangeHash, String)>,
     quarantined_by_author: BTreeMap<NodeId, BTreeSet<(ChangeHash, String)>>,
+    /// Damage found loading stored documents, not reported yet.
+    damaged: Vec<String>,
 }
 
 impl Records {
@@ -140,6 +145,7 @@ impl Records {
             quarantined_by_author: BTreeMap::new(),
             use_clock: 0,
             loaded_max,
+            damaged: Vec::new(),
         }
     }
 
@@ -387,13 +393,20 @@ impl Records {
                 quarantine,
                 author_seqs: None,
                 dirty: false,
-                body: Body::Saved(document),
+                body: Body::Stored(document),
                 last_used: 0,
             },
         );
     }
 
     /// The record's document, loaded if needed. Panics if the record does not exist.
+    ///
+    /// A document restored from storage is checked against the index when it is first
+    /// loaded (a start loads none). One that does not load, or whose heads are not the
+    /// stored heads, is damaged: the record forgets what the document should have held
+    /// (heads and signatures; the document wins where it loads), so the digest no longer
+    /// claims it and reconciliation brings those changes again from peers. The damage is
+    /// reported through [`Records::take_damaged`].
     pub fn doc_mut(&mut self, key: &str) -> &mut RecordDoc {
         self.touch(key);
         let author = self.author;
@@ -401,19 +414,55 @@ impl Records {
             .entries
             .get_mut(key)
             .expect("caller checked the record exists");
-        if let Body::Saved(bytes) = &entry.body {
-            // Saved by this node from a document every change of which passed the door
-            // (`RecordDoc::apply` checks each comes back out as it went in), and checked on
-            // restore, so this loads. Should it not, an empty document keeps the node up:
-            // the record's heads stay in the index, so reconciliation fetches the changes
-            // again from peers rather than the node stopping.
-            let doc = RecordDoc::load(bytes, &author).unwrap_or_else(|_| RecordDoc::new(&author));
-            entry.body = Body::Loaded(Box::new(doc));
+        let mut damaged = false;
+        match &entry.body {
+            Body::Saved(bytes) => {
+                // Saved by this node from a document every change of which passed the door
+                // (`RecordDoc::apply` checks each comes back out as it went in), so this
+                // loads. Should it not, an empty document keeps the node up.
+                let doc =
+                    RecordDoc::load(bytes, &author).unwrap_or_else(|_| RecordDoc::new(&author));
+                entry.body = Body::Loaded(Box::new(doc));
+            }
+            Body::Stored(bytes) => {
+                let doc = match RecordDoc::load(bytes, &author) {
+                    Ok(doc) if doc.heads() == entry.heads => doc,
+                    Ok(doc) => {
+                        self.damaged.push(format!(
+                            "stored heads of {key} disagree with its document; the document wins"
+                        ));
+                        entry.heads = doc.heads();
+                        damaged = true;
+                        doc
+                    }
+                    Err(error) => {
+                        self.damaged.push(format!(
+                            "stored record {key} is damaged and was forgotten ({error}); peers will send its changes again"
+                        ));
+                        entry.heads.clear();
+                        entry.signatures.clear();
+                        entry.deleted = false;
+                        damaged = true;
+                        RecordDoc::new(&author)
+                    }
+                };
+                entry.body = Body::Loaded(Box::new(doc));
+            }
+            Body::Loaded(_) => {}
         }
-        match &mut entry.body {
+        if damaged {
+            self.refresh_item(key);
+        }
+        match &mut self.entries.get_mut(key).expect("checked above").body {
             Body::Loaded(doc) => doc,
-            Body::Saved(_) => unreachable!("loaded above"),
+            Body::Saved(_) | Body::Stored(_) => unreachable!("loaded above"),
         }
+    }
+
+    /// What was found damaged while loading stored documents since the last call, one
+    /// message each, for the node to report.
+    pub fn take_damaged(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.damaged)
     }
 
     /// Whether the record's document holds `hash`, looking only if the document is loaded:
@@ -430,7 +479,7 @@ impl Records {
     /// The saved bytes of a record's document, saving it now if it is loaded.
     pub fn document_bytes(&mut self, key: &str) -> Vec<u8> {
         match &self.entries.get(key).expect("record exists").body {
-            Body::Saved(bytes) => bytes.clone(),
+            Body::Saved(bytes) | Body::Stored(bytes) => bytes.clone(),
             Body::Loaded(doc) => doc.save(),
         }
     }

@@ -1,8 +1,11 @@
 //! Start: what the driver hands back from storage becomes the node's state again.
 //!
-//! The policy comes first (the records were judged under it), then each saved record,
-//! checked against its own heads; a damaged record or quarantined change is reported and
-//! skipped, never trusted, since peers can bring its changes again. The log's changes are
+//! The policy comes first (the records were judged under it), then each saved record's
+//! index entry as stored (heads, signatures, deleted, quarantine): no document is loaded, so
+//! a start costs what reading the index costs. Each document is checked against its stored
+//! heads when it is first loaded (`Records::doc_mut`); a damaged one is reported then and
+//! its record forgotten, so peers bring its changes again. A damaged quarantined change is
+//! reported and skipped at once. The log's changes are
 //! returned for the node to replay through its usual write path.
 
 use std::collections::BTreeMap;
@@ -62,37 +65,39 @@ pub(crate) fn load(
     let policy_hash = in_force.as_ref().map(|in_force| in_force.hash);
     let mut stale = Vec::new();
     for saved in restore.records {
-        // Pair check: the document must load and its heads must be the stored heads. A
-        // damaged record is reported, never trusted; peers can bring its changes again.
-        let doc = match RecordDoc::load(&saved.document, me) {
-            Ok(doc) => doc,
-            Err(error) => {
-                counters.storage_errors += 1;
-                out.emit(Event::StorageFailed {
-                    error: format!(
-                        "stored record {} is damaged and was skipped: {error}",
-                        saved.record
-                    ),
-                });
-                continue;
-            }
+        let (heads, deleted) = match saved.deleted {
+            // The index as stored: the document loads on first use, and is checked against
+            // these heads then (`Records::doc_mut`).
+            Some(deleted) => (
+                saved.heads.iter().map(|hash| ChangeHash(*hash)).collect(),
+                deleted,
+            ),
+            // Saved before `deleted` was stored: the document is loaded and checked now.
+            None => match check_document(&saved, me) {
+                Ok((heads, deleted, agree)) => {
+                    if !agree {
+                        counters.storage_errors += 1;
+                        out.emit(Event::StorageFailed {
+                            error: format!(
+                                "stored heads of {} disagree with its document; the document wins",
+                                saved.record
+                            ),
+                        });
+                    }
+                    (heads, deleted)
+                }
+                Err(error) => {
+                    counters.storage_errors += 1;
+                    out.emit(Event::StorageFailed { error });
+                    continue;
+                }
+            },
         };
-        let heads = doc.heads();
-        if heads.iter().map(|hash| hash.0).collect::<Vec<_>>() != saved.heads {
-            counters.storage_errors += 1;
-            out.emit(Event::StorageFailed {
-                error: format!(
-                    "stored heads of {} disagree with its document; the document wins",
-                    saved.record
-                ),
-            });
-        }
         let signatures = saved
             .signatures
             .iter()
             .map(|(hash, signature)| (ChangeHash(*hash), signature.0))
             .collect();
-        let deleted = doc.deleted();
         let mut quarantine = BTreeMap::new();
         for held in saved.quarantine {
             let Ok(change) = Envelope::from_bytes(held.envelope).verify(org) else {
@@ -136,4 +141,24 @@ pub(crate) fn load(
         }
     }
     Restored { replayed, stale }
+}
+
+/// Loads a stored document (pair check): its heads, whether it is deleted, and whether its
+/// heads are the stored ones (the document wins); an error if it does not load.
+fn check_document(
+    saved: &crate::storage::SavedRecord,
+    me: &NodeId,
+) -> Result<(Vec<ChangeHash>, bool, bool), String> {
+    let doc = RecordDoc::load(&saved.document, me).map_err(|error| {
+        format!(
+            "stored record {} is damaged and was skipped: {error}",
+            saved.record
+        )
+    })?;
+    let heads = doc.heads();
+    let agree = heads
+        .iter()
+        .map(|hash| hash.0)
+        .eq(saved.heads.iter().copied());
+    Ok((heads, doc.deleted(), agree))
 }

@@ -69,6 +69,21 @@ pub struct SavedRecord {
     /// The hash of the policy the record was judged under; a start with another policy
     /// judges it again.
     pub judged_under: Option<[u8; 32]>,
+    /// Whether the record is deleted, so that a start need not load its document. `None`
+    /// in records saved before it was stored: their documents are loaded at start.
+    pub deleted: Option<bool>,
+}
+
+/// A record as stored before `deleted` was (decoded when the current layout fails).
+#[derive(Deserialize)]
+struct SavedRecordWithoutDeleted {
+    record: RecordId,
+    heads: Vec<[u8; 32]>,
+    #[serde(with = "serde_bytes")]
+    document: Vec<u8>,
+    signatures: Vec<([u8; 32], Signature)>,
+    quarantine: Vec<SavedQuarantined>,
+    judged_under: Option<[u8; 32]>,
 }
 
 /// A quarantined change as stored.
@@ -109,9 +124,21 @@ impl SavedRecord {
         postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
     }
 
-    /// Decodes a stored record.
+    /// Decodes a stored record, of this layout or the one before `deleted` was stored.
     pub fn decode(bytes: &[u8]) -> Result<SavedRecord, DecodeError> {
-        postcard::from_bytes(bytes).map_err(|error| DecodeError(error.to_string()))
+        postcard::from_bytes(bytes).or_else(|error| {
+            let old: SavedRecordWithoutDeleted =
+                postcard::from_bytes(bytes).map_err(|_| DecodeError(error.to_string()))?;
+            Ok(SavedRecord {
+                record: old.record,
+                heads: old.heads,
+                document: old.document,
+                signatures: old.signatures,
+                quarantine: old.quarantine,
+                judged_under: old.judged_under,
+                deleted: None,
+            })
+        })
     }
 
     /// The signature of one change, if stored.
@@ -140,5 +167,50 @@ impl StorageOps {
     pub(crate) fn next(&mut self) -> StorageOpId {
         self.last += 1;
         StorageOpId(self.last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout before `deleted` was stored, as such records lie on disk.
+    #[derive(Serialize)]
+    struct Before<'a> {
+        record: &'a RecordId,
+        heads: &'a Vec<[u8; 32]>,
+        #[serde(with = "serde_bytes")]
+        document: &'a Vec<u8>,
+        signatures: &'a Vec<([u8; 32], Signature)>,
+        quarantine: &'a Vec<SavedQuarantined>,
+        judged_under: &'a Option<[u8; 32]>,
+    }
+
+    #[test]
+    fn a_record_saved_before_deleted_was_stored_still_decodes() {
+        let record = SavedRecord {
+            record: "stock/a".parse().unwrap(),
+            heads: vec![[7; 32]],
+            document: vec![1, 2, 3],
+            signatures: vec![([7; 32], Signature([9; 64]))],
+            quarantine: Vec::new(),
+            judged_under: Some([5; 32]),
+            deleted: Some(true),
+        };
+        assert_eq!(SavedRecord::decode(&record.encode()), Ok(record.clone()));
+        let before = postcard::to_allocvec(&Before {
+            record: &record.record,
+            heads: &record.heads,
+            document: &record.document,
+            signatures: &record.signatures,
+            quarantine: &record.quarantine,
+            judged_under: &record.judged_under,
+        })
+        .unwrap();
+        let decoded = SavedRecord::decode(&before).unwrap();
+        assert_eq!(decoded.deleted, None, "its documents are loaded at start");
+        assert_eq!(decoded.heads, record.heads);
+        assert_eq!(decoded.document, record.document);
+        assert!(SavedRecord::decode(&before[..before.len() - 3]).is_err());
     }
 }
