@@ -241,14 +241,27 @@ fn a_restarted_node_answers_status_and_lists_before_it_loads_any_document() {
     )
     .unwrap();
     mesh.advance(std::time::Duration::from_secs(2));
-    let restore = Restore {
+    let mut restore = Restore {
         records: mesh.nodes[0].saved.values().cloned().collect(),
         log: mesh.nodes[0].log.clone(),
         policy: None,
     };
     assert_eq!(restore.records.len(), 50, "everything is in the checkpoint");
+    // A document no one reads is damaged: a start that loaded documents would find it.
+    let unread = restore
+        .records
+        .iter_mut()
+        .find(|saved| saved.record.as_str() == "stock/r40")
+        .expect("saved");
+    unread.document.truncate(10);
     let mut restarted = Node::new(Config::default(), crdt_schema::Identity::from_seed(1), 0);
-    restarted.handle(mesh.now, Input::Restore(restore));
+    let effects = restarted.handle(mesh.now, Input::Restore(restore));
+    assert!(
+        !effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::Emit(mesh_core::Event::StorageFailed { .. }))),
+        "a start reads no document, so it finds no damage: {effects:?}"
+    );
     assert_eq!(
         restarted.queues().loaded_documents,
         0,
