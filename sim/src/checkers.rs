@@ -181,9 +181,14 @@ impl Checkers {
             ("peers", queues.peers, PEERS_MAX),
             ("history rows", queues.history, HISTORY_ENTRIES_MAX),
             (
-                "loaded documents",
-                queues.loaded_documents,
-                config.loaded_documents_max,
+                "bytes of loaded documents",
+                queues.loaded_document_bytes,
+                // One document may exceed the cache on its own; two may not.
+                if queues.loaded_documents <= 1 {
+                    usize::MAX
+                } else {
+                    config.document_cache_bytes
+                },
             ),
             (
                 "deferred rounds",

@@ -3,9 +3,12 @@
 //! torn) when the node crashes.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use crdt_schema::RecordId;
-use mesh_core::storage::{Restore, SavedRecord, StorageOpId, StorageRequest};
+use mesh_core::storage::{
+    DocumentStore, Restore, SavedRecord, StorageError, StorageOpId, StorageRequest,
+};
 
 use crate::world::Ms;
 
@@ -15,7 +18,8 @@ pub(crate) struct Disk {
     log: VecDeque<Vec<u8>>,
     /// Entries ever appended; `log` holds the last `log.len()` of them.
     log_appended: u64,
-    saved: BTreeMap<RecordId, SavedRecord>,
+    /// The saved records, shared with the node's [`DocumentStore`] as sled is in the daemon.
+    saved: Arc<Mutex<BTreeMap<RecordId, SavedRecord>>>,
     /// The signed policy stored with the last checkpoint that carried one.
     policy: Option<Vec<u8>>,
     in_flight: VecDeque<(StorageOpId, StorageRequest, u64)>,
@@ -58,8 +62,9 @@ impl Disk {
                 if policy.is_some() {
                     self.policy = policy;
                 }
+                let mut saved = self.saved.lock().expect("the simulator is one thread");
                 for record in records {
-                    self.saved.insert(record.record.clone(), record);
+                    saved.insert(record.record.clone(), record);
                 }
                 if compact_log {
                     // Drop the entries of appends completed before the request.
@@ -85,17 +90,39 @@ impl Disk {
         self.busy_until = now;
     }
 
-    /// What a starting node reads back.
+    /// What a starting node reads back: the index of the saved records (their documents
+    /// are read through [`Disk::documents`]), the log and the policy.
     pub(crate) fn restore(&self) -> Restore {
+        let saved = self.saved.lock().expect("the simulator is one thread");
         Restore {
-            records: self.saved.values().cloned().collect(),
+            records: Vec::new(),
+            index: saved
+                .values()
+                .map(|record| record.clone().split().0)
+                .collect(),
             log: self.log.iter().cloned().collect(),
             policy: self.policy.clone(),
         }
     }
 
+    /// The node's read port into the saved documents.
+    pub(crate) fn documents(&self) -> Box<dyn DocumentStore> {
+        Box::new(SavedDocuments(self.saved.clone()))
+    }
+
     /// Stores a signed policy, as `mesh policy apply` before the run.
     pub(crate) fn store_policy(&mut self, signed: Vec<u8>) {
         self.policy = Some(signed);
+    }
+}
+
+/// A node's reads of its simulated disk's saved documents: what completed checkpoints
+/// wrote, as sled answers the daemon.
+struct SavedDocuments(Arc<Mutex<BTreeMap<RecordId, SavedRecord>>>);
+
+impl DocumentStore for SavedDocuments {
+    fn document(&self, record: &RecordId) -> Result<Option<Vec<u8>>, StorageError> {
+        let saved = self.0.lock().expect("the simulator is one thread");
+        Ok(saved.get(record).map(|saved| saved.document.clone()))
     }
 }

@@ -11,7 +11,8 @@
 //! `--partitions BOOL`, `--crashes BOOL`, `--pauses BOOL`, `--clock-skew BOOL`,
 //! `--bandwidth BYTES_PER_S`, `--offline-node BOOL`, `--policy BOOL` (the policy workload with
 //! a byzantine node, see `policy.rs`), `--write-rate PER_S`, `--latency MIN..MAX`
-//! and `--disk-latency MIN..MAX` (ms), `--sync-interval S`. `--duration S` sets the fault phase, `--heal-bound S` the time allowed to converge,
+//! and `--disk-latency MIN..MAX` (ms), `--sync-interval S`, `--document-cache-kib N` (the
+//! nodes' document cache; small ones make nodes read documents back from disk). `--duration S` sets the fault phase, `--heal-bound S` the time allowed to converge,
 //! `--jobs N` how many seeds run at once. Exit code 0 if every seed passed, 1 otherwise,
 //! 2 for bad arguments.
 
@@ -251,6 +252,7 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
             "--latency" => args.knobs.latency_ms = Some(range(&value()?)?),
             "--disk-latency" => args.knobs.disk_latency_ms = Some(range(&value()?)?),
             "--sync-interval" => args.knobs.sync_interval_s = Some(number(&value()?)?),
+            "--document-cache-kib" => args.knobs.document_cache_kib = Some(number(&value()?)?),
             "--help" | "-h" => return Err("help requested".into()),
             other => return Err(format!("unknown argument `{other}`")),
         }

@@ -54,6 +54,9 @@ pub struct Knobs {
     pub sync_interval_s: Option<u64>,
     /// Run the policy workload with a byzantine node (needs at least three nodes).
     pub policy: Option<bool>,
+    /// The nodes' document cache in KiB: small caches make nodes read documents back from
+    /// their disks all the time.
+    pub document_cache_kib: Option<u64>,
 }
 
 /// The fault mix of one run, drawn from the seed and the knobs.
@@ -92,6 +95,8 @@ pub struct FaultPlan {
     pub sync_interval: Duration,
     /// The nodes' session stall timeout.
     pub sync_stall_timeout: Duration,
+    /// The size of the nodes' document cache (not drawn: the default unless forced).
+    pub document_cache_bytes: usize,
 }
 
 impl Options {
@@ -145,6 +150,10 @@ impl Options {
             "sync-interval",
             knobs.sync_interval_s.map(|v| v.to_string()),
         );
+        flag(
+            "document-cache-kib",
+            knobs.document_cache_kib.map(|v| v.to_string()),
+        );
         command
     }
 }
@@ -193,7 +202,11 @@ impl FaultPlan {
             records_per_collection: rng.range(5, 200) as u32,
             sync_interval: Duration::from_millis(rng.range(1_000, 10_000)),
             sync_stall_timeout: Duration::from_millis(rng.range(2_000, 8_000)),
+            document_cache_bytes: mesh_core::limits::DOCUMENT_CACHE_BYTES,
         };
+        if let Some(kib) = knobs.document_cache_kib {
+            plan.document_cache_bytes = (kib as usize).max(1) * 1024;
+        }
         if let Some((min, max)) = knobs.latency_ms {
             plan.latency_min_ms = min;
             plan.latency_max_ms = max.max(min);
@@ -263,6 +276,7 @@ impl FaultPlan {
             records_per_collection: 10,
             sync_interval: Duration::from_secs(30),
             sync_stall_timeout: Duration::from_secs(10),
+            document_cache_bytes: mesh_core::limits::DOCUMENT_CACHE_BYTES,
         }
     }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use crdt_schema::policy::Policy;
 use crdt_schema::{ChangeHash, Identity, NodeId, RecordId};
-use mesh_core::storage::{Restore, StorageRequest};
+use mesh_core::storage::{DocumentStore, Restore, StorageRequest};
 use mesh_core::{Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply};
 
 use crate::checkers::{Checkers, Failure};
@@ -63,6 +63,8 @@ pub trait SimNode {
     fn record_changes(&mut self, record: &RecordId) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)>;
     /// Every quarantined change, as (record, change).
     fn quarantined(&self) -> Vec<(String, ChangeHash)>;
+    /// Where the node reads its saved documents (its simulated disk), before it restores.
+    fn use_document_store(&mut self, store: Box<dyn DocumentStore>);
 }
 
 impl SimNode for Node {
@@ -97,6 +99,10 @@ impl SimNode for Node {
 
     fn quarantined(&self) -> Vec<(String, ChangeHash)> {
         Node::quarantined(self)
+    }
+
+    fn use_document_store(&mut self, store: Box<dyn DocumentStore>) {
+        Node::use_document_store(self, store);
     }
 }
 
@@ -301,13 +307,16 @@ impl<'a> World<'a> {
                 name: format!("node-{index}"),
                 sync_interval: plan.sync_interval,
                 sync_stall_timeout: plan.sync_stall_timeout,
+                document_cache_bytes: plan.document_cache_bytes,
                 org: play
                     .as_ref()
                     .map_or_else(Default::default, |play| play.org_id),
                 verified_cache: Some(verified_cache.clone()),
                 ..Config::default()
             };
-            let node = factory(config.clone(), identity.clone(), rng.next_u64());
+            let mut node = factory(config.clone(), identity.clone(), rng.next_u64());
+            let disk = Disk::default();
+            node.use_document_store(disk.documents());
             slots.push(Slot {
                 identity,
                 id,
@@ -317,7 +326,7 @@ impl<'a> World<'a> {
                 paused: false,
                 deferred: Vec::new(),
                 skew_ms,
-                disk: Disk::default(),
+                disk,
                 timer_at: None,
                 timer_generation: 0,
                 next_command: 0,
@@ -1058,6 +1067,7 @@ impl<'a> World<'a> {
         let seed = self.rng.next_u64();
         let slot = &mut self.slots[node];
         let mut core = (self.factory)(slot.config.clone(), slot.identity.clone(), seed);
+        core.use_document_store(slot.disk.documents());
         let restore = slot.disk.restore();
         let now = Instant::from_millis(((EPOCH_MS + self.now) as i64 + slot.skew_ms) as u64);
         let effects = core.handle(now, Input::Restore(restore));

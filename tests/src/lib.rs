@@ -10,10 +10,11 @@
 //! harness is for readable, exact scenarios.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crdt_schema::{FieldValue, Identity, NodeId, RecordId, RecordView};
-use mesh_core::storage::{SavedRecord, StorageRequest};
+use mesh_core::storage::{DocumentStore, Restore, SavedRecord, StorageRequest};
 use mesh_core::{
     Command, CommandError, CommandId, Config, Effect, Event, Input, Instant, Node, Reply, Status,
     StorageOpId,
@@ -38,12 +39,36 @@ pub struct HarnessNode {
     pub log: Vec<Vec<u8>>,
     /// The last checkpoint of each record.
     pub saved: BTreeMap<RecordId, SavedRecord>,
+    /// The documents of `saved`, which the node reads back through its document store.
+    pub documents: Documents,
     /// The signed policy stored with the last checkpoint that carried one.
     pub policy: Option<Vec<u8>>,
     /// Events the node emitted.
     pub events: Vec<Event>,
     /// Every effect, in order, for assertions on ordering.
     pub effects: Vec<Effect>,
+}
+
+/// A node's document store: the documents its completed checkpoints saved, as sled holds
+/// them for the daemon. Clones share the documents.
+#[derive(Clone, Default)]
+pub struct Documents(Arc<Mutex<BTreeMap<RecordId, Vec<u8>>>>);
+
+impl Documents {
+    /// Replaces a record's saved document (to damage it, say).
+    pub fn set(&self, record: &RecordId, document: Vec<u8>) {
+        self.0
+            .lock()
+            .expect("tests hold no lock across a panic")
+            .insert(record.clone(), document);
+    }
+}
+
+impl DocumentStore for Documents {
+    fn document(&self, record: &RecordId) -> Result<Option<Vec<u8>>, mesh_core::StorageError> {
+        let documents = self.0.lock().expect("tests hold no lock across a panic");
+        Ok(documents.get(record).cloned())
+    }
 }
 
 /// Several nodes and the links between them.
@@ -83,15 +108,22 @@ impl Harness {
     /// `count` nodes, each configured by `config(index)`.
     pub fn with_config(count: usize, config: impl Fn(usize) -> Config) -> Harness {
         let nodes = (0..count)
-            .map(|index| HarnessNode {
-                node: Node::new(
+            .map(|index| {
+                let documents = Documents::default();
+                let mut node = Node::new(
                     config(index),
                     Identity::from_seed(index as u64 + 1),
                     index as u64,
-                ),
+                );
+                node.use_document_store(Box::new(documents.clone()));
+                (node, documents)
+            })
+            .map(|(node, documents)| HarnessNode {
+                node,
                 pending_storage: VecDeque::new(),
                 log: Vec::new(),
                 saved: BTreeMap::new(),
+                documents,
                 policy: None,
                 events: Vec::new(),
                 effects: Vec::new(),
@@ -109,6 +141,30 @@ impl Harness {
             bytes_delivered: 0,
             trace: 0xcbf2_9ce4_8422_2325,
         }
+    }
+
+    /// Restarts node `index` as the daemon does: a new core with `config` (and seed
+    /// `seed`) restored from the index of its saved records, the log and the policy,
+    /// reading documents from its store. Storage requests in flight are lost.
+    pub fn restart(&mut self, index: usize, config: Config, seed: u64) -> Vec<Effect> {
+        let harness_node = &mut self.nodes[index];
+        harness_node.pending_storage.clear();
+        let mut node = Node::new(config, Identity::from_seed(index as u64 + 1), seed);
+        node.use_document_store(Box::new(harness_node.documents.clone()));
+        harness_node.node = node;
+        let restore = Restore {
+            index: harness_node
+                .saved
+                .values()
+                .map(|saved| saved.clone().split().0)
+                .collect(),
+            log: harness_node.log.clone(),
+            policy: harness_node.policy.clone(),
+            ..Restore::default()
+        };
+        let effects = harness_node.node.handle(self.now, Input::Restore(restore));
+        self.carry_out(index, effects.clone());
+        effects
     }
 
     /// The id of node `index`.
@@ -310,6 +366,7 @@ impl Harness {
                         node.policy = policy;
                     }
                     for record in records {
+                        node.documents.set(&record.record, record.document.clone());
                         node.saved.insert(record.record.clone(), record);
                     }
                 }

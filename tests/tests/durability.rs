@@ -142,6 +142,7 @@ fn a_restarted_node_recovers_every_acknowledged_write_from_checkpoint_and_log() 
 
     let restore = Restore {
         records: mesh.nodes[0].saved.values().cloned().collect(),
+        index: Vec::new(),
         log: mesh.nodes[0].log.clone(),
         policy: None,
     };
@@ -181,6 +182,7 @@ fn a_damaged_stored_record_is_reported_when_first_loaded_and_not_trusted() {
         mesh.now,
         Input::Restore(Restore {
             records: saved,
+            index: Vec::new(),
             log: Vec::new(),
             policy: None,
         }),
@@ -243,6 +245,7 @@ fn a_restarted_node_answers_status_and_lists_before_it_loads_any_document() {
     mesh.advance(std::time::Duration::from_secs(2));
     let mut restore = Restore {
         records: mesh.nodes[0].saved.values().cloned().collect(),
+        index: Vec::new(),
         log: mesh.nodes[0].log.clone(),
         policy: None,
     };

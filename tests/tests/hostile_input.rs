@@ -252,6 +252,7 @@ fn a_signed_change_that_panics_automerge_is_quarantined_and_survives_a_restart()
     let digest = mesh.digest(1);
     let restore = mesh_core::Restore {
         records: mesh.nodes[1].saved.values().cloned().collect(),
+        index: Vec::new(),
         log: mesh.nodes[1].log.clone(),
         policy: None,
     };
@@ -430,6 +431,7 @@ fn restarted_with_big_records(
     }
     let restore = mesh_core::Restore {
         records: saved,
+        index: Vec::new(),
         log: mesh.nodes[0].log.clone(),
         policy: None,
     };

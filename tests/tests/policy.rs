@@ -456,6 +456,7 @@ fn policy_and_quarantine_survive_a_restart() {
 
     let restore = mesh_core::Restore {
         records: mesh.nodes[HQ].saved.values().cloned().collect(),
+        index: Vec::new(),
         log: mesh.nodes[HQ].log.clone(),
         policy: mesh.nodes[HQ].policy.clone(),
     };

@@ -35,6 +35,9 @@ macro_rules! delegate_checks {
         fn quarantined(&self) -> Vec<(String, ChangeHash)> {
             self.$core.quarantined()
         }
+        fn use_document_store(&mut self, store: Box<dyn mesh_core::storage::DocumentStore>) {
+            self.$core.use_document_store(store);
+        }
     };
 }
 

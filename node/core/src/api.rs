@@ -336,6 +336,13 @@ pub struct Queues {
     pub history: usize,
     /// Loaded Automerge documents.
     pub loaded_documents: usize,
+    /// What the loaded documents are charged in the cache, together.
+    pub loaded_document_bytes: usize,
+    /// Documents kept in memory as saved bytes (not loaded, not only in the store), and
+    /// those bytes together.
+    pub held_documents: (usize, usize),
+    /// Documents read from the document store since the start.
+    pub store_reads: u64,
     /// The most rounds any session holds deferred.
     pub deferred_rounds_max: usize,
     /// The last progress of the session that has waited longest, if any runs.

@@ -207,7 +207,10 @@ impl Checkpoints {
                 self.policy_unsaved = true;
             }
         }
-        let error = result.err()?;
+        let Err(error) = result else {
+            records.mark_persisted(&keys);
+            return None;
+        };
         for key in keys {
             records.mark_dirty(&key);
         }

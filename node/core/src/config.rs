@@ -25,8 +25,10 @@ pub struct Config {
     /// How long applied changes may wait before their records are saved as documents and
     /// the log can be compacted. Default: 1 s.
     pub checkpoint_interval: Duration,
-    /// How many Automerge documents stay loaded. Default: [`crate::limits::LOADED_DOCUMENTS_MAX`].
-    pub loaded_documents_max: usize,
+    /// The size of the cache of loaded Automerge documents, in bytes as
+    /// [`crate::limits::LOADED_DOCUMENT_BASE_BYTES`] charges them. Default:
+    /// [`crate::limits::DOCUMENT_CACHE_BYTES`].
+    pub document_cache_bytes: usize,
     /// Without a policy, the only keys admitted as peers; `None` admits every key (an open
     /// mesh). Once a policy is in force its members are admitted instead. Default: `None`
     /// (the daemon sets it unless the node was made with `mesh init --open`).
@@ -50,7 +52,7 @@ impl Default for Config {
             sync_interval: Duration::from_secs(30),
             sync_stall_timeout: Duration::from_secs(10),
             checkpoint_interval: Duration::from_secs(1),
-            loaded_documents_max: crate::limits::LOADED_DOCUMENTS_MAX,
+            document_cache_bytes: crate::limits::DOCUMENT_CACHE_BYTES,
             trusted_peers: None,
             verified_cache: None,
             round_budget: crate::limits::RoundBudget::default(),

@@ -26,7 +26,7 @@ pub(crate) fn need(records: &mut Records, key: &str) -> Need {
                 .map(|hash| hash.0)
                 .collect();
             let has_unacked = entry.has_unacked();
-            let doc = records.doc_mut(key);
+            let doc = records.doc(key);
             // The ancestors of the document's heads are durable unless local changes
             // are in flight; skip them then rather than reveal unacknowledged hashes.
             let ancestors = if has_unacked {
@@ -57,7 +57,7 @@ pub(crate) fn envelopes_after(
     };
     let record = entry.record().clone();
     let unacked = entry.unacked().clone();
-    let changes = records.doc_mut(key).changes_after(have);
+    let changes = records.doc(key).changes_after(have);
     let entry = records.entry(key).expect("checked above");
     let mut envelopes: Vec<Vec<u8>> = changes
         .iter()

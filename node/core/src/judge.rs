@@ -87,7 +87,7 @@ impl Judge<'_> {
         };
         for change in &new {
             let hash = change.hash();
-            if !self.records.doc_mut(key).has_change(&hash) {
+            if !self.records.doc(key).has_change(&hash) {
                 // Queued by Automerge for a missing dependency: cannot happen for changes
                 // whose dependencies were checked; judge the record whole rather than trust it.
                 self.records.forget_author_seqs(key);
@@ -103,7 +103,7 @@ impl Judge<'_> {
         self.records.refresh_deleted(key);
         let schema_broken = match self.policy {
             Some(in_force) if in_force.has_schema(&collection) => {
-                let doc = self.records.doc_mut(key);
+                let doc = self.records.doc(key);
                 new.iter().any(|change| {
                     schema_verdict(in_force, &collection, doc, &change.hash()).is_err()
                 })
@@ -144,8 +144,12 @@ impl Judge<'_> {
         if !unacked.is_empty() {
             self.rejudge_after_ack.insert(key.to_owned());
         }
-        let mut signatures = entry.signatures().clone();
-        let doc_changes = self.records.doc_mut(key).changes_after(&[]);
+        let mut signatures: BTreeMap<ChangeHash, [u8; 64]> = entry
+            .signatures()
+            .iter()
+            .map(|(hash, signature)| (*hash, *signature))
+            .collect();
+        let doc_changes = self.records.doc(key).changes_after(&[]);
         let in_doc: BTreeSet<ChangeHash> = doc_changes.iter().map(Change::hash).collect();
 
         // Everything held: hash → (change, author).
@@ -187,7 +191,7 @@ impl Judge<'_> {
             .map(|(_, (change, _))| change.clone())
             .collect();
         if force_replay
-            || (!trial.is_empty() && self.records.doc_mut(key).clone().apply(trial).is_err())
+            || (!trial.is_empty() && self.records.doc(key).clone().apply(trial).is_err())
         {
             broken.extend(damaging_changes(&me, &held, &broken));
         }

@@ -61,6 +61,7 @@ pub mod records;
 mod restore;
 mod rounds;
 mod session;
+pub mod signatures;
 pub mod status;
 pub mod storage;
 mod sync;

@@ -43,9 +43,9 @@ pub(crate) fn write(
     // they are accepted with it, so the record as of the new change must pass.
     let own_chain = own_quarantined_chain(records, &me, &key);
     let preview = |records: &mut Records, edit: &Edit| match existed {
-        true if own_chain.is_empty() => records.doc_mut(&key).preview(edit),
+        true if own_chain.is_empty() => records.doc(&key).preview(edit),
         true => {
-            let mut doc = records.doc_mut(&key).clone();
+            let mut doc = records.doc(&key).clone();
             let _ = doc.apply(own_chain.clone());
             doc.preview(edit)
         }
@@ -144,7 +144,7 @@ pub(crate) fn undo(
     key: &str,
     undone: &BTreeSet<ChangeHash>,
 ) -> bool {
-    let doc = records.doc_mut(key);
+    let doc = records.doc(key);
     let kept: Vec<_> = doc
         .changes_after(&[])
         .into_iter()
@@ -211,7 +211,7 @@ pub(crate) fn endorsement(
         None => *author == me || trusted.is_some_and(|trusted| trusted.contains(author)),
     };
     let loses_a_writer = records
-        .doc_mut(key)
+        .doc(key)
         .changes_after(&[])
         .iter()
         .filter_map(|change| NodeId::from_slice(change.actor_id().to_bytes()).ok())

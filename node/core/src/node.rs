@@ -66,7 +66,7 @@ pub struct Node {
 impl Node {
     /// A node with no records. Feed [`Input::Restore`] first if storage holds any.
     pub fn new(config: Config, identity: Identity, seed: u64) -> Node {
-        let records = Records::new(identity.node_id(), config.loaded_documents_max);
+        let records = Records::new(identity.node_id(), config.document_cache_bytes);
         Node {
             config,
             identity,
@@ -86,6 +86,13 @@ impl Node {
             policy: PolicyState::default(),
             rejudge_after_ack: BTreeSet::new(),
         }
+    }
+
+    /// Where the node reads the documents of the records a [`Restore::index`] names, and
+    /// those it dropped from its cache after saving them; set before [`Input::Restore`].
+    /// Without one, a dropped document stays in memory as its saved bytes.
+    pub fn use_document_store(&mut self, store: Box<dyn crate::storage::DocumentStore>) {
+        self.records.set_store(store);
     }
 
     /// This node's id.

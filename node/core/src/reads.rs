@@ -14,13 +14,13 @@ fn visible_loaded(records: &mut Records, key: &str) -> bool {
     if !records.entry(key).is_some_and(Entry::is_visible) {
         return false;
     }
-    records.doc_mut(key);
+    records.doc(key);
     records.entry(key).is_some_and(Entry::is_visible)
 }
 
 /// A visible record's view, if it is held.
 pub(crate) fn record(records: &mut Records, record: &RecordId) -> Option<RecordView> {
-    visible_loaded(records, record.as_str()).then(|| records.doc_mut(record.as_str()).view(record))
+    visible_loaded(records, record.as_str()).then(|| records.doc(record.as_str()).view(record))
 }
 
 /// A page of the views of a collection's visible, not deleted records, in id order: at
@@ -54,7 +54,7 @@ pub(crate) fn list(
     let mut views = Vec::with_capacity(keys.len());
     for record in &keys {
         if visible_loaded(records, record.as_str()) {
-            views.push(records.doc_mut(record.as_str()).view(record));
+            views.push(records.doc(record.as_str()).view(record));
         }
     }
     (views, next)
@@ -62,7 +62,7 @@ pub(crate) fn list(
 
 /// A visible record's saved document, if it is held.
 pub(crate) fn export(records: &mut Records, record: &RecordId) -> Option<Vec<u8>> {
-    visible_loaded(records, record.as_str()).then(|| records.doc_mut(record.as_str()).save())
+    visible_loaded(records, record.as_str()).then(|| records.doc(record.as_str()).save())
 }
 
 /// The changes of a record's accepted document: (hash, author, dependencies).
@@ -74,7 +74,7 @@ pub(crate) fn accepted_changes(
         return Vec::new();
     }
     records
-        .doc_mut(record.as_str())
+        .doc(record.as_str())
         .changes_after(&[])
         .iter()
         .filter_map(|change| {

@@ -1,5 +1,10 @@
 //! The node's records: an ordered index of (record, durable heads) with an incremental
-//! digest, over documents that are loaded on demand and kept in a bounded cache.
+//! digest, over documents that are loaded on demand and kept in a cache bounded in bytes.
+//!
+//! A document leaves the cache as nothing at all when the document store holds it as it is
+//! (a completed checkpoint saved it and nothing changed it since: [`Persisted::Yes`]), and
+//! is read back from the store when next used; otherwise it leaves as its saved bytes,
+//! which the next checkpoint writes out and then drops.
 //!
 //! The index holds *durable* heads only: a local change joins them when its log append is
 //! reported durable, a remote one when it is applied. Reconciliation and status read the
@@ -13,7 +18,9 @@ use crdt_schema::policy::RejectReason;
 use crdt_schema::{Change, ChangeHash, NodeId, RecordDoc, RecordId};
 
 use crate::digest::{Accumulator, ItemHash};
-use crate::limits::HEADS_PER_ITEM_MAX;
+use crate::limits::{HEADS_PER_ITEM_MAX, LOADED_DOCUMENT_BASE_BYTES, LOADED_DOCUMENT_CHANGE_BYTES};
+use crate::signatures::Signatures;
+use crate::storage::DocumentStore;
 use crate::time::Instant;
 
 /// Collections a reconciliation covers; `None` means all.
@@ -32,7 +39,7 @@ pub struct Entry {
     /// Whether the record carries a tombstone, as of its last durable change.
     deleted: bool,
     /// Signatures of the durable changes.
-    signatures: BTreeMap<ChangeHash, [u8; 64]>,
+    signatures: Signatures,
     /// Local changes made but not yet durable.
     unacked: BTreeSet<ChangeHash>,
     /// Durable, validly signed changes the policy rejects: never applied, never pushed,
@@ -43,8 +50,12 @@ pub struct Entry {
     author_seqs: Option<BTreeMap<NodeId, u64>>,
     /// Changed since the last checkpoint.
     dirty: bool,
+    /// Whether the document store holds the document as it is now.
+    persisted: Persisted,
     body: Body,
     last_used: u64,
+    /// What the document is charged in the cache while loaded (0 when not).
+    cost: usize,
 }
 
 impl Entry {
@@ -69,7 +80,7 @@ impl Entry {
     }
 
     /// Signatures of the durable changes.
-    pub fn signatures(&self) -> &BTreeMap<ChangeHash, [u8; 64]> {
+    pub fn signatures(&self) -> &Signatures {
         &self.signatures
     }
 
@@ -106,10 +117,23 @@ pub struct Quarantined {
 
 enum Body {
     Loaded(Box<RecordDoc>),
-    /// Saved by this process when the cache evicted it.
+    /// Saved by this process when the cache evicted it before the store held it.
     Saved(Vec<u8>),
-    /// As restored from storage, not loaded yet: checked against the index when it is.
+    /// As restored with its bytes, not loaded yet: checked against the index when it is.
     Stored(Vec<u8>),
+    /// Only in the document store: read and checked against the index when used.
+    InStore,
+}
+
+/// Whether the document store holds a record's document as the record holds it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persisted {
+    /// Changed (or handed out to be changed) since the store last saved it, or never saved.
+    No,
+    /// Handed to the checkpoint in flight, unchanged since.
+    Saving,
+    /// As the last completed checkpoint stored it (or as restored from the store).
+    Yes,
 }
 
 /// All records of a node.
@@ -119,7 +143,11 @@ pub struct Records {
     author: NodeId,
     loaded: BTreeMap<u64, String>,
     use_clock: u64,
-    loaded_max: usize,
+    /// What the loaded documents are charged, together, and the most they may be.
+    loaded_bytes: usize,
+    cache_bytes_max: usize,
+    store: Option<Box<dyn DocumentStore>>,
+    store_reads: u64,
     /// Quarantined changes held, over all records and by author, ordered by hash: the
     /// bounds against a member that floods many records keep the lowest hashes (see
     /// `Judge::enforce_quarantine_bounds` in judge.rs), so they need the highest at hand.
@@ -131,11 +159,8 @@ pub struct Records {
 
 impl Records {
     /// No records; new documents are authored by `author`.
-    pub fn new(author: NodeId, loaded_max: usize) -> Records {
-        assert!(
-            loaded_max > 0,
-            "at least one document must fit in the cache"
-        );
+    pub fn new(author: NodeId, cache_bytes_max: usize) -> Records {
+        assert!(cache_bytes_max > 0, "the document cache needs some room");
         Records {
             entries: BTreeMap::new(),
             total: Accumulator::default(),
@@ -144,7 +169,10 @@ impl Records {
             quarantined_all: BTreeSet::new(),
             quarantined_by_author: BTreeMap::new(),
             use_clock: 0,
-            loaded_max,
+            loaded_bytes: 0,
+            cache_bytes_max,
+            store: None,
+            store_reads: 0,
             damaged: Vec::new(),
         }
     }
@@ -154,10 +182,16 @@ impl Records {
         self.entries.get(key)
     }
 
+    /// Where documents the index names are read from (see the module doc of storage.rs).
+    pub fn set_store(&mut self, store: Box<dyn DocumentStore>) {
+        self.store = Some(store);
+    }
+
     /// Notes a local change of the record made but not yet durable.
     pub fn add_unacked(&mut self, key: &str, hash: ChangeHash) {
         if let Some(entry) = self.entries.get_mut(key) {
             entry.unacked.insert(hash);
+            entry.persisted = Persisted::No;
         }
     }
 
@@ -172,13 +206,30 @@ impl Records {
     pub fn mark_dirty(&mut self, key: &str) {
         if let Some(entry) = self.entries.get_mut(key) {
             entry.dirty = true;
+            entry.persisted = Persisted::No;
         }
     }
 
-    /// Notes that the record was handed to a checkpoint.
+    /// Notes that the record was handed to a checkpoint, as it is now.
     pub fn mark_clean(&mut self, key: &str) {
         if let Some(entry) = self.entries.get_mut(key) {
             entry.dirty = false;
+            entry.persisted = Persisted::Saving;
+        }
+    }
+
+    /// The checkpoint that saved `keys` is durable: the store holds each of them that did
+    /// not change since, and an evicted one stops keeping its bytes in memory.
+    pub fn mark_persisted(&mut self, keys: &[String]) {
+        for key in keys {
+            if let Some(entry) = self.entries.get_mut(key)
+                && entry.persisted == Persisted::Saving
+            {
+                entry.persisted = Persisted::Yes;
+                if self.store.is_some() && matches!(entry.body, Body::Saved(_)) {
+                    entry.body = Body::InStore;
+                }
+            }
         }
     }
 
@@ -200,7 +251,7 @@ impl Records {
     ) {
         let entry = self.entries.get_mut(key).expect("record exists");
         entry.heads = heads;
-        entry.signatures = signatures;
+        entry.signatures = signatures.into_iter().collect();
         self.update_item(key);
     }
 
@@ -229,6 +280,29 @@ impl Records {
         self.loaded.len()
     }
 
+    /// What the loaded documents are charged in the cache, together: at most the cache's
+    /// size, or one document's when a single one exceeds it.
+    pub fn loaded_bytes(&self) -> usize {
+        self.loaded_bytes
+    }
+
+    /// Documents read from the store since the start.
+    pub fn store_reads(&self) -> u64 {
+        self.store_reads
+    }
+
+    /// Documents held in memory as saved bytes (evicted before the store held them, or
+    /// restored with their bytes), and those bytes together.
+    pub fn held_bytes(&self) -> (usize, usize) {
+        self.entries
+            .values()
+            .filter_map(|entry| match &entry.body {
+                Body::Saved(bytes) | Body::Stored(bytes) => Some(bytes.len()),
+                Body::Loaded(_) | Body::InStore => None,
+            })
+            .fold((0, 0), |(count, total), len| (count + 1, total + len))
+    }
+
     /// Adds an empty record, or does nothing if it exists.
     pub fn create(&mut self, record: &RecordId) {
         if self.entries.contains_key(record.as_str()) {
@@ -244,13 +318,15 @@ impl Records {
                 heads: Vec::new(),
                 item,
                 deleted: false,
-                signatures: BTreeMap::new(),
+                signatures: Signatures::default(),
                 unacked: BTreeSet::new(),
                 quarantine: BTreeMap::new(),
                 author_seqs: Some(BTreeMap::new()),
                 dirty: true,
+                persisted: Persisted::No,
                 body: Body::Loaded(Box::new(doc)),
                 last_used: 0,
+                cost: 0,
             },
         );
         self.touch(record.as_str());
@@ -360,16 +436,18 @@ impl Records {
             let entry = self.entries.remove(key).expect("checked above");
             self.total.remove(&entry.item);
             self.loaded.remove(&entry.last_used);
+            self.loaded_bytes -= entry.cost;
         }
     }
 
-    /// Adds a record restored from storage, unloaded.
+    /// Adds a record restored from storage, unloaded: with its document's bytes, or
+    /// (`None`) with its document in the store.
     pub fn restore(
         &mut self,
         record: RecordId,
         heads: Vec<ChangeHash>,
-        document: Vec<u8>,
-        signatures: BTreeMap<ChangeHash, [u8; 64]>,
+        document: Option<Vec<u8>>,
+        signatures: Signatures,
         deleted: bool,
         quarantine: BTreeMap<ChangeHash, Quarantined>,
     ) {
@@ -377,6 +455,7 @@ impl Records {
         if let Some(old) = self.entries.remove(record.as_str()) {
             self.total.remove(&old.item);
             self.loaded.remove(&old.last_used);
+            self.loaded_bytes -= old.cost;
             self.tally(record.as_str(), &old.quarantine, false);
         }
         self.tally(record.as_str(), &quarantine, true);
@@ -393,13 +472,22 @@ impl Records {
                 quarantine,
                 author_seqs: None,
                 dirty: false,
-                body: Body::Stored(document),
+                persisted: match document {
+                    Some(_) => Persisted::No,
+                    None => Persisted::Yes,
+                },
+                body: match document {
+                    Some(bytes) => Body::Stored(bytes),
+                    None => Body::InStore,
+                },
                 last_used: 0,
+                cost: 0,
             },
         );
     }
 
-    /// The record's document, loaded if needed. Panics if the record does not exist.
+    /// The record's document to read, loaded if needed. Panics if the record does not
+    /// exist.
     ///
     /// A document restored from storage is checked against the index when it is first
     /// loaded (a start loads none). One that does not load, or whose heads are not the
@@ -407,56 +495,85 @@ impl Records {
     /// (heads and signatures; the document wins where it loads), so the digest no longer
     /// claims it and reconciliation brings those changes again from peers. The damage is
     /// reported through [`Records::take_damaged`].
+    pub fn doc(&mut self, key: &str) -> &RecordDoc {
+        self.load(key);
+        match &self.entries[key].body {
+            Body::Loaded(doc) => doc,
+            Body::Saved(_) | Body::Stored(_) | Body::InStore => unreachable!("loaded above"),
+        }
+    }
+
+    /// The record's document to change, loaded if needed (as [`Records::doc`]). The store
+    /// no longer holds it as it is, so it is not dropped from the cache until a checkpoint
+    /// has saved it again.
     pub fn doc_mut(&mut self, key: &str) -> &mut RecordDoc {
+        self.load(key);
+        let entry = self.entries.get_mut(key).expect("loaded above");
+        entry.persisted = Persisted::No;
+        match &mut entry.body {
+            Body::Loaded(doc) => doc,
+            Body::Saved(_) | Body::Stored(_) | Body::InStore => unreachable!("loaded above"),
+        }
+    }
+
+    fn load(&mut self, key: &str) {
         self.touch(key);
         let author = self.author;
         let entry = self
             .entries
             .get_mut(key)
             .expect("caller checked the record exists");
-        let mut damaged = false;
-        match &entry.body {
+        let stored = match std::mem::replace(&mut entry.body, Body::InStore) {
+            Body::Loaded(doc) => {
+                entry.body = Body::Loaded(doc);
+                return;
+            }
             Body::Saved(bytes) => {
                 // Saved by this node from a document every change of which passed the door
                 // (`RecordDoc::apply` checks each comes back out as it went in), so this
                 // loads. Should it not, an empty document keeps the node up.
                 let doc =
-                    RecordDoc::load(bytes, &author).unwrap_or_else(|_| RecordDoc::new(&author));
+                    RecordDoc::load(&bytes, &author).unwrap_or_else(|_| RecordDoc::new(&author));
                 entry.body = Body::Loaded(Box::new(doc));
+                return;
             }
-            Body::Stored(bytes) => {
-                let doc = match RecordDoc::load(bytes, &author) {
-                    Ok(doc) if doc.heads() == entry.heads => doc,
-                    Ok(doc) => {
-                        self.damaged.push(format!(
-                            "stored heads of {key} disagree with its document; the document wins"
-                        ));
-                        entry.heads = doc.heads();
-                        damaged = true;
-                        doc
-                    }
-                    Err(error) => {
-                        self.damaged.push(format!(
-                            "stored record {key} is damaged and was forgotten ({error}); peers will send its changes again"
-                        ));
-                        entry.heads.clear();
-                        entry.signatures.clear();
-                        entry.deleted = false;
-                        damaged = true;
-                        RecordDoc::new(&author)
-                    }
-                };
+            Body::Stored(bytes) => Ok(bytes),
+            Body::InStore => {
+                self.store_reads += 1;
+                read_store(self.store.as_deref(), &entry.record)
+            }
+        };
+        let loaded =
+            stored.and_then(|bytes| RecordDoc::load(&bytes, &author).map_err(|e| e.to_string()));
+        let doc = match loaded {
+            Ok(doc) if doc.heads() == entry.heads => {
                 entry.body = Body::Loaded(Box::new(doc));
+                return;
             }
-            Body::Loaded(_) => {}
-        }
-        if damaged {
-            self.refresh_item(key);
-        }
-        match &mut self.entries.get_mut(key).expect("checked above").body {
-            Body::Loaded(doc) => doc,
-            Body::Saved(_) | Body::Stored(_) => unreachable!("loaded above"),
-        }
+            Ok(doc) => {
+                self.damaged.push(format!(
+                    "stored heads of {key} disagree with its document; the document wins"
+                ));
+                entry.heads = doc.heads();
+                doc
+            }
+            Err(error) => {
+                self.damaged.push(format!(
+                    "stored record {key} is damaged and was forgotten ({error}); peers will send its changes again"
+                ));
+                entry.heads.clear();
+                entry.signatures.clear();
+                entry.deleted = false;
+                RecordDoc::new(&author)
+            }
+        };
+        entry.body = Body::Loaded(Box::new(doc));
+        self.refresh_item(key);
+    }
+
+    /// The saved document of a record restored without its bytes, read from the store.
+    pub fn stored_document(&self, record: &RecordId) -> Result<Vec<u8>, String> {
+        read_store(self.store.as_deref(), record)
     }
 
     /// What was found damaged while loading stored documents since the last call, one
@@ -481,6 +598,8 @@ impl Records {
         match &self.entries.get(key).expect("record exists").body {
             Body::Saved(bytes) | Body::Stored(bytes) => bytes.clone(),
             Body::Loaded(doc) => doc.save(),
+            // Read back (and checked) rather than copied from the store unseen.
+            Body::InStore => self.doc(key).save(),
         }
     }
 
@@ -488,6 +607,7 @@ impl Records {
     pub fn replace_doc(&mut self, key: &str, doc: RecordDoc) {
         let entry = self.entries.get_mut(key).expect("record exists");
         entry.author_seqs = None;
+        entry.persisted = Persisted::No;
         entry.body = Body::Loaded(Box::new(doc));
         self.touch(key);
     }
@@ -537,7 +657,7 @@ impl Records {
             Some(entry) => match entry.quarantine().get(hash) {
                 Some(held) => held.author == *me,
                 None => self
-                    .doc_mut(key)
+                    .doc(key)
                     .change(hash)
                     .is_some_and(|held| held.actor_id().to_bytes() == me.as_bytes()),
             },
@@ -566,7 +686,7 @@ impl Records {
             return seqs.clone();
         }
         let mut seqs: BTreeMap<NodeId, u64> = BTreeMap::new();
-        for change in self.doc_mut(key).changes_after(&[]) {
+        for change in self.doc(key).changes_after(&[]) {
             if let Ok(author) = NodeId::from_slice(change.actor_id().to_bytes()) {
                 let latest = seqs.entry(author).or_default();
                 *latest = (*latest).max(change.seq());
@@ -581,7 +701,7 @@ impl Records {
 
     /// Refreshes the cached tombstone flag from the document.
     pub fn refresh_deleted(&mut self, key: &str) {
-        let deleted = self.doc_mut(key).deleted();
+        let deleted = self.doc(key).deleted();
         self.entries.get_mut(key).expect("record exists").deleted = deleted;
     }
 
@@ -613,6 +733,9 @@ impl Records {
         accumulator
     }
 
+    /// Marks the record most recently used and charges its document to the cache; then
+    /// drops the least recently used documents while the cache is over its size (never
+    /// the one just used).
     fn touch(&mut self, key: &str) {
         self.use_clock += 1;
         let clock = self.use_clock;
@@ -620,7 +743,11 @@ impl Records {
         self.loaded.remove(&entry.last_used);
         entry.last_used = clock;
         self.loaded.insert(clock, key.to_owned());
-        while self.loaded.len() > self.loaded_max {
+        let cost = LOADED_DOCUMENT_BASE_BYTES
+            + LOADED_DOCUMENT_CHANGE_BYTES * (entry.signatures.len() + entry.unacked.len());
+        self.loaded_bytes = self.loaded_bytes - entry.cost + cost;
+        entry.cost = cost;
+        while self.loaded_bytes > self.cache_bytes_max && self.loaded.len() > 1 {
             let (_, evicted) = self
                 .loaded
                 .pop_first()
@@ -629,10 +756,26 @@ impl Records {
                 .entries
                 .get_mut(&evicted)
                 .expect("cache names existing records");
+            self.loaded_bytes -= entry.cost;
+            entry.cost = 0;
             if let Body::Loaded(doc) = &entry.body {
-                entry.body = Body::Saved(doc.save());
+                entry.body = if entry.persisted == Persisted::Yes && self.store.is_some() {
+                    Body::InStore
+                } else {
+                    Body::Saved(doc.save())
+                };
             }
         }
+    }
+}
+
+/// A record's saved document from the store, or why there is none to load.
+fn read_store(store: Option<&dyn DocumentStore>, record: &RecordId) -> Result<Vec<u8>, String> {
+    match store.map(|store| store.document(record)) {
+        Some(Ok(Some(bytes))) => Ok(bytes),
+        Some(Ok(None)) => Err("storage holds no document for it".to_owned()),
+        Some(Err(error)) => Err(format!("it could not be read: {error}")),
+        None => Err("this node has no document store".to_owned()),
     }
 }
 

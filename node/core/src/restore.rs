@@ -64,7 +64,14 @@ pub(crate) fn load(
     }
     let policy_hash = in_force.as_ref().map(|in_force| in_force.hash);
     let mut stale = Vec::new();
-    for saved in restore.records {
+    // Records restored with their documents' bytes, then those whose documents stay in
+    // the document store until used.
+    let with_documents = restore.records.into_iter().map(|saved| {
+        let (index, document) = saved.split();
+        (index, Some(document))
+    });
+    let in_store = restore.index.into_iter().map(|index| (index, None));
+    for (saved, document) in with_documents.chain(in_store) {
         let (heads, deleted) = match saved.deleted {
             // The index as stored: the document loads on first use, and is checked against
             // these heads then (`Records::doc_mut`).
@@ -73,7 +80,18 @@ pub(crate) fn load(
                 deleted,
             ),
             // Saved before `deleted` was stored: the document is loaded and checked now.
-            None => match check_document(&saved, me) {
+            None => match match &document {
+                Some(bytes) => check_document(&saved, bytes, me),
+                None => records
+                    .stored_document(&saved.record)
+                    .map_err(|error| {
+                        format!(
+                            "stored record {} is damaged and was skipped: {error}",
+                            saved.record
+                        )
+                    })
+                    .and_then(|bytes| check_document(&saved, &bytes, me)),
+            } {
                 Ok((heads, deleted, agree)) => {
                     if !agree {
                         counters.storage_errors += 1;
@@ -125,7 +143,7 @@ pub(crate) fn load(
         records.restore(
             saved.record,
             heads,
-            saved.document,
+            document,
             signatures,
             deleted,
             quarantine,
@@ -146,10 +164,11 @@ pub(crate) fn load(
 /// Loads a stored document (pair check): its heads, whether it is deleted, and whether its
 /// heads are the stored ones (the document wins); an error if it does not load.
 fn check_document(
-    saved: &crate::storage::SavedRecord,
+    saved: &crate::storage::SavedIndex,
+    document: &[u8],
     me: &NodeId,
 ) -> Result<(Vec<ChangeHash>, bool, bool), String> {
-    let doc = RecordDoc::load(&saved.document, me).map_err(|error| {
+    let doc = RecordDoc::load(document, me).map_err(|error| {
         format!(
             "stored record {} is damaged and was skipped: {error}",
             saved.record

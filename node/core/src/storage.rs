@@ -12,8 +12,17 @@
 //!   made the checkpoint durable, and if it says `compact_log`, the driver may drop every
 //!   log entry of the appends it had completed before the request.
 //!
-//! On start the driver feeds [`Restore`]: the last saved documents and the log entries
-//! since. Replaying an entry a document already holds is harmless.
+//! On start the driver feeds [`Restore`]: the index of the last saved records (heads,
+//! signatures, quarantine, without their documents) and the log entries since. Replaying
+//! an entry a document already holds is harmless.
+//!
+//! The one read the core makes of storage itself goes through [`DocumentStore`]: the
+//! document of a record the index names, read when the record is first used, and again
+//! whenever the byte-bounded cache dropped it after a completed checkpoint had saved it.
+//! It is synchronous, since sled answers from its page cache (and the simulator from its
+//! simulated disk) and every code path that touches a document would otherwise have to
+//! wait for a completion. The store only ever answers with what a *completed* checkpoint
+//! wrote, which is what the index it came with claims.
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +83,45 @@ pub struct SavedRecord {
     pub deleted: Option<bool>,
 }
 
+/// A saved record without its document: what a start reads to rebuild the index. The
+/// fields are [`SavedRecord`]'s, in its order, so the driver can store the two apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedIndex {
+    /// The record.
+    pub record: RecordId,
+    /// The document's heads; checked against the document when it is loaded.
+    pub heads: Vec<[u8; 32]>,
+    /// The author's signature of every change in the document, by change hash.
+    pub signatures: Vec<([u8; 32], Signature)>,
+    /// Changes the policy rejected, with why and when.
+    pub quarantine: Vec<SavedQuarantined>,
+    /// The hash of the policy the record was judged under.
+    pub judged_under: Option<[u8; 32]>,
+    /// Whether the record is deleted; `None` for records saved before it was stored, whose
+    /// documents are then loaded at start.
+    pub deleted: Option<bool>,
+}
+
+/// [`SavedIndex`] borrowed from a [`SavedRecord`], encoding to the same bytes.
+#[derive(Serialize)]
+struct SavedIndexRef<'a> {
+    record: &'a RecordId,
+    heads: &'a Vec<[u8; 32]>,
+    signatures: &'a Vec<([u8; 32], Signature)>,
+    quarantine: &'a Vec<SavedQuarantined>,
+    judged_under: &'a Option<[u8; 32]>,
+    deleted: &'a Option<bool>,
+}
+
+/// Where the core reads the saved documents of the records a [`Restore::index`] names (see
+/// the module doc). The driver's implementation answers with what its last completed
+/// checkpoint stored for the record.
+pub trait DocumentStore: Send {
+    /// The saved document of `record` in Automerge's binary format, or `None` if storage
+    /// holds none.
+    fn document(&self, record: &RecordId) -> Result<Option<Vec<u8>>, StorageError>;
+}
+
 /// A record as stored before `deleted` was (decoded when the current layout fails).
 #[derive(Deserialize)]
 struct SavedRecordWithoutDeleted {
@@ -105,8 +153,12 @@ pub struct Signature(#[serde(with = "serde_bytes")] pub [u8; 64]);
 /// What survived in storage, handed to a new node before anything else.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Restore {
-    /// The records as last checkpointed.
+    /// Records as last checkpointed, documents included (drivers that keep no
+    /// [`DocumentStore`], and tests).
     pub records: Vec<SavedRecord>,
+    /// Records as last checkpointed, whose documents the node reads from its
+    /// [`DocumentStore`] when it first uses them.
+    pub index: Vec<SavedIndex>,
     /// Log entries appended since, in order.
     pub log: Vec<Vec<u8>>,
     /// The signed policy (JSON) stored with the last checkpoint that carried one.
@@ -141,12 +193,50 @@ impl SavedRecord {
         })
     }
 
+    /// The record without its document, encoded as [`SavedIndex::encode`] would.
+    pub fn encode_index(&self) -> Vec<u8> {
+        postcard::to_allocvec(&SavedIndexRef {
+            record: &self.record,
+            heads: &self.heads,
+            signatures: &self.signatures,
+            quarantine: &self.quarantine,
+            judged_under: &self.judged_under,
+            deleted: &self.deleted,
+        })
+        .expect("encoding into a Vec cannot fail")
+    }
+
+    /// Splits the record into its index and its document.
+    pub fn split(self) -> (SavedIndex, Vec<u8>) {
+        let index = SavedIndex {
+            record: self.record,
+            heads: self.heads,
+            signatures: self.signatures,
+            quarantine: self.quarantine,
+            judged_under: self.judged_under,
+            deleted: self.deleted,
+        };
+        (index, self.document)
+    }
+
     /// The signature of one change, if stored.
     pub fn signature(&self, hash: &ChangeHash) -> Option<&Signature> {
         self.signatures
             .iter()
             .find(|(stored, _)| stored == &hash.0)
             .map(|(_, signature)| signature)
+    }
+}
+
+impl SavedIndex {
+    /// Encodes the index entry for the driver to store.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
+    }
+
+    /// Decodes a stored index entry.
+    pub fn decode(bytes: &[u8]) -> Result<SavedIndex, DecodeError> {
+        postcard::from_bytes(bytes).map_err(|error| DecodeError(error.to_string()))
     }
 }
 
@@ -212,5 +302,28 @@ mod tests {
         assert_eq!(decoded.heads, record.heads);
         assert_eq!(decoded.document, record.document);
         assert!(SavedRecord::decode(&before[..before.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn a_record_splits_into_an_index_that_encodes_as_its_borrowed_form() {
+        let record = SavedRecord {
+            record: "stock/a".parse().unwrap(),
+            heads: vec![[7; 32]],
+            document: vec![1, 2, 3],
+            signatures: vec![([7; 32], Signature([9; 64]))],
+            quarantine: vec![SavedQuarantined {
+                envelope: vec![4, 5],
+                reason: "{}".to_owned(),
+                rejected_at_ms: 12,
+            }],
+            judged_under: None,
+            deleted: Some(false),
+        };
+        let borrowed = record.encode_index();
+        let (index, document) = record.clone().split();
+        assert_eq!(document, record.document);
+        assert_eq!(index.encode(), borrowed);
+        assert_eq!(SavedIndex::decode(&borrowed), Ok(index));
+        assert!(SavedIndex::decode(&borrowed[..borrowed.len() - 1]).is_err());
     }
 }

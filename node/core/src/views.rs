@@ -151,6 +151,9 @@ pub(crate) fn queues(
         peers: peers.len(),
         history,
         loaded_documents: records.loaded_count(),
+        loaded_document_bytes: records.loaded_bytes(),
+        held_documents: records.held_bytes(),
+        store_reads: records.store_reads(),
         deferred_rounds_max: sessions
             .clone()
             .map(|session| session.deferred_len())

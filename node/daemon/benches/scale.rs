@@ -101,7 +101,18 @@ fn start(dir: &Path, peer: Option<&str>) -> (common::Daemon, Duration) {
     }
 }
 
-/// Stops a daemon with SIGTERM (a clean shutdown) and waits for it.
+/// Waits until the daemon of `dir` has checkpointed everything: its change log is back to
+/// its 8-byte header, so a start replays nothing (as after a quiet period).
+fn until_compacted(dir: &Path) {
+    let log = dir.join("changes.log");
+    let since = Instant::now();
+    while std::fs::metadata(&log).map_or(true, |meta| meta.len() != 8) {
+        assert!(since.elapsed() < PHASE_DEADLINE, "the log was never compacted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops a daemon with SIGTERM and waits for it.
 fn stop(mut daemon: common::Daemon) {
     let _ = Command::new("kill")
         .args(["-TERM", &daemon.child.id().to_string()])
@@ -245,14 +256,29 @@ fn main() {
         rss_mib(hub.child.id())
     );
 
+    until_compacted(&hub_dir.0);
     stop(hub);
     let (hub, cold) = start(&hub_dir.0, None);
     // Every start takes a new API port and a new listen port.
     let hub_api = api(&hub_dir.0);
+    let at_start = status(&agent, &hub_api).expect("hub status");
     println!(
-        "cold start, process start to status answering: {:.2} s, {:.0} MiB",
+        "cold start, process start to status answering: {:.2} s, {:.0} MiB, {} records, {} documents loaded",
         cold.as_secs_f64(),
-        rss_mib(hub.child.id())
+        rss_mib(hub.child.id()),
+        at_start["records_total"],
+        at_start["loaded_documents"]
+    );
+    let since = Instant::now();
+    let agent_read = agent
+        .get(format!("{}/v1/records/stock/r{:07}", hub_api.base, records / 2))
+        .header("Authorization", format!("Bearer {}", hub_api.token))
+        .call()
+        .expect("a read");
+    assert_eq!(agent_read.status(), 200);
+    println!(
+        "first read after the start: {:.1} ms",
+        since.elapsed().as_secs_f64() * 1e3
     );
     let listen = status(&agent, &hub_api).expect("hub status")["listen_addrs"][0]
         .as_str()
@@ -277,6 +303,7 @@ fn main() {
         rss_mib(laptop.child.id())
     );
 
+    until_compacted(&laptop_dir.0);
     stop(laptop);
     let edits = load(
         &hub_api,
@@ -313,6 +340,11 @@ fn main() {
         catch_up.as_secs_f64(),
         caught_bytes as f64 / 1e6,
         caught_bytes as f64 / records as f64
+    );
+    println!(
+        "memory after the catch-up: laptop {:.0} MiB, head office {:.0} MiB",
+        rss_mib(laptop.child.id()),
+        rss_mib(hub.child.id())
     );
     stop(laptop);
     stop(hub);

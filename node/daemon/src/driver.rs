@@ -174,7 +174,8 @@ pub fn start(
         );
     }
     let mut node = Node::new(core_config, identity, u64::from_le_bytes(seed));
-    let restored_records = restore.records.len();
+    node.use_document_store(store.documents());
+    let restored_records = restore.records.len() + restore.index.len();
     let replayed = restore.log.len();
     let _ = node.handle(clock.now(), Input::Restore(restore));
     let mut net = net;

@@ -11,14 +11,22 @@
 //! policy.signed  the org's signed policy given at `mesh init --policy` (the node enforces
 //!              it from its first start; newer ones arrive from peers and are saved in db/)
 //! changes.log  the change log: the truth for acknowledged writes
-//! db/          sled: saved record documents (a cache the log can be replayed into)
+//! db/          sled: the saved records (what the log is compacted into)
 //! ```
+//!
+//! In sled, the `saved` tree holds each record twice over, written together in one batch
+//! (so atomically) by a checkpoint: `i` + key is its index entry ([`SavedIndex`]: heads,
+//! signatures, quarantine), which a start reads, and `d` + key its Automerge document,
+//! which the node reads through [`SledDocuments`] when it first uses the record. The index
+//! entries sort together, so a start reads them without touching a document. Stores made
+//! before this layout kept both in one value in the `records` tree; opening one moves them
+//! over.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use mesh_core::storage::{Restore, SavedRecord};
+use mesh_core::storage::{DocumentStore, Restore, SavedIndex, SavedRecord, StorageError};
 
 use crate::changelog::{ChangeLog, OpenReport};
 
@@ -125,22 +133,24 @@ impl Store {
                     dir.db().display()
                 )
             })?;
-        let records = db.open_tree("records")?;
-        let mut saved = Vec::new();
-        for item in records.iter() {
+        let records = db.open_tree(SAVED_TREE)?;
+        move_old_layout(&db, &records, &dir.db())?;
+        let mut index = Vec::new();
+        for item in records.scan_prefix(INDEX_PREFIX) {
             let (key, value) = item?;
-            let record = SavedRecord::decode(&value).with_context(|| {
+            let entry = SavedIndex::decode(&value).with_context(|| {
                 format!(
                     "the saved record {} is damaged",
-                    String::from_utf8_lossy(&key)
+                    String::from_utf8_lossy(&key[INDEX_PREFIX.len()..])
                 )
             })?;
-            saved.push(record);
+            index.push(entry);
         }
         let meta = db.open_tree("meta")?;
         let policy = meta.get(POLICY_KEY)?.map(|bytes| bytes.to_vec());
         let restore = Restore {
-            records: saved,
+            records: Vec::new(),
+            index,
             log: log.entries().to_vec(),
             policy,
         };
@@ -153,6 +163,11 @@ impl Store {
             _lock: lock,
         };
         Ok((store, restore, report))
+    }
+
+    /// The node's read port into the saved documents.
+    pub fn documents(&self) -> Box<dyn DocumentStore> {
+        Box::new(SledDocuments(self.records.clone()))
     }
 
     /// Appends envelopes to the change log; returns once they are durable.
@@ -180,7 +195,9 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         for record in records {
-            batch.insert(record.record.as_str().as_bytes(), record.encode());
+            let key = record.record.as_str().as_bytes();
+            batch.insert([INDEX_PREFIX, key].concat(), record.encode_index());
+            batch.insert([DOCUMENT_PREFIX, key].concat(), record.document.as_slice());
         }
         self.records.apply_batch(batch)?;
         self.db.flush()?;
@@ -198,6 +215,66 @@ impl Store {
 
 /// Where the signed policy in force is kept, in the `meta` tree.
 const POLICY_KEY: &[u8] = b"policy";
+
+/// The tree of saved records (see the module doc), and its two kinds of keys.
+const SAVED_TREE: &str = "saved";
+const INDEX_PREFIX: &[u8] = b"i";
+const DOCUMENT_PREFIX: &[u8] = b"d";
+
+/// The tree where stores made before the index was kept apart held their records.
+const OLD_RECORDS_TREE: &str = "records";
+
+/// Reads saved documents for the node, from what the checkpoints wrote.
+struct SledDocuments(sled::Tree);
+
+impl DocumentStore for SledDocuments {
+    fn document(&self, record: &crdt_schema::RecordId) -> Result<Option<Vec<u8>>, StorageError> {
+        self.0
+            .get([DOCUMENT_PREFIX, record.as_str().as_bytes()].concat())
+            .map(|found| found.map(|bytes| bytes.to_vec()))
+            .map_err(|error| StorageError(error.to_string()))
+    }
+}
+
+/// Moves records saved in the old layout (one value per record in `records`) into the
+/// `saved` tree, durably, then drops the old tree. Run again after a crash midway, it
+/// moves the same values again.
+fn move_old_layout(db: &sled::Db, saved: &sled::Tree, db_path: &Path) -> anyhow::Result<()> {
+    if !db
+        .tree_names()
+        .iter()
+        .any(|name| name == OLD_RECORDS_TREE.as_bytes())
+    {
+        return Ok(());
+    }
+    let old = db.open_tree(OLD_RECORDS_TREE)?;
+    let mut batch = sled::Batch::default();
+    let mut moved = 0usize;
+    for item in old.iter() {
+        let (key, value) = item?;
+        let record = SavedRecord::decode(&value).with_context(|| {
+            format!(
+                "the saved record {} is damaged",
+                String::from_utf8_lossy(&key)
+            )
+        })?;
+        batch.insert([INDEX_PREFIX, &key].concat(), record.encode_index());
+        batch.insert([DOCUMENT_PREFIX, &key].concat(), record.document);
+        moved += 1;
+    }
+    saved.apply_batch(batch)?;
+    db.flush()?;
+    sync_tree(db_path)?;
+    db.drop_tree(OLD_RECORDS_TREE)?;
+    db.flush()?;
+    if moved > 0 {
+        tracing::info!(
+            records = moved,
+            "moved the saved records to the layout that keeps the index apart"
+        );
+    }
+    Ok(())
+}
 
 /// fsyncs every file under `path`, subdirectories included (sled writes values over
 /// about 128 KiB to `blobs/` without an fsync of its own), then each directory.
@@ -313,6 +390,87 @@ mod tests {
         assert!(
             error.contains("restore the data directory from a backup"),
             "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    fn saved(key: &str, document: &[u8]) -> SavedRecord {
+        SavedRecord {
+            record: key.parse().unwrap(),
+            heads: vec![[3; 32]],
+            document: document.to_vec(),
+            signatures: Vec::new(),
+            quarantine: Vec::new(),
+            judged_under: None,
+            deleted: Some(false),
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_index_and_document_apart_and_a_start_reads_only_the_index() {
+        let root = temp_dir("index-apart");
+        let dir = DataDir::new(root.clone());
+        let (mut store, restore, _) = Store::open(&dir).unwrap();
+        assert!(restore.index.is_empty());
+        let records = [saved("stock/a", b"doc a"), saved("stock/b", b"doc b")];
+        store.checkpoint(&records, None, None).unwrap();
+        let documents = store.documents();
+        assert_eq!(
+            documents.document(&records[1].record).unwrap(),
+            Some(b"doc b".to_vec())
+        );
+        assert_eq!(
+            documents.document(&"stock/c".parse().unwrap()).unwrap(),
+            None
+        );
+        drop((store, documents));
+
+        let (store, restore, _) = Store::open(&dir).unwrap();
+        let (index_a, _) = records[0].clone().split();
+        let (index_b, _) = records[1].clone().split();
+        assert_eq!(restore.index, vec![index_a, index_b]);
+        assert!(restore.records.is_empty(), "no document is read at start");
+        assert_eq!(
+            store.documents().document(&records[0].record).unwrap(),
+            Some(b"doc a".to_vec())
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn records_saved_in_the_old_layout_move_over_on_open() {
+        let root = temp_dir("old-layout");
+        let dir = DataDir::new(root.clone());
+        let old = saved("stock/old", b"old doc");
+        {
+            let db = sled::open(dir.db()).unwrap();
+            db.open_tree(OLD_RECORDS_TREE)
+                .unwrap()
+                .insert(old.record.as_str(), old.encode())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let (store, restore, _) = Store::open(&dir).unwrap();
+        assert_eq!(restore.index, vec![old.clone().split().0]);
+        assert_eq!(
+            store.documents().document(&old.record).unwrap(),
+            Some(b"old doc".to_vec())
+        );
+        assert!(
+            !store
+                .db
+                .tree_names()
+                .iter()
+                .any(|name| name == OLD_RECORDS_TREE.as_bytes()),
+            "the old tree is dropped once moved"
+        );
+        drop(store);
+        let (_, restore, _) = Store::open(&dir).unwrap();
+        assert_eq!(
+            restore.index.len(),
+            1,
+            "a second open finds the moved record"
         );
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -183,28 +183,6 @@ fn commands_without_a_daemon_say_how_to_start_one() {
 }
 
 /// A minimal HTTP/1.1 request over a raw socket, so the test sees exactly what goes out.
-fn http(addr: &str, request_line: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr.trim()).expect("connects");
-    let auth = token
-        .map(|token| format!("Authorization: Bearer {token}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{request_line} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
 #[test]
 fn an_org_key_signs_the_example_policy_and_only_it_verifies() {
     let dir = TempDir::new("policy");

@@ -360,3 +360,58 @@ fn the_demo_stops_its_nodes_on_sigterm_and_even_when_killed() {
         all_stopped(&addresses)
     });
 }
+
+/// Issue 12: a laptop clones 20,000 records, stops while head office edits every one of
+/// them, and starts again. Before it meets a peer it answers status and reads with no
+/// document loaded; then the difference (larger than a message may list of either side's
+/// rounds at the old limits) streams over, and it converges.
+#[test]
+fn a_laptop_restarted_after_a_large_difference_answers_at_once_and_converges() {
+    const RECORDS: usize = 20_000;
+    const LONG: std::time::Duration = std::time::Duration::from_secs(180);
+    let (hq, laptop) = (TempDir::new("large-hq"), TempDir::new("large-laptop"));
+    init(&hq.0, "hq");
+    init(&laptop.0, "laptop");
+    let _hq = start(&hq.0);
+    let hub = listen_addr(&hq.0);
+    write_records(&hq.0, RECORDS, |record| {
+        format!(r#"{{"count": {record}, "site": "s{}"}}"#, record % 7)
+    });
+    let cloning = start_with_peers(&laptop.0, std::slice::from_ref(&hub));
+    eventually_within("the laptop to clone", LONG, || {
+        converged(&[&hq.0, &laptop.0])
+    });
+    // Its checkpoint holds everything once the log is compacted to its header.
+    let log = laptop.0.join("changes.log");
+    eventually("the laptop's log to be compacted", || {
+        (std::fs::metadata(&log).ok()?.len() == 8).then_some(())
+    });
+    drop(cloning);
+
+    write_records(&hq.0, RECORDS, |record| {
+        format!(r#"{{"count": {}}}"#, record + 1)
+    });
+
+    // Alone first: the start reads the index, and no document until one is asked for.
+    let alone = start(&laptop.0);
+    let at_start = status(&laptop.0);
+    assert_eq!(at_start["records"]["stock"], RECORDS as u64);
+    assert_eq!(at_start["loaded_documents"], 0, "{at_start}");
+    assert_eq!(
+        field(&laptop.0, "stock", "r12345", "count"),
+        Some(serde_json::json!(12345)),
+        "the laptop's own copy, from before the edits"
+    );
+    assert_eq!(status(&laptop.0)["loaded_documents"], 1);
+    drop(alone);
+
+    let _laptop = start_with_peers(&laptop.0, &[hub]);
+    eventually_within("the laptop to catch up", LONG, || {
+        converged(&[&hq.0, &laptop.0])
+    });
+    assert_eq!(
+        field(&laptop.0, "stock", "r12345", "count"),
+        Some(serde_json::json!(12346))
+    );
+    assert_eq!(status(&laptop.0)["records"]["stock"], RECORDS as u64);
+}

@@ -90,8 +90,17 @@ pub fn init_closed_with(dir: &Path, name: &str, extra: &[&str]) -> String {
 }
 
 /// Polls `check` until it returns `Some` or the deadline passes.
-pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + DEADLINE;
+pub fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    eventually_within(what, DEADLINE, check)
+}
+
+/// As [`eventually`], with a deadline of `within` for work known to take long.
+pub fn eventually_within<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
     loop {
         if let Some(value) = check() {
             return value;
@@ -151,4 +160,50 @@ pub fn listen_addr(dir: &Path) -> String {
             .as_str()
             .map(str::to_owned)
     })
+}
+
+/// One HTTP/1.1 request to the API at `addr`: (status, body).
+pub fn http(addr: &str, request_line: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr.trim()).expect("connects");
+    let auth = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{request_line} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// Writes `body(record)` to `stock/rNNNNN` for every record below `records`, through the
+/// API with 4 writers.
+pub fn write_records(dir: &Path, records: usize, body: impl Fn(usize) -> String + Sync) {
+    let addr = std::fs::read_to_string(dir.join("api.addr")).expect("the daemon wrote its API");
+    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+    std::thread::scope(|scope| {
+        for writer in 0..4 {
+            let (addr, token, body) = (&addr, &token, &body);
+            scope.spawn(move || {
+                for record in (writer..records).step_by(4) {
+                    let (status, answer) = http(
+                        addr,
+                        &format!("PUT /v1/records/stock/r{record:05}"),
+                        Some(token.trim()),
+                        &body(record),
+                    );
+                    assert_eq!(status, 200, "{answer}");
+                }
+            });
+        }
+    });
 }
