@@ -14,6 +14,11 @@ pub const SYNC_BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// Most change bytes one side sends in one reconciliation round; the rest waits for the
 /// next round, so a receiver applies what it got before it is sent more (flow control).
 pub const SYNC_ROUND_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Change bytes a node sends in one round unless configured otherwise: the receiver holds a
+/// round's changes parsed (about 4 KB each in memory for a 200-byte change) until they are
+/// durable and applied, so 16 MiB rounds of small changes cost it hundreds of MiB; 2 MiB
+/// rounds (about 9,000 such changes) cost it about 40 MiB and a round trip more per 2 MiB.
+pub const SYNC_ROUND_BYTES_DEFAULT: usize = 2 * 1024 * 1024;
 /// Most ranges in one reconciliation message.
 pub const RANGES_PER_MESSAGE_MAX: usize = 4096;
 /// Most (record, heads) items in one reconciliation message, over all its ranges.
@@ -48,7 +53,8 @@ pub struct RoundBudget {
     pub items: usize,
     /// Record needs in one answer. Default: [`NEEDS_PER_MESSAGE_MAX`].
     pub needs: usize,
-    /// Change bytes sent with one answer. Default: [`SYNC_ROUND_BYTES_MAX`].
+    /// Change bytes sent with one answer. Default: [`SYNC_ROUND_BYTES_DEFAULT`]; at most
+    /// [`SYNC_ROUND_BYTES_MAX`].
     pub change_bytes: usize,
 }
 
@@ -58,7 +64,7 @@ impl Default for RoundBudget {
             ranges: RANGES_PER_MESSAGE_MAX,
             items: ITEMS_PER_MESSAGE_MAX,
             needs: NEEDS_PER_MESSAGE_MAX,
-            change_bytes: SYNC_ROUND_BYTES_MAX,
+            change_bytes: SYNC_ROUND_BYTES_DEFAULT,
         }
     }
 }
@@ -148,6 +154,8 @@ pub const LOADED_DOCUMENT_CHANGE_BYTES: usize = 160;
 
 const _: () = assert!(PUSH_CHANGE_BYTES_MAX < MESSAGE_BYTES_MAX);
 const _: () = assert!(SYNC_BATCH_BYTES_MAX + 64 * 1024 < MESSAGE_BYTES_MAX);
+const _: () = assert!(SYNC_BATCH_BYTES_MAX <= SYNC_ROUND_BYTES_DEFAULT);
+const _: () = assert!(SYNC_ROUND_BYTES_DEFAULT <= SYNC_ROUND_BYTES_MAX);
 const _: () = assert!(crdt_schema::change::CHANGE_BYTES_MAX + 64 * 1024 < MESSAGE_BYTES_MAX);
 const _: () = assert!(RANGE_ITEMS_THRESHOLD * RANGE_FANOUT <= ITEMS_PER_MESSAGE_MAX);
 const _: () = assert!(RANGE_FANOUT >= 2);

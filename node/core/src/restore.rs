@@ -15,7 +15,7 @@ use crdt_schema::{ChangeHash, Envelope, NodeId, OrgId, RecordDoc, VerifiedChange
 use crate::api::Event;
 use crate::outbox::Outbox;
 use crate::policy::InForce;
-use crate::records::{Quarantined, Records};
+use crate::records::{Quarantined, Records, RestoredRecord};
 use crate::status::Counters;
 use crate::storage::Restore;
 use crate::time::Instant;
@@ -64,6 +64,7 @@ pub(crate) fn load(
     }
     let policy_hash = in_force.as_ref().map(|in_force| in_force.hash);
     let mut stale = Vec::new();
+    let mut restored = Vec::new();
     // Records restored with their documents' bytes, then those whose documents stay in
     // the document store until used.
     let with_documents = restore.records.into_iter().map(|saved| {
@@ -140,15 +141,16 @@ pub(crate) fn load(
         if saved.judged_under != policy_hash {
             stale.push(saved.record.as_str().to_owned());
         }
-        records.restore(
-            saved.record,
+        restored.push(RestoredRecord {
+            record: saved.record,
             heads,
             document,
             signatures,
             deleted,
             quarantine,
-        );
+        });
     }
+    records.restore_all(restored);
     let mut replayed = Vec::new();
     for bytes in restore.log {
         match Envelope::from_bytes(bytes).verify(org) {

@@ -26,7 +26,12 @@ impl Signatures {
     pub fn insert(&mut self, hash: ChangeHash, signature: [u8; 64]) {
         match self.position(&hash) {
             Ok(index) => self.0[index].1 = signature,
-            Err(index) => self.0.insert(index, (hash, signature)),
+            Err(index) => {
+                // Exactly one more: `Vec` would otherwise round a first insert up to four
+                // slots (384 bytes), for every record.
+                self.0.reserve_exact(1);
+                self.0.insert(index, (hash, signature));
+            }
         }
     }
 

@@ -107,7 +107,10 @@ fn until_compacted(dir: &Path) {
     let log = dir.join("changes.log");
     let since = Instant::now();
     while std::fs::metadata(&log).map_or(true, |meta| meta.len() != 8) {
-        assert!(since.elapsed() < PHASE_DEADLINE, "the log was never compacted");
+        assert!(
+            since.elapsed() < PHASE_DEADLINE,
+            "the log was never compacted"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -271,7 +274,11 @@ fn main() {
     );
     let since = Instant::now();
     let agent_read = agent
-        .get(format!("{}/v1/records/stock/r{:07}", hub_api.base, records / 2))
+        .get(format!(
+            "{}/v1/records/stock/r{:07}",
+            hub_api.base,
+            records / 2
+        ))
         .header("Authorization", format!("Bearer {}", hub_api.token))
         .call()
         .expect("a read");

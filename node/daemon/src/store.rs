@@ -31,7 +31,11 @@ use mesh_core::storage::{DocumentStore, Restore, SavedIndex, SavedRecord, Storag
 use crate::changelog::{ChangeLog, OpenReport};
 
 /// sled's page cache. Set explicitly: sled's memory otherwise grows far past its default.
-const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Measured (heaptrack, a laptop cloning 20,000 records): sled's in-memory tree was the
+/// second largest consumer after the parsed changes in flight, 66 MiB at a 64 MiB setting.
+/// Documents out of the node's own cache are read through it, and the OS page cache
+/// serves what it has dropped.
+const SLED_CACHE_BYTES: u64 = 24 * 1024 * 1024;
 
 /// Paths inside a data directory.
 #[derive(Debug, Clone)]
