@@ -365,6 +365,11 @@ impl Driver {
                 authors,
                 deleted,
             } => {
+                // Formatting ids and names for every applied change cost about 3% of a
+                // clone's CPU (perf) when nobody listened.
+                if self.feed.receiver_count() == 0 {
+                    return;
+                }
                 let me = self.node.node_id();
                 let name_of = |node: &crdt_schema::NodeId| match *node == me {
                     true => Some("this node".to_owned()),
