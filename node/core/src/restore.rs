@@ -16,6 +16,7 @@ use crate::api::Event;
 use crate::outbox::Outbox;
 use crate::policy::InForce;
 use crate::records::{Quarantined, Records, RestoredRecord};
+use crate::signatures::Signatures;
 use crate::status::Counters;
 use crate::storage::Restore;
 use crate::time::Instant;
@@ -72,12 +73,16 @@ pub(crate) fn load(
         (index, Some(document))
     });
     let in_store = restore.index.into_iter().map(|index| (index, None));
-    for (saved, document) in with_documents.chain(in_store) {
+    for (mut saved, document) in with_documents.chain(in_store) {
         let (heads, deleted) = match saved.deleted {
             // The index as stored: the document loads on first use, and is checked against
             // these heads then (`Records::doc_mut`).
+            // Moved, not copied: `collect` reuses the vector in place.
             Some(deleted) => (
-                saved.heads.iter().map(|hash| ChangeHash(*hash)).collect(),
+                std::mem::take(&mut saved.heads)
+                    .into_iter()
+                    .map(ChangeHash)
+                    .collect(),
                 deleted,
             ),
             // Saved before `deleted` was stored: the document is loaded and checked now.
@@ -112,11 +117,12 @@ pub(crate) fn load(
                 }
             },
         };
-        let signatures = saved
-            .signatures
-            .iter()
-            .map(|(hash, signature)| (ChangeHash(*hash), signature.0))
-            .collect();
+        let signatures = Signatures::from_unsorted(
+            std::mem::take(&mut saved.signatures)
+                .into_iter()
+                .map(|(hash, signature)| (ChangeHash(hash), signature.0))
+                .collect(),
+        );
         let mut quarantine = BTreeMap::new();
         for held in saved.quarantine {
             let Ok(change) = Envelope::from_bytes(held.envelope).verify(org) else {

@@ -60,21 +60,28 @@ impl Signatures {
     }
 }
 
+impl Signatures {
+    /// Signatures in any order, sorted in place; a hash given twice keeps the last.
+    pub fn from_unsorted(mut all: Vec<(ChangeHash, [u8; 64])>) -> Signatures {
+        // Stable, so of equal hashes the last given ends last.
+        all.sort_by_key(|(hash, _)| *hash);
+        // `dedup_by` removes `later` when it returns true: keep its signature first.
+        all.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                earlier.1 = later.1;
+            }
+            same
+        });
+        all.shrink_to_fit();
+        Signatures(all)
+    }
+}
+
 impl FromIterator<(ChangeHash, [u8; 64])> for Signatures {
     /// Collects signatures in any order; a hash given twice keeps the last signature.
     fn from_iter<I: IntoIterator<Item = (ChangeHash, [u8; 64])>>(iter: I) -> Signatures {
-        let mut all: Vec<(ChangeHash, [u8; 64])> = iter.into_iter().collect();
-        // Stable, so the last of equal hashes ends last and survives the dedup below.
-        all.sort_by_key(|(hash, _)| *hash);
-        let mut kept: Vec<(ChangeHash, [u8; 64])> = Vec::with_capacity(all.len());
-        for (hash, signature) in all {
-            match kept.last_mut() {
-                Some(last) if last.0 == hash => last.1 = signature,
-                _ => kept.push((hash, signature)),
-            }
-        }
-        kept.shrink_to_fit();
-        Signatures(kept)
+        Signatures::from_unsorted(iter.into_iter().collect())
     }
 }
 
