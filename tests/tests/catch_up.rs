@@ -132,3 +132,41 @@ fn a_difference_larger_than_one_message_may_list_converges_within_the_limits() {
     }
     assert!(mesh.converged());
 }
+
+/// Issue 12's target: after one-field edits of every record, changes flow within 4 round
+/// trips of the session's start (the session's history row says in which round they first
+/// moved).
+#[test]
+fn after_every_record_changed_the_changes_flow_within_four_rounds() {
+    const EDITED: usize = 10_000;
+    let mut mesh = Harness::new(2);
+    for record in 0..EDITED {
+        mesh.put(
+            0,
+            &format!("stock/r{record:05}"),
+            &[("count", FieldValue::Int(0))],
+        );
+    }
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(10_000);
+    assert!(mesh.converged());
+    mesh.disconnect(0, 1);
+    for record in 0..EDITED {
+        mesh.put(
+            0,
+            &format!("stock/r{record:05}"),
+            &[("count", FieldValue::Int(1))],
+        );
+    }
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(10_000);
+    assert!(mesh.converged());
+    let mesh_core::Reply::History(rows) = mesh.command(1, mesh_core::Command::History).unwrap()
+    else {
+        panic!("history answers with rows");
+    };
+    let last = rows.last().expect("the catch-up session");
+    assert!(last.changes_received >= EDITED as u64, "{last:?}");
+    let first = last.first_changes_round.expect("changes moved");
+    assert!(first <= 4, "changes first moved in round {first}: {last:?}");
+}

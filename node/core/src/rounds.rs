@@ -71,7 +71,7 @@ impl Sessions<'_> {
             state.changes_sent += count;
             state.bytes_sent += bytes;
             if count > 0 {
-                state.exchanged = true;
+                state.changes_moved();
             }
         }
         if let Some(entry) = self.peers.get_mut(&peer) {
@@ -162,7 +162,7 @@ impl Sessions<'_> {
                 .iter()
                 .map(|change| change.0.len() as u64)
                 .sum::<u64>();
-            state.exchanged = true;
+            state.changes_moved();
             state.last_progress_at = now;
         }
         let origin = Origin::Session {
@@ -339,6 +339,7 @@ impl Sessions<'_> {
             changes_sent: session.changes_sent,
             bytes_received: session.bytes_received,
             bytes_sent: session.bytes_sent,
+            first_changes_round: session.first_changes_round,
         };
         if self.log.history.len() == HISTORY_ENTRIES_MAX {
             self.log.history.pop_front();

@@ -28,12 +28,20 @@ pub(crate) struct Session {
     pub(crate) changes_sent: u64,
     pub(crate) bytes_received: u64,
     pub(crate) bytes_sent: u64,
+    /// The round in which changes first moved either way.
+    pub(crate) first_changes_round: Option<u32>,
 }
 
 impl Session {
     /// When the session counts as stalled if it makes no progress before.
     pub(crate) fn stall_deadline(&self, stall: Duration) -> Instant {
         self.last_progress_at + stall
+    }
+
+    /// Changes moved in the session's current round.
+    pub(crate) fn changes_moved(&mut self) {
+        self.exchanged = true;
+        self.first_changes_round.get_or_insert(self.rounds);
     }
 
     /// One of the session's changes joined the pipeline: its next round waits for it.
@@ -69,6 +77,7 @@ impl Session {
             changes_sent: 0,
             bytes_received: 0,
             bytes_sent: 0,
+            first_changes_round: None,
         }
     }
 }

@@ -178,6 +178,10 @@ pub struct SyncRecord {
     pub bytes_received: u64,
     /// Bytes sent.
     pub bytes_sent: u64,
+    /// The round in which changes first moved either way (1 is the first request and its
+    /// answer); `None` if none moved.
+    #[serde(default)]
+    pub first_changes_round: Option<u32>,
 }
 
 /// A change refused on arrival: it failed parsing or verification, so it is not held, not

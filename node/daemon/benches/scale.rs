@@ -337,23 +337,25 @@ fn main() {
     let caught_bytes = bytes_received(&after);
     // The session that brought the last changes ends just after the digests meet.
     let waited = Instant::now();
-    let rounds: Vec<u64> = loop {
+    let (rounds, first_changes): (Vec<u64>, Vec<u64>) = loop {
         let sessions = history(&agent, &laptop_api);
-        let rounds: Vec<u64> = sessions["history"]
-            .as_array()
-            .map(|rows| {
-                rows.iter()
-                    .filter_map(|row| row["rounds"].as_u64())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let rows = sessions["history"].as_array().cloned().unwrap_or_default();
+        let rounds: Vec<u64> = rows
+            .iter()
+            .filter_map(|row| row["rounds"].as_u64())
+            .collect();
+        // Of the sessions that moved changes: the round in which they first moved.
+        let first_changes: Vec<u64> = rows
+            .iter()
+            .filter_map(|row| row["first_changes_round"].as_u64())
+            .collect();
         if !rounds.is_empty() || waited.elapsed() > Duration::from_secs(60) {
-            break rounds;
+            break (rounds, first_changes);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     println!(
-        "catch-up after {records} one-field edits: converged in {:.1} s, {:.1} MB received = {:.0} B per edit, sessions' rounds (newest first) {rounds:?}",
+        "catch-up after {records} one-field edits: converged in {:.1} s, {:.1} MB received = {:.0} B per edit, sessions' rounds (newest first) {rounds:?}, round trips before changes flowed {first_changes:?}",
         catch_up.as_secs_f64(),
         caught_bytes as f64 / 1e6,
         caught_bytes as f64 / records as f64
