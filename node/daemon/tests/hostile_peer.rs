@@ -455,7 +455,8 @@ fn a_peer_that_stops_reading_is_disconnected_by_bytes_queued_long_before_the_mes
     init(&dir.0, "a");
     let _daemon = start(&dir.0);
     let address = listen_addr(&dir.0);
-    // 40 records of 100 KB each: a Need for all of them is answered with about 4 MB.
+    // 40 records of 100 KB each: a Need for all of them is answered with as many as one
+    // round's change bytes allow (2 MiB by default).
     let blob = format!("blob={}", "q".repeat(100_000));
     let records: Vec<String> = (0..40).map(|n| format!("stock/big{n}")).collect();
     for record in &records {
@@ -475,14 +476,16 @@ fn a_peer_that_stops_reading_is_disconnected_by_bytes_queued_long_before_the_mes
             .collect(),
     }
     .encode();
-    // 20 asks: about 80 MB of answers in about a hundred messages, far below the 16,384
+    // 80 asks: about 160 MB of answers in a few hundred messages, far below the 16,384
     // messages a queue may hold, but past its 64 MiB.
-    for _ in 0..20 {
+    let asks = 80;
+    assert!(asks * mesh_core::limits::SYNC_ROUND_BYTES_DEFAULT > 2 * 64 * 1024 * 1024);
+    for _ in 0..asks {
         peer.send(stream, &need);
     }
     assert!(
         peer.disconnected_within(DEADLINE),
-        "a peer that reads nothing while 80 MB are owed to it is disconnected"
+        "a peer that reads nothing while 160 MB are owed to it is disconnected"
     );
     // The node serves on.
     mesh_ok(&dir.0, &["put", "stock", "after", "count=1"]);
