@@ -22,6 +22,7 @@ pub mod identity;
 pub mod policy;
 pub mod record;
 pub mod schema;
+pub mod snapshot;
 mod verify;
 
 pub use automerge::{Change, ChangeHash};

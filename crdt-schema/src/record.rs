@@ -370,9 +370,21 @@ impl RecordDoc {
         })
     }
 
-    /// The whole document in Automerge's standard binary format.
+    /// Loads a saved document only to read it: new changes would get a random actor.
+    pub(crate) fn load_to_read(bytes: &[u8]) -> Result<RecordDoc, DocError> {
+        let doc = crate::guard::no_panic("loading a document", || {
+            Automerge::load(bytes).map_err(|error| VerifyError::Change(error.to_string()))
+        })
+        .map_err(|error| DocError::Damaging(error.to_string()))?;
+        Ok(RecordDoc { doc })
+    }
+
+    /// The whole document in Automerge's standard binary format, with no column
+    /// compressed: a node sends its saved documents to peers as they are (clone by
+    /// snapshot, `snapshot.rs`), and a peer loads only uncompressed ones, since Automerge
+    /// inflates compressed columns without a bound.
     pub fn save(&self) -> Vec<u8> {
-        self.doc.save()
+        self.doc.save_nocompress()
     }
 
     /// The underlying Automerge document.
