@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crdt_schema::policy::{CollectionRule, Member, Policy, RejectReason, SignedPolicy};
 use crdt_schema::{Edit, FieldValue, Identity, NodeId, OrgId, RecordDoc, VerifiedChange};
-use mesh_core::wire::{EnvelopeBytes, Message};
+use mesh_core::storage::Signature;
+use mesh_core::wire::{EnvelopeBytes, Message, Snapshot};
 use mesh_core::{Command, CommandError, Config, PolicyOffer, Reply};
 use mesh_tests::{Harness, fields};
 
@@ -341,6 +342,68 @@ fn an_unauthorised_change_is_quarantined_everywhere_never_applied_and_the_author
             "node {index}"
         );
     }
+}
+
+#[test]
+fn a_record_sent_whole_with_an_unauthorised_change_is_judged_change_by_change() {
+    let mut mesh = mesh(3);
+    apply(&mut mesh, HQ, standard(1));
+    mesh.connect_all();
+    mesh.run_until_quiet(100);
+    // A catalogue record whose document holds a master's change and then a site's.
+    let record = "catalogue/ibuprofen";
+    let master = Identity::from_seed(HQ as u64 + 1);
+    let site = Identity::from_seed(CLINIC1 as u64 + 1);
+    let mut doc = RecordDoc::new(&master.node_id());
+    let mut signed = Vec::new();
+    for (author, price) in [(&master, 5), (&site, 0)] {
+        doc = RecordDoc::load(&doc.save(), &author.node_id()).unwrap();
+        let change = doc
+            .edit(&Edit::Put(fields(&[("price", FieldValue::Int(price))])), 0)
+            .unwrap()
+            .unwrap();
+        signed.push(VerifiedChange::sign(
+            author,
+            &org_id(),
+            record.parse().unwrap(),
+            change,
+        ));
+    }
+    signed.sort_by_key(|change| change.hash());
+    let whole = Message::SyncSnapshots {
+        session: 1,
+        from_initiator: true,
+        snapshots: vec![Snapshot {
+            record: record.into(),
+            document: doc.save(),
+            signatures: signed
+                .iter()
+                .map(|change| Signature(change.signature()))
+                .collect(),
+        }],
+    };
+    mesh.inject(CLINIC2, HQ, whole.encode());
+    mesh.run_until_quiet(100);
+    let view = mesh
+        .get(HQ, record)
+        .expect("the master's change is applied");
+    assert_eq!(view.fields.get("price"), Some(&FieldValue::Int(5)));
+    let status = mesh.status(HQ);
+    assert_eq!(
+        status.counters.snapshots_taken, 0,
+        "the document is not taken whole"
+    );
+    assert_eq!(status.counters.changes_rejected, 1);
+    let held = quarantined(&mesh, HQ);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        held[0].1,
+        signed
+            .iter()
+            .find(|c| c.author == site.node_id())
+            .unwrap()
+            .hash()
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crdt_schema::policy::{self, Policy, RejectReason};
-use crdt_schema::{ChangeHash, Envelope, NodeId, VerifiedChange};
+use crdt_schema::{ChangeHash, Envelope, NodeId, RecordId, VerifiedChange, VerifyError, snapshot};
 
 use crate::api::Event;
 use crate::config::Config;
@@ -20,11 +20,11 @@ use crate::limits::{
 };
 use crate::outbox::Outbox;
 use crate::peers::Peer;
-use crate::pipeline::{Origin, Pipeline};
+use crate::pipeline::{Origin, Pipeline, WholeDocument};
 use crate::records::Records;
 use crate::status::{Counters, RefusedChange};
 use crate::time::Instant;
-use crate::wire::Message;
+use crate::wire::{Message, Snapshot};
 
 /// The admission part: the verifying-key cache and the changes waiting for their
 /// dependencies.
@@ -173,6 +173,80 @@ impl Admission {
             }
         }
         expired.len()
+    }
+
+    /// Admits records that `from` sent whole (snapshots) as `origin`. Each is taken apart
+    /// into the envelopes its authors signed (`crdt_schema::snapshot::expand`), and those
+    /// are admitted as one batch like any others, so nothing in a document is trusted
+    /// because it came in one. A record new to this node whose every change is then queued
+    /// keeps the document it came in (`Pipeline::keep_whole`), so that it is not built
+    /// change by change and saved again.
+    pub(crate) fn admit_whole(
+        &mut self,
+        from: NodeId,
+        snapshots: Vec<Snapshot>,
+        origin: Origin,
+        parts: &mut AdmitParts<'_>,
+    ) -> AdmitReport {
+        let mut report = AdmitReport::default();
+        let mut envelopes = Vec::new();
+        let mut new_here = Vec::new();
+        for snapshot in snapshots {
+            let record: RecordId = match snapshot.record.parse() {
+                Ok(record) => record,
+                Err(error) => {
+                    let error = VerifyError::Record(format!("{}: {error}", snapshot.record));
+                    refuse(from, &error, parts);
+                    report.refused += 1;
+                    continue;
+                }
+            };
+            if !parts.config.replicates(record.collection()) {
+                continue;
+            }
+            let signatures: Vec<[u8; 64]> = snapshot.signatures.iter().map(|s| s.0).collect();
+            let expanded = match snapshot::expand(&record, &snapshot.document, &signatures) {
+                Ok(expanded) => expanded,
+                Err(error) => {
+                    let error = VerifyError::Change(format!("{}: {error}", snapshot.record));
+                    refuse(from, &error, parts);
+                    report.refused += 1;
+                    continue;
+                }
+            };
+            let key = snapshot.record;
+            let is_new = parts.records.entry(&key).is_none()
+                && !parts.pipeline.holds_record(&key)
+                && !self.pending_holds_record(&key);
+            envelopes.extend(expanded.envelopes.into_iter().map(Envelope::into_bytes));
+            if is_new {
+                let whole = WholeDocument {
+                    bytes: snapshot.document,
+                    hashes: expanded.hashes,
+                    deleted: expanded.deleted,
+                };
+                new_here.push((key, whole));
+            }
+        }
+        report.refused += self.admit(from, envelopes, origin, parts).refused;
+        for (key, whole) in new_here {
+            if whole
+                .hashes
+                .iter()
+                .all(|hash| parts.pipeline.holds_remote(&key, hash))
+            {
+                parts.pipeline.keep_whole(key, whole);
+            }
+        }
+        report
+    }
+
+    /// Whether any change of record `key` waits for its dependencies.
+    fn pending_holds_record(&self, key: &str) -> bool {
+        self.pending
+            .range((key.to_owned(), ChangeHash([0; 32]))..)
+            .next()
+            .is_some_and(|((held, _), _)| held == key)
     }
 
     /// Admits one batch of envelopes that `from` sent as `origin`, in order. The valid

@@ -16,7 +16,7 @@ use crate::gossip;
 use crate::judge::Judge;
 use crate::outbox::Outbox;
 use crate::peers::Peer;
-use crate::pipeline::Origin;
+use crate::pipeline::{Origin, WholeDocument};
 use crate::records::Records;
 use crate::time::Instant;
 
@@ -107,10 +107,13 @@ impl Apply<'_> {
     }
 
     /// Applies durable remote changes, grouped per record, under the policy: accepted
-    /// ones join their documents, the rest go to quarantine. Returns the accepted ones.
+    /// ones join their documents, the rest go to quarantine. A record that came whole
+    /// takes its document from `whole` when every change of it is accepted as it is.
+    /// Returns the accepted ones.
     pub(crate) fn remote_batch(
         &mut self,
         batch: Vec<(NodeId, VerifiedChange, Origin)>,
+        mut whole: BTreeMap<String, WholeDocument>,
     ) -> BTreeSet<(String, ChangeHash)> {
         let mut by_record: BTreeMap<String, Vec<(NodeId, VerifiedChange, Origin)>> =
             BTreeMap::new();
@@ -126,7 +129,7 @@ impl Apply<'_> {
             let record = items[0].1.record.clone();
             self.judge.records.create(&record);
             let changes = items.iter().map(|(_, change, _)| change.clone()).collect();
-            let settled = self.judge.settle(&key, changes);
+            let settled = self.judge.settle(&key, changes, whole.remove(&key));
             let mut from = None;
             let mut authors: Vec<NodeId> = Vec::new();
             for (peer, change, origin) in &items {

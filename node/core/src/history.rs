@@ -1,14 +1,16 @@
-//! One record's history on the wire: the durable changes a peer lacks, as envelopes, and
-//! the `Need` that asks a peer for what this node lacks. Functions over the records, used
+//! One record's history on the wire: the durable changes a peer lacks, as envelopes or,
+//! for a peer that has none of the record, as a snapshot; and the `Need` that asks a peer
+//! for what this node lacks. Functions over the records, used
 //! by reconciliation rounds, announcements and admission.
 
 use std::collections::BTreeSet;
 
 use crdt_schema::{ChangeHash, Envelope};
 
-use crate::limits::NEED_ANCESTORS_MAX;
+use crate::limits::{CHANGES_PER_MESSAGE_MAX, NEED_ANCESTORS_MAX, SYNC_BATCH_BYTES_MAX};
 use crate::records::Records;
-use crate::wire::Need;
+use crate::storage::Signature;
+use crate::wire::{Need, Snapshot};
 
 /// What this node has of a record, for a `Need`: its advertised heads and, when no
 /// local change is in flight, some ancestors, so the sender can skip what is held.
@@ -44,6 +46,43 @@ pub(crate) fn need(records: &mut Records, key: &str) -> Need {
             }
         }
     }
+}
+
+/// Record `key` whole, for a peer that has none of it, when its saved document is at hand
+/// without loading it and is all there is to send: no local change in flight, nothing
+/// quarantined (quarantined changes travel as envelopes), and the document is one
+/// uncompressed chunk whose heads are the index's (documents saved before saves were
+/// uncompressed, or damaged ones, go change by change, which loads and checks them).
+pub(crate) fn snapshot(records: &mut Records, key: &str) -> Option<Snapshot> {
+    let entry = records.entry(key)?;
+    if !entry.unacked().is_empty() || !entry.quarantine().is_empty() || entry.heads().is_empty() {
+        return None;
+    }
+    let signatures = entry.signatures().len();
+    if signatures > CHANGES_PER_MESSAGE_MAX {
+        return None;
+    }
+    let document = records.saved_bytes_unloaded(key)?;
+    if document.len() + 64 * signatures + key.len() > SYNC_BATCH_BYTES_MAX {
+        // Larger than a batch message: its changes go one by one instead.
+        return None;
+    }
+    let header = crdt_schema::snapshot::check_document(&document).ok()?;
+    let entry = records.entry(key).expect("checked above");
+    let mut heads = header.heads;
+    heads.sort_unstable();
+    if heads != entry.heads() {
+        return None;
+    }
+    Some(Snapshot {
+        record: key.to_owned(),
+        document,
+        signatures: entry
+            .signatures()
+            .iter()
+            .map(|(_, signature)| Signature(*signature))
+            .collect(),
+    })
 }
 
 /// Durable changes of `key` not in the history of `have`, as envelopes.

@@ -15,6 +15,7 @@ use crate::admit::author_verdict;
 use crate::api::Event;
 use crate::limits::{QUARANTINE_PER_AUTHOR_MAX, QUARANTINE_PER_RECORD_MAX, QUARANTINE_TOTAL_MAX};
 use crate::outbox::Outbox;
+use crate::pipeline::WholeDocument;
 use crate::records::{Quarantined, Records};
 use crate::status::Counters;
 use crate::time::Instant;
@@ -49,7 +50,12 @@ impl Judge<'_> {
     /// Settles newly durable remote changes of one record: applies those the policy
     /// accepts, quarantines the rest. The common case (every change allowed, nothing in
     /// quarantine) applies them directly; anything else re-judges the record whole.
-    pub(crate) fn settle(&mut self, key: &str, new: Vec<VerifiedChange>) -> Rejudged {
+    pub(crate) fn settle(
+        &mut self,
+        key: &str,
+        new: Vec<VerifiedChange>,
+        whole: Option<WholeDocument>,
+    ) -> Rejudged {
         let collection = new[0].record.collection().to_owned();
         let entry = self
             .records
@@ -75,19 +81,44 @@ impl Judge<'_> {
         if !direct {
             return self.rejudge(key, new);
         }
-        let changes = new.iter().map(|change| change.change.clone()).collect();
-        if self.records.doc_mut(key).apply(changes).is_err() {
-            // Crafted bytes Automerge cannot take (the document is untouched): judged whole,
-            // they end in quarantine as damaging, the same on every node.
-            return self.rejudge(key, new);
-        }
+        // A record new here that came whole takes the document it came in when these are
+        // exactly its changes; anything else is applied change by change.
+        let entry = self
+            .records
+            .entry(key)
+            .expect("the caller created the record");
+        let adopted = whole.filter(|whole| {
+            entry.heads().is_empty()
+                && entry.unacked().is_empty()
+                && whole.hashes.len() == new.len()
+                && new
+                    .iter()
+                    .all(|change| whole.hashes.contains(&change.hash()))
+        });
+        let adopted = match adopted {
+            Some(whole) => {
+                self.records.adopt(key, whole.bytes, whole.deleted);
+                self.counters.snapshots_taken += 1;
+                true
+            }
+            None => {
+                let changes = new.iter().map(|change| change.change.clone()).collect();
+                if self.records.doc_mut(key).apply(changes).is_err() {
+                    // Crafted bytes Automerge cannot take (the document is untouched):
+                    // judged whole, they end in quarantine as damaging, the same on every
+                    // node.
+                    return self.rejudge(key, new);
+                }
+                false
+            }
+        };
         let mut rejudged = Rejudged {
             changed: true,
             ..Rejudged::default()
         };
         for change in &new {
             let hash = change.hash();
-            if !self.records.doc(key).has_change(&hash) {
+            if !adopted && !self.records.doc(key).has_change(&hash) {
                 // Queued by Automerge for a missing dependency: cannot happen for changes
                 // whose dependencies were checked; judge the record whole rather than trust it.
                 self.records.forget_author_seqs(key);
@@ -100,7 +131,9 @@ impl Judge<'_> {
                 .note_seq(key, change.author, change.change.seq());
             rejudged.accepted.insert(hash);
         }
-        self.records.refresh_deleted(key);
+        if !adopted {
+            self.records.refresh_deleted(key);
+        }
         let schema_broken = match self.policy {
             Some(in_force) if in_force.has_schema(&collection) => {
                 let doc = self.records.doc(key);

@@ -29,6 +29,8 @@ pub const HEADS_PER_ITEM_MAX: usize = 64;
 pub const NEEDS_PER_MESSAGE_MAX: usize = 16_384;
 /// Most ancestor hashes sent with one need.
 pub const NEED_ANCESTORS_MAX: usize = 16;
+/// Most whole records in one `SyncSnapshots` message.
+pub const SNAPSHOTS_PER_MESSAGE_MAX: usize = 16_384;
 /// Most changes in one push or batch message.
 pub const CHANGES_PER_MESSAGE_MAX: usize = 65_536;
 /// Most list elements (changes, ranges, items, needs, collections) all lists of one message

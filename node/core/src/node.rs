@@ -227,7 +227,8 @@ impl Node {
             }
             if admit::deps_held(&self.records, &self.pipeline, &change) {
                 let me = self.node_id();
-                self.apply().remote_batch(vec![(me, change, Origin::Log)]);
+                self.apply()
+                    .remote_batch(vec![(me, change, Origin::Log)], BTreeMap::new());
             } else {
                 self.counters.changes_dropped += 1;
             }
@@ -428,8 +429,15 @@ impl Node {
                 }
             }
         }
+        let mut whole = BTreeMap::new();
+        for (_, change, _) in &remote {
+            let key = change.record.as_str();
+            if let Some(document) = self.pipeline.take_whole(key) {
+                whole.insert(key.to_owned(), document);
+            }
+        }
         let mut apply = self.apply();
-        let accepted = apply.remote_batch(remote);
+        let accepted = apply.remote_batch(remote, whole);
         apply.rejudge_acknowledged();
         let pushed = apply.relayable(pushed, &accepted);
         self.schedule_checkpoint();
@@ -491,6 +499,16 @@ impl Node {
             }) => {
                 let admitted = self.admit_changes(from, envelopes, origin);
                 if !admitted {
+                    self.sessions().reject_message(from, refusal.into());
+                }
+            }
+            Some(Routed::AdmitWhole { snapshots, origin }) => {
+                let (admission, mut parts) = self.admission();
+                let admitted = admission
+                    .admit_whole(from, snapshots, origin, &mut parts)
+                    .all_valid();
+                if !admitted {
+                    let refusal = "sent a record whose document or changes failed verification";
                     self.sessions().reject_message(from, refusal.into());
                 }
             }

@@ -54,6 +54,20 @@ pub(crate) struct Pipeline {
     forbidden: BTreeSet<(String, ChangeHash)>,
     /// How many of `forbidden` each author made, toward the per-author bound.
     forbidden_by_author: BTreeMap<NodeId, usize>,
+    /// Records new to this node that came whole (a snapshot), by key: every change of the
+    /// record is queued here, and once they are durable the record takes this document
+    /// instead of building its own change by change.
+    whole: BTreeMap<String, WholeDocument>,
+}
+
+/// A snapshot's document, checked on admission, waiting for its changes' append.
+pub(crate) struct WholeDocument {
+    /// The document as received (one uncompressed document chunk).
+    pub(crate) bytes: Vec<u8>,
+    /// Every change hash it holds.
+    pub(crate) hashes: BTreeSet<ChangeHash>,
+    /// Whether the record is deleted in it.
+    pub(crate) deleted: bool,
 }
 
 impl Pipeline {
@@ -147,6 +161,24 @@ impl Pipeline {
         None
     }
 
+    /// Whether any change of record `key` waits here.
+    pub(crate) fn holds_record(&self, key: &str) -> bool {
+        self.remote
+            .range((key.to_owned(), ChangeHash([0; 32]))..)
+            .next()
+            .is_some_and(|(held, _)| held == key)
+    }
+
+    /// Keeps a snapshot's document for record `key`, whose every change is queued here.
+    pub(crate) fn keep_whole(&mut self, key: String, document: WholeDocument) {
+        self.whole.insert(key, document);
+    }
+
+    /// The snapshot document kept for `key`, if any.
+    pub(crate) fn take_whole(&mut self, key: &str) -> Option<WholeDocument> {
+        self.whole.remove(key)
+    }
+
     /// The entries of append `op`, if it is the one in flight.
     pub(crate) fn take_completed(&mut self, op: StorageOpId) -> Option<Vec<PipelineEntry>> {
         self.in_flight
@@ -191,6 +223,7 @@ impl Pipeline {
                 }
                 PipelineEntry::Remote { change, .. } => {
                     self.settle(&change);
+                    self.whole.remove(change.record.as_str());
                     counters.changes_dropped += 1;
                 }
             }

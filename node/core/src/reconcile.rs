@@ -23,7 +23,7 @@ use crate::history;
 use crate::limits::*;
 use crate::pipeline::Pipeline;
 use crate::records::{Records, Scope, in_scope};
-use crate::wire::{EnvelopeBytes, Hash, Item, Need, Range, RangeSummary, Round};
+use crate::wire::{EnvelopeBytes, Hash, Item, Need, Range, RangeSummary, Round, Snapshot};
 
 /// What answering one round produced.
 pub(crate) struct RoundOutput {
@@ -31,7 +31,12 @@ pub(crate) struct RoundOutput {
     pub(crate) ranges: Vec<Range>,
     pub(crate) needs: Vec<Need>,
     pub(crate) changes: Vec<Vec<u8>>,
+    /// Records sent whole to a peer that has none of them (session rounds only).
+    pub(crate) snapshots: Vec<Snapshot>,
+    /// Change and snapshot bytes in this answer, toward the round's budget.
     pub(crate) changes_bytes: usize,
+    /// Whether records the peer lacks may go as snapshots.
+    snapshots_allowed: bool,
     /// Items listed over all of `ranges`.
     pub(crate) items: usize,
     /// Whether something was left out (changes past the round's bytes, needs past their
@@ -47,22 +52,58 @@ impl RoundOutput {
             ranges: Vec::new(),
             needs: Vec::new(),
             changes: Vec::new(),
+            snapshots: Vec::new(),
             changes_bytes: 0,
+            snapshots_allowed: false,
             items: 0,
             truncated: false,
         }
     }
 
+    /// An empty answer within `budget` that sends records the peer lacks as snapshots,
+    /// for a session: its snapshot batches go before its round message.
+    pub(crate) fn for_session(budget: RoundBudget) -> RoundOutput {
+        RoundOutput {
+            snapshots_allowed: true,
+            ..RoundOutput::new(budget)
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
-        self.ranges.is_empty() && self.needs.is_empty() && self.changes.is_empty()
+        self.ranges.is_empty()
+            && self.needs.is_empty()
+            && self.changes.is_empty()
+            && self.snapshots.is_empty()
+    }
+
+    /// Whether nothing of the round's change bytes is spent yet: the first change or
+    /// snapshot of a round always goes, so that one larger than a small budget still moves.
+    fn nothing_sent(&self) -> bool {
+        self.changes.is_empty() && self.snapshots.is_empty()
+    }
+
+    /// Adds record `key` whole for a peer that has none of it: a snapshot when allowed and
+    /// at hand, its envelopes otherwise; unless the round's budget is spent.
+    pub(crate) fn add_whole(&mut self, records: &mut Records, key: &str) {
+        if self.snapshots_allowed
+            && let Some(snapshot) = history::snapshot(records, key)
+        {
+            let bytes = snapshot.wire_bytes();
+            if !self.nothing_sent() && self.changes_bytes + bytes > self.budget.change_bytes {
+                self.truncated = true;
+                return;
+            }
+            self.changes_bytes += bytes;
+            self.snapshots.push(snapshot);
+            return;
+        }
+        self.add_changes(history::envelopes_after(records, key, &[]));
     }
 
     /// Adds envelopes unless the round's budget is spent.
     pub(crate) fn add_changes(&mut self, envelopes: Vec<Vec<u8>>) {
         for envelope in envelopes {
-            // The first change of a round always goes, so that one larger than a small
-            // budget still moves.
-            if !self.changes.is_empty()
+            if !self.nothing_sent()
                 && self.changes_bytes + envelope.len() > self.budget.change_bytes
             {
                 self.truncated = true;
@@ -95,6 +136,31 @@ pub(crate) fn hashes(heads: &[ChangeHash]) -> Vec<Hash> {
 
 pub(crate) fn change_hashes(heads: &[Hash]) -> Vec<ChangeHash> {
     heads.iter().map(|hash| ChangeHash(*hash)).collect()
+}
+
+/// Splits snapshots into message-sized batches (each snapshot is at most
+/// [`SYNC_BATCH_BYTES_MAX`], see `history::snapshot`).
+pub(crate) fn snapshot_batches(snapshots: Vec<Snapshot>) -> Vec<Vec<Snapshot>> {
+    let mut batches = Vec::new();
+    let mut batch: Vec<Snapshot> = Vec::new();
+    let (mut bytes, mut signatures) = (0, 0);
+    for snapshot in snapshots {
+        if !batch.is_empty()
+            && (bytes + snapshot.wire_bytes() > SYNC_BATCH_BYTES_MAX
+                || signatures + snapshot.signatures.len() > CHANGES_PER_MESSAGE_MAX
+                || batch.len() == SNAPSHOTS_PER_MESSAGE_MAX)
+        {
+            batches.push(std::mem::take(&mut batch));
+            (bytes, signatures) = (0, 0);
+        }
+        bytes += snapshot.wire_bytes();
+        signatures += snapshot.signatures.len();
+        batch.push(snapshot);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
 }
 
 /// Splits envelopes into message-sized batches.
@@ -147,7 +213,7 @@ impl Reconcile<'_> {
         scope: &Scope,
         round: &Round,
     ) -> Result<RoundOutput, String> {
-        let mut output = RoundOutput::new(self.budget);
+        let mut output = RoundOutput::for_session(self.budget);
         let mut previous_upper: Option<&str> = Some("");
         for range in &round.ranges {
             // Ranges must be increasing and not overlap, or a peer could make us list the
@@ -228,8 +294,7 @@ impl Reconcile<'_> {
                     // and no document is loaded for changes that would not be sent.
                     break;
                 }
-                let envelopes = history::envelopes_after(self.records, key, &[]);
-                output.add_changes(envelopes);
+                output.add_whole(self.records, key);
             }
             return true;
         }
@@ -313,8 +378,7 @@ impl Reconcile<'_> {
             if output.truncated {
                 break;
             }
-            let envelopes = history::envelopes_after(self.records, &key, &[]);
-            output.add_changes(envelopes);
+            output.add_whole(self.records, &key);
         }
         for (key, heads) in theirs {
             self.compare(key, &change_hashes(heads), None, output);
@@ -357,6 +421,10 @@ impl Reconcile<'_> {
             .all(|head| admit::holds(self.records, self.pipeline, key, head));
         if all_known {
             if output.truncated {
+                return;
+            }
+            if their_heads.is_empty() {
+                output.add_whole(self.records, key);
                 return;
             }
             let envelopes = history::envelopes_after(self.records, key, their_heads);

@@ -594,6 +594,41 @@ impl Records {
         }
     }
 
+    /// The record's saved document as it is now, when it is at hand without Automerge:
+    /// held as saved bytes, or in the store. `None` while the document is loaded (it may
+    /// hold changes no save has), or when the store cannot answer.
+    pub fn saved_bytes_unloaded(&mut self, key: &str) -> Option<Vec<u8>> {
+        let entry = self.entries.get(key)?;
+        match &entry.body {
+            Body::Saved(bytes) | Body::Stored(bytes) => Some(bytes.clone()),
+            Body::Loaded(_) => None,
+            Body::InStore => {
+                self.store_reads += 1;
+                read_store(self.store.as_deref(), &entry.record).ok()
+            }
+        }
+    }
+
+    /// Takes `bytes` as the document of a record just created for changes whose every
+    /// hash the document holds (a snapshot, checked change by change on admission): they
+    /// stay saved bytes, loaded on first use like any saved document, and go to the next
+    /// checkpoint as they are instead of being built change by change and saved again.
+    /// The caller then marks each change durable.
+    pub fn adopt(&mut self, key: &str, bytes: Vec<u8>, deleted: bool) {
+        let entry = self
+            .entries
+            .get_mut(key)
+            .expect("the caller created the record");
+        debug_assert!(entry.heads.is_empty() && entry.unacked.is_empty());
+        self.loaded.remove(&entry.last_used);
+        self.loaded_bytes -= entry.cost;
+        entry.cost = 0;
+        entry.author_seqs = None;
+        entry.persisted = Persisted::No;
+        entry.deleted = deleted;
+        entry.body = Body::Saved(bytes);
+    }
+
     /// Replaces the record's document (after dropping changes that failed to persist).
     pub fn replace_doc(&mut self, key: &str, doc: RecordDoc) {
         let entry = self.entries.get_mut(key).expect("record exists");

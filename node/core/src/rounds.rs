@@ -8,11 +8,24 @@ use crate::api::{CommandError, CommandId, Event, Reply};
 use crate::limits::*;
 use crate::peers::Peer;
 use crate::pipeline::Origin;
-use crate::reconcile::{self, batches};
+use crate::reconcile::{self, batches, snapshot_batches};
 use crate::session::Session;
 use crate::status::{SyncOutcome, SyncRecord};
 use crate::sync::{Routed, Sessions};
-use crate::wire::{EnvelopeBytes, Message, Round};
+use crate::wire::{EnvelopeBytes, Message, Round, Snapshot};
+
+/// What a round sends before its round message: changes, and records whole.
+#[derive(Default)]
+pub(crate) struct Sent {
+    changes: Vec<Vec<u8>>,
+    snapshots: Vec<Snapshot>,
+}
+
+impl Sent {
+    fn new(changes: Vec<Vec<u8>>, snapshots: Vec<Snapshot>) -> Sent {
+        Sent { changes, snapshots }
+    }
+}
 
 impl Sessions<'_> {
     pub(crate) fn session_mut(
@@ -51,31 +64,49 @@ impl Sessions<'_> {
                 needs: vec![],
                 policy: None,
             },
-            Vec::new(),
+            Sent::default(),
         );
     }
 
-    /// Sends a round's changes in batches, then the round message itself.
+    /// Sends a round's records whole and its changes in batches, then the round message
+    /// itself.
     pub(crate) fn send_round(
         &mut self,
         peer: NodeId,
         initiator: bool,
         mut round: Round,
-        changes: Vec<Vec<u8>>,
+        sent: Sent,
     ) {
+        let Sent { changes, snapshots } = sent;
         round.policy = self.policy.policy_tag();
         let session = round.session;
-        let count = changes.len() as u64;
-        let bytes: u64 = changes.iter().map(|change| change.len() as u64).sum();
+        let in_snapshots: u64 = snapshots.iter().map(|s| s.signatures.len() as u64).sum();
+        let count = changes.len() as u64 + in_snapshots;
+        let bytes: u64 = changes
+            .iter()
+            .map(|change| change.len() as u64)
+            .sum::<u64>()
+            + snapshots.iter().map(|s| s.wire_bytes() as u64).sum::<u64>();
+        let whole = snapshots.len() as u64;
         if let Some(state) = self.session_mut(peer, session, initiator) {
             state.changes_sent += count;
             state.bytes_sent += bytes;
+            state.snapshots_sent += whole;
             if count > 0 {
                 state.changes_moved();
             }
         }
         if let Some(entry) = self.peers.get_mut(&peer) {
             entry.counters.changes_sent += count;
+        }
+        self.counters.snapshots_sent += whole;
+        for batch in snapshot_batches(snapshots) {
+            let message = Message::SyncSnapshots {
+                session,
+                from_initiator: initiator,
+                snapshots: batch,
+            };
+            self.out.send(peer, &message);
         }
         for batch in batches(changes) {
             let message = Message::SyncChanges {
@@ -177,6 +208,39 @@ impl Sessions<'_> {
         })
     }
 
+    /// Records whole that a session brought: counted like the changes in them, then handed
+    /// to admission.
+    pub(crate) fn sync_snapshots(
+        &mut self,
+        from: NodeId,
+        session: u64,
+        from_initiator: bool,
+        snapshots: Vec<Snapshot>,
+    ) -> Option<Routed> {
+        let initiator = !from_initiator;
+        let now = self.now;
+        if let Some(state) = self.session_mut(from, session, initiator) {
+            state.changes_received += snapshots
+                .iter()
+                .map(|snapshot| snapshot.signatures.len() as u64)
+                .sum::<u64>();
+            state.bytes_received += snapshots
+                .iter()
+                .map(|snapshot| snapshot.wire_bytes() as u64)
+                .sum::<u64>();
+            state.snapshots_received += snapshots.len() as u64;
+            state.changes_moved();
+            state.last_progress_at = now;
+        }
+        Some(Routed::AdmitWhole {
+            snapshots,
+            origin: Origin::Session {
+                id: session,
+                initiator,
+            },
+        })
+    }
+
     /// Processes deferred rounds of sessions whose changes are now applied.
     pub(crate) fn resume_sessions(&mut self) {
         let ready: Vec<(NodeId, bool)> = self
@@ -237,7 +301,12 @@ impl Sessions<'_> {
                 needs: output.needs,
                 policy: None,
             };
-            return self.send_round(peer, false, round, output.changes);
+            return self.send_round(
+                peer,
+                false,
+                round,
+                Sent::new(output.changes, output.snapshots),
+            );
         }
         if output.is_empty() {
             if session.exchanged && session.rounds < SYNC_ROUNDS_MAX {
@@ -251,7 +320,7 @@ impl Sessions<'_> {
                     needs: vec![],
                     policy: None,
                 };
-                return self.send_round(peer, true, round, Vec::new());
+                return self.send_round(peer, true, round, Sent::default());
             }
             self.out.send(
                 peer,
@@ -280,7 +349,12 @@ impl Sessions<'_> {
             needs: output.needs,
             policy: None,
         };
-        self.send_round(peer, true, round, output.changes);
+        self.send_round(
+            peer,
+            true,
+            round,
+            Sent::new(output.changes, output.snapshots),
+        );
     }
 
     pub(crate) fn finish_session(&mut self, peer: NodeId, initiator: bool, outcome: SyncOutcome) {
@@ -340,6 +414,8 @@ impl Sessions<'_> {
             bytes_received: session.bytes_received,
             bytes_sent: session.bytes_sent,
             first_changes_round: session.first_changes_round,
+            snapshots_received: session.snapshots_received,
+            snapshots_sent: session.snapshots_sent,
         };
         if self.log.history.len() == HISTORY_ENTRIES_MAX {
             self.log.history.pop_front();

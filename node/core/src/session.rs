@@ -30,6 +30,8 @@ pub(crate) struct Session {
     pub(crate) bytes_sent: u64,
     /// The round in which changes first moved either way.
     pub(crate) first_changes_round: Option<u32>,
+    pub(crate) snapshots_received: u64,
+    pub(crate) snapshots_sent: u64,
 }
 
 impl Session {
@@ -78,6 +80,8 @@ impl Session {
             bytes_received: 0,
             bytes_sent: 0,
             first_changes_round: None,
+            snapshots_received: 0,
+            snapshots_sent: 0,
         }
     }
 }

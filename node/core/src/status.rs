@@ -139,6 +139,12 @@ pub struct Counters {
     pub syncs_completed: u64,
     /// Reconciliation sessions that failed, stalled or were aborted.
     pub syncs_failed: u64,
+    /// Records sent whole, as snapshots, to peers that had none of them.
+    #[serde(default)]
+    pub snapshots_sent: u64,
+    /// Records new to this node that came whole and were taken as their document came.
+    #[serde(default)]
+    pub snapshots_taken: u64,
 }
 
 /// How a sync session ended.
@@ -182,6 +188,12 @@ pub struct SyncRecord {
     /// answer); `None` if none moved.
     #[serde(default)]
     pub first_changes_round: Option<u32>,
+    /// Records received whole (snapshots); their changes count in `changes_received`.
+    #[serde(default)]
+    pub snapshots_received: u64,
+    /// Records sent whole (snapshots); their changes count in `changes_sent`.
+    #[serde(default)]
+    pub snapshots_sent: u64,
 }
 
 /// A change refused on arrival: it failed parsing or verification, so it is not held, not

@@ -44,7 +44,7 @@ use crate::reconcile::{Reconcile, RoundOutput, batches, change_hashes};
 use crate::records::{Records, Scope};
 use crate::status::{Counters, PeerState, SyncOutcome, SyncRecord};
 use crate::time::Instant;
-use crate::wire::{Hash, Message, Need};
+use crate::wire::{Hash, Message, Need, Snapshot};
 
 /// What the sessions keep across peers: the sync history and when a sync last completed.
 #[derive(Default)]
@@ -63,6 +63,12 @@ pub(crate) enum Routed {
         envelopes: Vec<Vec<u8>>,
         origin: Origin,
         refusal: &'static str,
+    },
+    /// Records whole for admission (clone by snapshot); if any is refused the peer is
+    /// disconnected.
+    AdmitWhole {
+        snapshots: Vec<Snapshot>,
+        origin: Origin,
     },
     /// A signed policy.
     Policy { signed: SignedPolicy },
@@ -327,6 +333,11 @@ impl Sessions<'_> {
                 from_initiator,
                 changes,
             } => return self.sync_changes(from, session, from_initiator, changes),
+            Message::SyncSnapshots {
+                session,
+                from_initiator,
+                snapshots,
+            } => return self.sync_snapshots(from, session, from_initiator, snapshots),
             Message::SyncEnd { session, completed } => {
                 let ours = self.peers[&from]
                     .inbound

@@ -12,13 +12,15 @@
 //! - `Push` carries new changes as they are committed; `Announce` carries only the heads
 //!   of a record whose change is too large to push; `Need` asks for a record's changes.
 //! - A reconciliation session is request/response rounds: the initiator's `SyncRequest`,
-//!   the responder's `SyncResponse`, each preceded by the `SyncChanges` batches it sends,
-//!   and a final `SyncEnd`.
+//!   the responder's `SyncResponse`, each preceded by the `SyncChanges` and
+//!   `SyncSnapshots` batches it sends, and a final `SyncEnd`. A record the peer has none of
+//!   goes whole as a `Snapshot` when its saved document is at hand.
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Fingerprint;
 use crate::limits::*;
+use crate::storage::Signature;
 
 /// The protocol version this node speaks.
 pub const WIRE_VERSION: u8 = 2;
@@ -96,6 +98,17 @@ pub enum Message {
         #[serde(deserialize_with = "bounded::vec::<CHANGES_PER_MESSAGE_MAX, _, _>")]
         changes: Vec<EnvelopeBytes>,
     },
+    /// Whole records belonging to a session, for a peer that has none of them (clone by
+    /// snapshot), sent like `SyncChanges` before the round message that follows them.
+    SyncSnapshots {
+        /// The session.
+        session: u64,
+        /// Whether the initiator sent them.
+        from_initiator: bool,
+        /// The records.
+        #[serde(deserialize_with = "bounded::vec::<SNAPSHOTS_PER_MESSAGE_MAX, _, _>")]
+        snapshots: Vec<Snapshot>,
+    },
     /// The initiator ends a session.
     SyncEnd {
         /// The session.
@@ -103,6 +116,40 @@ pub enum Message {
         /// Whether the two nodes were found in sync.
         completed: bool,
     },
+}
+
+/// One record whole: its saved document (one uncompressed Automerge document chunk) and
+/// the author's signature of each change in it, in the order of the change hashes
+/// (`crdt_schema::snapshot`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The record's key.
+    pub record: String,
+    /// The document.
+    #[serde(with = "serde_bytes")]
+    pub document: Vec<u8>,
+    /// One signature per change, ordered by change hash.
+    #[serde(deserialize_with = "bounded::signatures::<CHANGES_PER_MESSAGE_MAX, _>")]
+    pub signatures: Vec<Signature>,
+}
+
+impl Snapshot {
+    /// What the snapshot costs on the wire, about: its document and signatures.
+    pub fn wire_bytes(&self) -> usize {
+        self.record.len() + self.document.len() + 64 * self.signatures.len()
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Snapshot({}, {} bytes, {} signatures)",
+            self.record,
+            self.document.len(),
+            self.signatures.len()
+        )
+    }
 }
 
 /// Which policy a node enforces.
@@ -260,6 +307,15 @@ impl Message {
                 check("items", items, ITEMS_PER_MESSAGE_MAX)?;
                 check_needs(&round.needs)
             }
+            Message::SyncSnapshots { snapshots, .. } => {
+                check("snapshots", snapshots.len(), SNAPSHOTS_PER_MESSAGE_MAX)?;
+                let signatures = snapshots.iter().map(|s| s.signatures.len()).sum();
+                check("signatures", signatures, CHANGES_PER_MESSAGE_MAX)?;
+                for snapshot in snapshots {
+                    check("record bytes", snapshot.record.len(), REASON_BYTES_MAX)?;
+                }
+                Ok(())
+            }
             Message::SyncEnd { .. } => Ok(()),
         }
     }
@@ -363,6 +419,16 @@ mod bounded {
         deserializer: D,
     ) -> Result<Vec<[u8; 32]>, D::Error> {
         deserializer.deserialize_seq(Bounded::<MAX, false, [u8; 32]>(PhantomData))
+    }
+
+    /// A `Vec` of at most `MAX` signatures: 64 bytes on the wire and in memory, so not
+    /// counted against the budget.
+    pub(super) fn signatures<'de, const MAX: usize, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<crate::storage::Signature>, D::Error> {
+        deserializer.deserialize_seq(Bounded::<MAX, false, crate::storage::Signature>(
+            PhantomData,
+        ))
     }
 
     struct BoundedOption<const MAX: usize, T>(PhantomData<T>);

@@ -308,7 +308,12 @@ fn main() {
     let (laptop, _) = start(&laptop_dir.0, Some(&listen));
     let laptop_api = api(&laptop_dir.0);
     let clone = until_equal(&agent, &hub_api, &laptop_api, since);
-    let cloned_bytes = bytes_received(&status(&agent, &laptop_api).expect("laptop status"));
+    let laptop_status = status(&agent, &laptop_api).expect("laptop status");
+    let cloned_bytes = bytes_received(&laptop_status);
+    println!(
+        "clone by snapshot: {} records taken whole as their document came",
+        laptop_status["counters"]["snapshots_taken"]
+    );
     println!(
         "clone: {records} records in {:.1} s = {:.0} records/s ({:.2}x the reference load rate), {:.1} MB received = {:.0} B per record ({:.2}x the saved documents), laptop at {:.0} MiB",
         clone.as_secs_f64(),

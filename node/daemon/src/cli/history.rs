@@ -60,6 +60,14 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Changes moved, with how many records of them went whole (clone by snapshot).
+fn with_whole(changes: u64, records_whole: u64) -> String {
+    match records_whole {
+        0 => changes.to_string(),
+        whole => format!("{changes} ({whole} records whole)"),
+    }
+}
+
 fn print_history(rows: &[SyncRecord], total: usize, names: &BTreeMap<NodeId, String>) {
     if rows.is_empty() {
         out!("no sync sessions yet");
@@ -86,8 +94,8 @@ fn print_history(rows: &[SyncRecord], total: usize, names: &BTreeMap<NodeId, Str
                 ago(Some(row.started.as_millis())),
                 format!("{took} ms"),
                 status.to_owned(),
-                row.changes_received.to_string(),
-                row.changes_sent.to_string(),
+                with_whole(row.changes_received, row.snapshots_received),
+                with_whole(row.changes_sent, row.snapshots_sent),
                 (row.bytes_received + row.bytes_sent).to_string(),
                 peer,
             ]
