@@ -7,7 +7,8 @@ use std::path::Path;
 
 use crdt_schema::policy::{CollectionRule, Member, Policy};
 use crdt_schema::{Edit, FieldValue, Identity, RecordDoc, VerifiedChange};
-use mesh_core::wire::{EnvelopeBytes, Item, Message, Need, Range, RangeSummary, Round};
+use mesh_core::storage::Signature;
+use mesh_core::wire::{EnvelopeBytes, Item, Message, Need, Range, RangeSummary, Round, Snapshot};
 use mesh_core::{Effect, Input, Instant, Node, StorageRequest};
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
@@ -84,6 +85,26 @@ fn main() {
         needs: vec![need.clone()],
         policy: None,
     };
+    // A record whole, as a peer clones it: its saved document and its one signature.
+    let mut whole = RecordDoc::new(&mesh_fuzz::second().node_id());
+    let only = whole
+        .edit(&put(&[("count", FieldValue::Int(3))]), 0)
+        .unwrap()
+        .unwrap();
+    let only = VerifiedChange::sign(&mesh_fuzz::second(), &org, record.clone(), only);
+    let snapshot = Snapshot {
+        record: record.to_string(),
+        document: whole.save(),
+        signatures: vec![Signature(only.signature())],
+    };
+    let mut expand_seed = vec![1u8];
+    expand_seed.extend_from_slice(&snapshot.document);
+    write("snapshot_expand", "one-change", &expand_seed);
+    write("snapshot_expand", "compressible", &{
+        let mut seed = vec![1u8];
+        seed.extend_from_slice(&big.automerge().save());
+        seed
+    });
     let messages = [
         Message::Hello {
             name: "hq".into(),
@@ -101,6 +122,11 @@ fn main() {
             session: 3,
             from_initiator: true,
             changes: vec![envelope],
+        },
+        Message::SyncSnapshots {
+            session: 3,
+            from_initiator: false,
+            snapshots: vec![snapshot.clone()],
         },
         Message::SyncEnd {
             session: 3,
