@@ -580,7 +580,7 @@ mod tests {
     fn signed(org: &OrgId, record: &str) -> VerifiedChange {
         let identity = Identity::from_seed(3);
         let mut doc = RecordDoc::new(&identity.node_id());
-        let edit = Edit::Put([("a".to_owned(), Some(FieldValue::Int(1)))].into());
+        let edit = Edit::Put([("a".to_owned(), crate::FieldEdit::Set(FieldValue::Int(1)))].into());
         let change = doc.edit(&edit, 0).unwrap().unwrap();
         VerifiedChange::sign(&identity, org, record.parse().unwrap(), change)
     }

@@ -18,7 +18,7 @@ pub fn edit_of_anothers_objects(first: &NodeId, second: &NodeId) -> (RecordDoc, 
         Edit::Put(
             fields
                 .into_iter()
-                .map(|(name, value)| (name.to_owned(), Some(value)))
+                .map(|(name, value)| (name.to_owned(), crate::FieldEdit::Set(value)))
                 .collect(),
         )
     };

@@ -30,5 +30,5 @@ pub use change::{
     Envelope, KeyCache, ParsedEnvelope, VerifiedCache, VerifiedChange, VerifyError, verify_all,
 };
 pub use identity::{Identity, NodeId, OrgId};
-pub use record::{Edit, FieldValue, RecordDoc, RecordId, RecordView};
+pub use record::{Edit, FieldEdit, FieldValue, RecordDoc, RecordId, RecordView};
 pub use schema::{CollectionSchema, FieldSchema, FieldType, SchemaError};

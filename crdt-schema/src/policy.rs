@@ -495,7 +495,13 @@ mod tests {
     fn change_by(seed: u64, record: &str) -> VerifiedChange {
         let identity = Identity::from_seed(seed);
         let mut doc = RecordDoc::new(&identity.node_id());
-        let edit = Edit::Put([("price".to_owned(), Some(FieldValue::Int(3)))].into());
+        let edit = Edit::Put(
+            [(
+                "price".to_owned(),
+                crate::FieldEdit::Set(FieldValue::Int(3)),
+            )]
+            .into(),
+        );
         let change = doc.edit(&edit, 0).unwrap().unwrap();
         VerifiedChange::sign(
             &identity,

@@ -80,14 +80,34 @@ pub enum FieldValue {
     List(Vec<String>),
     /// A reference to another record.
     Ref(RecordId),
+    /// A counter: concurrent increments on different nodes add up instead of one value
+    /// replacing the other. Changed only by [`FieldEdit::Add`] once it exists.
+    Counter(i64),
+}
+
+/// What one edit does to one field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldEdit {
+    /// Set the field to this value (a counter field refuses this: add to it instead).
+    Set(FieldValue),
+    /// Remove the field.
+    Remove,
+    /// Add this amount (negative to subtract) to the field, which must be a counter.
+    Add(i64),
+}
+
+impl From<Option<FieldValue>> for FieldEdit {
+    fn from(value: Option<FieldValue>) -> FieldEdit {
+        value.map_or(FieldEdit::Remove, FieldEdit::Set)
+    }
 }
 
 /// One edit of a record, as the caller asked for it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Edit {
-    /// Set fields (`Some`) or remove them (`None`); other fields are left alone.
-    /// Writing to a deleted record brings it back.
-    Put(BTreeMap<String, Option<FieldValue>>),
+    /// Set, remove or add to fields; other fields are left alone. Writing to a deleted
+    /// record brings it back.
+    Put(BTreeMap<String, FieldEdit>),
     /// Mark the record deleted.
     Delete,
 }
@@ -124,6 +144,16 @@ pub enum DocError {
     /// The edit sets more fields than a record may hold.
     #[error("a record may hold at most {FIELDS_MAX} fields")]
     TooManyFields,
+    /// The edit sets a counter field outright, which would drop concurrent increments.
+    #[error(
+        "field `{0}` is a counter: add to it with {{\"$inc\": N}} (`{0}+=N` or `{0}-=N` on the command line) instead of setting it"
+    )]
+    CounterSet(String),
+    /// The edit adds to a field that is not a counter.
+    #[error(
+        "field `{0}` is not a counter: create one with {{\"$counter\": N}} before adding to it"
+    )]
+    NotACounter(String),
     /// Automerge refused the operation or the bytes.
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),
@@ -254,6 +284,7 @@ impl FieldValue {
             FieldValue::Text(text) => tagged("$text", Json::String(text.clone())),
             FieldValue::List(items) => Json::from(items.clone()),
             FieldValue::Ref(record) => tagged("$ref", Json::String(record.to_string())),
+            FieldValue::Counter(count) => tagged("$counter", Json::from(*count)),
         }
     }
 
@@ -299,7 +330,27 @@ impl FieldValue {
             FieldValue::Text(_) => "text",
             FieldValue::List(_) => "list",
             FieldValue::Ref(_) => "reference",
+            FieldValue::Counter(_) => "counter",
         }
+    }
+}
+
+impl FieldEdit {
+    /// The edit a JSON value asks for: `null` removes the field, `{"$inc": N}` adds N to
+    /// a counter, anything else sets the value [`FieldValue::from_json`] reads.
+    pub fn from_json(field: &str, json: &Json) -> Result<FieldEdit, JsonFieldError> {
+        if let Json::Object(object) = json
+            && let Some(amount) = object.get("$inc")
+        {
+            return match (object.len(), amount.as_i64()) {
+                (1, Some(amount)) => Ok(FieldEdit::Add(amount)),
+                _ => Err(JsonFieldError {
+                    field: field.to_owned(),
+                    problem: "$inc must be the object's only key, with a 64-bit integer".into(),
+                }),
+            };
+        }
+        Ok(FieldValue::from_json(field, json)?.into())
     }
 }
 
@@ -312,7 +363,10 @@ fn tagged(tag: &str, value: Json) -> Json {
 fn from_tagged_json(object: &JsonMap<String, Json>) -> Result<FieldValue, String> {
     let mut entries = object.iter();
     let (Some((tag, value)), None) = (entries.next(), entries.next()) else {
-        return Err("objects must have exactly one key: $timestamp, $text or $ref".to_owned());
+        return Err(
+            "objects must have exactly one key: $timestamp, $text, $ref, $counter or $inc"
+                .to_owned(),
+        );
     };
     match (tag.as_str(), value) {
         ("$timestamp", Json::Number(ms)) => ms
@@ -324,11 +378,16 @@ fn from_tagged_json(object: &JsonMap<String, Json>) -> Result<FieldValue, String
             .parse()
             .map(FieldValue::Ref)
             .map_err(|error: NameError| error.to_string()),
+        ("$counter", Json::Number(count)) => count
+            .as_i64()
+            .map(FieldValue::Counter)
+            .ok_or_else(|| "$counter must be a 64-bit integer".to_owned()),
+        ("$counter", _) => Err("$counter must be a 64-bit integer".to_owned()),
         ("$timestamp", _) => Err("$timestamp must be integer milliseconds since 1970".to_owned()),
         ("$text", _) => Err("$text must be a string".to_owned()),
         ("$ref", _) => Err("$ref must be a string like \"collection/id\"".to_owned()),
         _ => Err(format!(
-            "unknown or mistyped tag `{tag}`: use {{\"$timestamp\": ms}}, {{\"$text\": \"...\"}} or {{\"$ref\": \"collection/id\"}}"
+            "unknown or mistyped tag `{tag}`: use {{\"$timestamp\": ms}}, {{\"$text\": \"...\"}}, {{\"$ref\": \"collection/id\"}}, {{\"$counter\": N}} or {{\"$inc\": N}}"
         )),
     }
 }
@@ -513,6 +572,7 @@ impl RecordDoc {
                 ScalarValue::F64(number) => Some(FieldValue::Float(*number)),
                 ScalarValue::Boolean(flag) => Some(FieldValue::Bool(*flag)),
                 ScalarValue::Timestamp(ms) => Some(FieldValue::Timestamp(*ms)),
+                ScalarValue::Counter(count) => Some(FieldValue::Counter(i64::from(count))),
                 _ => None,
             },
             Value::Object(ObjType::Text) => self.doc.text(&object).ok().map(FieldValue::Text),
@@ -566,11 +626,20 @@ impl RecordDoc {
         let mut fields = self.fields();
         match edit {
             Edit::Put(updates) => {
-                for (name, value) in updates {
-                    match value {
-                        Some(value) => fields.insert(name.clone(), value.clone()),
-                        None => fields.remove(name),
-                    };
+                for (name, update) in updates {
+                    match update {
+                        FieldEdit::Set(value) => {
+                            fields.insert(name.clone(), value.clone());
+                        }
+                        FieldEdit::Remove => {
+                            fields.remove(name);
+                        }
+                        FieldEdit::Add(amount) => {
+                            if let Some(FieldValue::Counter(count)) = fields.get_mut(name) {
+                                *count = count.wrapping_add(*amount);
+                            }
+                        }
+                    }
                 }
                 (fields, false)
             }
@@ -642,8 +711,8 @@ fn write_edit(
             if deleted {
                 tx.put(ROOT, DELETED_FIELD, false)?;
             }
-            for (name, value) in updates {
-                write_field(tx, name, value.as_ref())?;
+            for (name, update) in updates {
+                write_field(tx, name, update)?;
             }
         }
     }
@@ -653,14 +722,29 @@ fn write_edit(
 fn write_field(
     tx: &mut automerge::transaction::Transaction<'_>,
     name: &str,
-    value: Option<&FieldValue>,
+    update: &FieldEdit,
 ) -> Result<(), DocError> {
     let current = tx.get(ROOT, name)?;
-    let Some(value) = value else {
-        if current.is_some() {
-            tx.delete(ROOT, name)?;
+    let is_counter = matches!(&current, Some((Value::Scalar(old), _))
+        if matches!(old.as_ref(), ScalarValue::Counter(_)));
+    let value = match update {
+        FieldEdit::Remove => {
+            if current.is_some() {
+                tx.delete(ROOT, name)?;
+            }
+            return Ok(());
         }
-        return Ok(());
+        FieldEdit::Add(amount) => {
+            if !is_counter {
+                return Err(DocError::NotACounter(name.to_owned()));
+            }
+            if *amount != 0 {
+                tx.increment(ROOT, name, *amount)?;
+            }
+            return Ok(());
+        }
+        FieldEdit::Set(_) if is_counter => return Err(DocError::CounterSet(name.to_owned())),
+        FieldEdit::Set(value) => value,
     };
     let scalar = match value {
         FieldValue::Str(text) => Some(ScalarValue::Str(text.as_str().into())),
@@ -668,6 +752,7 @@ fn write_field(
         FieldValue::Float(number) => Some(ScalarValue::F64(*number)),
         FieldValue::Bool(flag) => Some(ScalarValue::Boolean(*flag)),
         FieldValue::Timestamp(ms) => Some(ScalarValue::Timestamp(*ms)),
+        FieldValue::Counter(count) => Some(ScalarValue::counter(*count)),
         FieldValue::Text(_) | FieldValue::List(_) | FieldValue::Ref(_) => None,
     };
     if let Some(scalar) = scalar {
@@ -723,7 +808,7 @@ mod tests {
         Edit::Put(
             fields
                 .iter()
-                .map(|(name, value)| ((*name).to_owned(), Some(value.clone())))
+                .map(|(name, value)| ((*name).to_owned(), FieldEdit::Set(value.clone())))
                 .collect(),
         )
     }
@@ -744,6 +829,7 @@ mod tests {
                 "item",
                 FieldValue::Ref(RecordId::new("catalogue", "p1").unwrap()),
             ),
+            ("on_hand", FieldValue::Counter(7)),
         ];
         let mut doc = RecordDoc::new(&author);
         doc.edit(&put(&values), 0).unwrap().expect("a change");
@@ -793,6 +879,100 @@ mod tests {
             .edit(&put(&[("_deleted", FieldValue::Bool(false))]), 0)
             .unwrap_err();
         assert!(error.to_string().contains("_deleted"), "{error}");
+    }
+
+    fn add(name: &str, amount: i64) -> Edit {
+        Edit::Put([(name.to_owned(), FieldEdit::Add(amount))].into())
+    }
+
+    #[test]
+    fn concurrent_increments_of_a_counter_add_up_in_both_orders() {
+        let (a, b) = (
+            Identity::from_seed(1).node_id(),
+            Identity::from_seed(2).node_id(),
+        );
+        let mut first = RecordDoc::new(&a);
+        first
+            .edit(&put(&[("count", FieldValue::Counter(10))]), 0)
+            .unwrap();
+        let mut second = RecordDoc::load(&first.save(), &b).unwrap();
+        let plus = first.edit(&add("count", 5), 0).unwrap().unwrap();
+        let minus = second.edit(&add("count", -3), 0).unwrap().unwrap();
+        first.apply(vec![minus]).unwrap();
+        second.apply(vec![plus]).unwrap();
+        assert_eq!(first.field("count"), Some(FieldValue::Counter(12)));
+        assert_eq!(second.field("count"), Some(FieldValue::Counter(12)));
+        let reloaded = RecordDoc::load(&second.save(), &a).unwrap();
+        assert_eq!(reloaded.field("count"), Some(FieldValue::Counter(12)));
+    }
+
+    #[test]
+    fn a_counter_refuses_being_set_and_only_a_counter_takes_an_increment() {
+        let mut doc = RecordDoc::new(&Identity::from_seed(1).node_id());
+        doc.edit(
+            &put(&[
+                ("count", FieldValue::Counter(1)),
+                ("plain", FieldValue::Int(4)),
+            ]),
+            0,
+        )
+        .unwrap();
+        let set = doc
+            .edit(&put(&[("count", FieldValue::Int(9))]), 0)
+            .unwrap_err();
+        assert!(
+            matches!(set, DocError::CounterSet(ref name) if name == "count"),
+            "{set}"
+        );
+        assert!(set.to_string().contains("$inc"), "{set}");
+        let again = doc.edit(&put(&[("count", FieldValue::Counter(9))]), 0);
+        assert!(matches!(again, Err(DocError::CounterSet(_))));
+        let inc = doc.edit(&add("plain", 1), 0).unwrap_err();
+        assert!(
+            matches!(inc, DocError::NotACounter(ref name) if name == "plain"),
+            "{inc}"
+        );
+        assert!(matches!(
+            doc.edit(&add("absent", 1), 0),
+            Err(DocError::NotACounter(_))
+        ));
+        assert_eq!(
+            doc.field("count"),
+            Some(FieldValue::Counter(1)),
+            "nothing written"
+        );
+        assert!(
+            doc.edit(&add("count", 0), 0).unwrap().is_none(),
+            "adding 0 changes nothing"
+        );
+        let removed = Edit::Put([("count".to_owned(), FieldEdit::Remove)].into());
+        doc.edit(&removed, 0).unwrap().unwrap();
+        assert_eq!(doc.field("count"), None, "a counter can be removed");
+    }
+
+    #[test]
+    fn json_asks_for_an_increment_with_inc_and_a_counter_with_counter() {
+        use serde_json::json;
+        assert_eq!(
+            FieldEdit::from_json("c", &json!({"$inc": -3})).unwrap(),
+            FieldEdit::Add(-3)
+        );
+        assert_eq!(
+            FieldEdit::from_json("c", &json!({"$counter": 5})).unwrap(),
+            FieldEdit::Set(FieldValue::Counter(5))
+        );
+        assert_eq!(
+            FieldEdit::from_json("c", &Json::Null).unwrap(),
+            FieldEdit::Remove
+        );
+        assert_eq!(
+            FieldEdit::from_json("c", &json!(1e5)).unwrap(),
+            FieldEdit::Set(FieldValue::Float(1e5))
+        );
+        assert!(FieldEdit::from_json("c", &json!({"$inc": 1.5})).is_err());
+        assert!(FieldEdit::from_json("c", &json!({"$inc": 1, "$x": 2})).is_err());
+        assert!(FieldEdit::from_json("c", &json!({"$counter": "5"})).is_err());
+        assert_eq!(FieldValue::Counter(5).to_json(), json!({"$counter": 5}));
     }
 
     #[test]

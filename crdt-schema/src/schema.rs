@@ -29,6 +29,8 @@ pub enum FieldType {
     Text,
     /// [`FieldValue::List`].
     List,
+    /// [`FieldValue::Counter`]: concurrent increments add up.
+    Counter,
     /// [`FieldValue::Ref`], optionally only to records of one collection.
     Reference {
         /// The collection the reference must point into, if any.
@@ -122,6 +124,7 @@ impl FieldType {
             FieldType::Timestamp => "timestamp".into(),
             FieldType::Text => "text".into(),
             FieldType::List => "list".into(),
+            FieldType::Counter => "counter".into(),
             FieldType::Reference { collection: None } => "reference".into(),
             FieldType::Reference {
                 collection: Some(collection),
@@ -138,6 +141,7 @@ impl FieldType {
                 | (FieldType::Bool, FieldValue::Bool(_))
                 | (FieldType::Timestamp, FieldValue::Timestamp(_))
                 | (FieldType::Text, FieldValue::Text(_))
+                | (FieldType::Counter, FieldValue::Counter(_))
                 | (FieldType::List, FieldValue::List(_))
                 | (FieldType::Reference { .. }, FieldValue::Ref(_))
         );
@@ -280,6 +284,20 @@ mod tests {
             schema().check(&BTreeMap::new(), true),
             Ok(()),
             "deleted records need nothing"
+        );
+    }
+
+    #[test]
+    fn a_counter_field_takes_only_a_counter() {
+        let schema: CollectionSchema =
+            serde_json::from_value(serde_json::json!({"fields": {"on_hand": {"type": "counter"}}}))
+                .unwrap();
+        let with = |value| BTreeMap::from([("on_hand".to_owned(), value)]);
+        assert_eq!(schema.check(&with(FieldValue::Counter(3)), false), Ok(()));
+        let errors = schema.check(&with(FieldValue::Int(3)), false).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "field `on_hand` must be counter but is integer"
         );
     }
 }

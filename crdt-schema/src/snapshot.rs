@@ -280,7 +280,7 @@ mod tests {
             let edit = Edit::Put(
                 [(
                     format!("f{n}"),
-                    Some(FieldValue::Str("x".repeat(300 * (n + 1)))),
+                    crate::FieldEdit::Set(FieldValue::Str("x".repeat(300 * (n + 1)))),
                 )]
                 .into(),
             );
@@ -348,7 +348,13 @@ mod tests {
         let author = Identity::from_seed(7);
         let mut doc = RecordDoc::new(&author.node_id());
         let text = "y".repeat(50_000);
-        let edit = Edit::Put([("notes".to_owned(), Some(FieldValue::Text(text)))].into());
+        let edit = Edit::Put(
+            [(
+                "notes".to_owned(),
+                crate::FieldEdit::Set(FieldValue::Text(text)),
+            )]
+            .into(),
+        );
         doc.edit(&edit, 0).unwrap().unwrap();
         let saved = doc.save();
         assert!(check_document(&saved).is_ok(), "{} bytes", saved.len());

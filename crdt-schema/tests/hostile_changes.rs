@@ -22,7 +22,12 @@ fn put(fields: &[(&str, FieldValue)]) -> Edit {
     Edit::Put(
         fields
             .iter()
-            .map(|(name, value)| ((*name).to_owned(), Some(value.clone())))
+            .map(|(name, value)| {
+                (
+                    (*name).to_owned(),
+                    crdt_schema::FieldEdit::Set(value.clone()),
+                )
+            })
             .collect::<BTreeMap<_, _>>(),
     )
 }

@@ -23,7 +23,12 @@ fn put(pairs: &[(&str, FieldValue)]) -> Edit {
     Edit::Put(
         pairs
             .iter()
-            .map(|(name, value)| ((*name).to_owned(), Some(value.clone())))
+            .map(|(name, value)| {
+                (
+                    (*name).to_owned(),
+                    crdt_schema::FieldEdit::Set(value.clone()),
+                )
+            })
             .collect::<BTreeMap<_, _>>(),
     )
 }
@@ -201,7 +206,11 @@ fn main() {
         id: mesh_core::CommandId(1),
         command: mesh_core::Command::Put {
             record: "stock/a".parse().unwrap(),
-            fields: [("count".to_owned(), Some(FieldValue::Int(3)))].into(),
+            fields: [(
+                "count".to_owned(),
+                crdt_schema::FieldEdit::Set(FieldValue::Int(3)),
+            )]
+            .into(),
         },
     }];
     for _ in 0..3 {

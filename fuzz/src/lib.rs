@@ -58,7 +58,11 @@ impl Driven {
             now: Instant::from_millis(1_790_000_000_000),
         };
         for n in 0..3 {
-            let fields = [("count".to_owned(), Some(crdt_schema::FieldValue::Int(n)))].into();
+            let fields = [(
+                "count".to_owned(),
+                crdt_schema::FieldEdit::Set(crdt_schema::FieldValue::Int(n)),
+            )]
+            .into();
             driven.input(Input::Command {
                 id: mesh_core::CommandId(n as u64 + 1),
                 command: mesh_core::Command::Put {

@@ -11,6 +11,9 @@
 //! - **quarantine-diverged**: equal digests come with equal quarantines.
 //! - **convergence**: all digests equal within the healing bound.
 //! - **timer-not-advanced**: after a tick, no deadline is still due (checked in the world).
+//! - **counter-mismatch**: at convergence, every counter the workload touched shows on every
+//!   node what [`counter_from_changes`] computes from the record's changes (checked in the
+//!   world).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -318,4 +321,65 @@ pub mod independent {
         }
         Err("a number over 64 bits".into())
     }
+}
+
+/// What a record's counter field shows, recomputed from the record's changes by the
+/// simulator's own reading of Automerge's rules, not by loading a document: of the root
+/// assignments of `field` (puts and deletes) that no later assignment lists as its
+/// predecessor, the one with the greatest op id (counter, then actor bytes) wins; a
+/// counter's value is its initial value plus every increment whose predecessors include
+/// it. `None` when the field is absent or the winner is not a counter.
+pub fn counter_from_changes(changes: &[Vec<u8>], field: &str) -> Result<Option<i64>, String> {
+    use automerge::legacy::{Key, ObjectId, OpType};
+    type OpKey = (u64, Vec<u8>);
+    let mut assigned: Vec<(OpKey, Option<i64>)> = Vec::new();
+    let mut overwritten: BTreeSet<OpKey> = BTreeSet::new();
+    let mut increments: Vec<(Vec<OpKey>, i64)> = Vec::new();
+    for bytes in changes {
+        let change = automerge::Change::from_bytes(bytes.clone())
+            .map_err(|error| format!("a held change does not parse: {error}"))?
+            .decode();
+        let actor = change.actor_id.to_bytes().to_vec();
+        for (index, op) in change.operations.iter().enumerate() {
+            let on_field = matches!(op.obj, ObjectId::Root)
+                && matches!(&op.key, Key::Map(name) if name.as_str() == field);
+            if !on_field {
+                continue;
+            }
+            let id = (change.start_op.get() + index as u64, actor.clone());
+            let pred: Vec<OpKey> = op
+                .pred
+                .iter()
+                .map(|pred| (pred.0, pred.1.to_bytes().to_vec()))
+                .collect();
+            match &op.action {
+                OpType::Increment(amount) => increments.push((pred, *amount)),
+                action => {
+                    let counter = match action {
+                        OpType::Put(automerge::ScalarValue::Counter(counter)) => {
+                            Some(i64::from(counter))
+                        }
+                        _ => None,
+                    };
+                    overwritten.extend(pred);
+                    if !matches!(action, OpType::Delete) {
+                        assigned.push((id, counter));
+                    }
+                }
+            }
+        }
+    }
+    let winner = assigned
+        .into_iter()
+        .filter(|(id, _)| !overwritten.contains(id))
+        .max_by(|a, b| a.0.cmp(&b.0));
+    let Some((winner, Some(initial))) = winner else {
+        return Ok(None);
+    };
+    let added: i64 = increments
+        .iter()
+        .filter(|(pred, _)| pred.contains(&winner))
+        .map(|(_, amount)| *amount)
+        .fold(0i64, |sum, amount| sum.wrapping_add(amount));
+    Ok(Some(initial.wrapping_add(added)))
 }

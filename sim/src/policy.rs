@@ -24,8 +24,8 @@ use std::collections::BTreeSet;
 
 use crdt_schema::policy::{CollectionRule, Member, Policy, SignedPolicy};
 use crdt_schema::{
-    ChangeHash, Edit, Envelope, FieldValue, Identity, NodeId, OrgId, RecordDoc, RecordId,
-    VerifiedChange,
+    ChangeHash, Edit, Envelope, FieldEdit, FieldValue, Identity, NodeId, OrgId, RecordDoc,
+    RecordId, VerifiedChange,
 };
 use mesh_core::wire::{EnvelopeBytes, Message};
 
@@ -67,7 +67,10 @@ impl Crafted {
         let panicking = crdt_schema::crafted::panicking_mutant(&base, &edit)
             .map(|change| change.raw_bytes().to_vec());
         let mut doc = RecordDoc::new(author);
-        let blob = [("blob".to_owned(), Some(FieldValue::Str("z".repeat(2000))))];
+        let blob = [(
+            "blob".to_owned(),
+            FieldEdit::Set(FieldValue::Str("z".repeat(2000))),
+        )];
         let mut large = doc
             .edit(&Edit::Put(blob.into()), 0)
             .expect("a fresh document takes an edit")
@@ -171,7 +174,7 @@ impl PolicyPlay {
         let value = rng.range(0, 1000) as i64;
         let own_change = |author: &NodeId| {
             let mut doc = RecordDoc::new(author);
-            let fields = [("f0".to_owned(), Some(FieldValue::Int(value)))];
+            let fields = [("f0".to_owned(), FieldEdit::Set(FieldValue::Int(value)))];
             doc.edit(&Edit::Put(fields.into()), time_ms)
                 .expect("a fresh document takes an edit")
                 .expect("setting a field changes it")

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 
-use crdt_schema::{FieldValue, RecordId};
+use crdt_schema::{FieldEdit, FieldValue, RecordId};
 use mesh_core::{Command, Reply};
 
 use crate::plan::{FaultPlan, Options};
@@ -231,6 +231,13 @@ fn expect(world: &mut World<'_>, rest: &[String]) -> Result<(), String> {
                         view.ok_or_else(|| format!("{record} does not exist on node {node}"))?;
                     for pair in &rest[2..] {
                         let (name, want) = parse_field(pair)?;
+                        let want = match want {
+                            FieldEdit::Set(value) => Some(value),
+                            FieldEdit::Remove => None,
+                            FieldEdit::Add(_) => {
+                                return Err(format!("`{pair}`: expect a value, not an increment"));
+                            }
+                        };
                         let have = view.fields.get(&name);
                         if have != want.as_ref() {
                             return Err(format!(
@@ -246,7 +253,20 @@ fn expect(world: &mut World<'_>, rest: &[String]) -> Result<(), String> {
     }
 }
 
-fn parse_field(pair: &str) -> Result<(String, Option<FieldValue>), String> {
+/// `name=value` sets (`"text"`, an integer, `true`/`false`, `counter(N)` for a new
+/// counter, `null` to remove); `name+=N` and `name-=N` add to a counter.
+fn parse_field(pair: &str) -> Result<(String, FieldEdit), String> {
+    let amount = |name: &str, text: &str, sign: i64| {
+        text.parse::<i64>()
+            .map(|amount| (name.to_owned(), FieldEdit::Add(sign * amount)))
+            .map_err(|_| format!("`{pair}`: the amount must be an integer"))
+    };
+    if let Some((name, text)) = pair.split_once("+=") {
+        return amount(name, text, 1);
+    }
+    if let Some((name, text)) = pair.split_once("-=") {
+        return amount(name, text, -1);
+    }
     let (name, value) = pair
         .split_once('=')
         .ok_or_else(|| format!("`{pair}` is not field=value"))?;
@@ -257,11 +277,19 @@ fn parse_field(pair: &str) -> Result<(String, Option<FieldValue>), String> {
     } else if value == "true" || value == "false" {
         FieldValue::Bool(value == "true")
     } else if value == "null" {
-        return Ok((name.to_owned(), None));
+        return Ok((name.to_owned(), FieldEdit::Remove));
+    } else if let Some(count) = value
+        .strip_prefix("counter(")
+        .and_then(|rest| rest.strip_suffix(')'))
+    {
+        let count = count
+            .parse()
+            .map_err(|_| format!("`{pair}`: a counter starts at an integer"))?;
+        FieldValue::Counter(count)
     } else {
         FieldValue::Str(value.to_owned())
     };
-    Ok((name.to_owned(), Some(value)))
+    Ok((name.to_owned(), FieldEdit::Set(value)))
 }
 
 fn parse_duration(text: &str) -> Result<u64, String> {

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Duration;
 
 use crdt_schema::policy::Policy;
-use crdt_schema::{ChangeHash, Identity, NodeId, RecordId};
+use crdt_schema::{ChangeHash, FieldEdit, FieldValue, Identity, NodeId, RecordId, RecordView};
 use mesh_core::storage::{DocumentStore, Restore, StorageRequest};
 use mesh_core::{Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply};
 
@@ -63,6 +63,8 @@ pub trait SimNode {
     fn record_changes(&mut self, record: &RecordId) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)>;
     /// Every quarantined change, as (record, change).
     fn quarantined(&self) -> Vec<(String, ChangeHash)>;
+    /// The record as a read shows it, with the bytes of its accepted document's changes.
+    fn accepted_record(&mut self, record: &RecordId) -> Option<(RecordView, Vec<Vec<u8>>)>;
     /// Where the node reads its saved documents (its simulated disk), before it restores.
     fn use_document_store(&mut self, store: Box<dyn DocumentStore>);
 }
@@ -99,6 +101,10 @@ impl SimNode for Node {
 
     fn quarantined(&self) -> Vec<(String, ChangeHash)> {
         Node::quarantined(self)
+    }
+
+    fn accepted_record(&mut self, record: &RecordId) -> Option<(RecordView, Vec<Vec<u8>>)> {
+        Node::accepted_record(self, record)
     }
 
     fn use_document_store(&mut self, store: Box<dyn DocumentStore>) {
@@ -237,6 +243,8 @@ struct Slot {
     timer_generation: u64,
     next_command: u64,
     writes: BTreeMap<CommandId, RecordId>,
+    /// Counter writes in flight: the amount each creates or adds, counted once acknowledged.
+    counting: BTreeMap<CommandId, (RecordId, i64)>,
     /// Commands whose replies a scenario waits for, and the replies that came.
     wanted: BTreeSet<CommandId>,
     replies: BTreeMap<CommandId, Result<Reply, mesh_core::CommandError>>,
@@ -269,6 +277,12 @@ pub struct World<'a> {
     play: Option<PolicyPlay>,
     /// Reference records that changed on honest nodes during the current input.
     to_check: Vec<(usize, RecordId)>,
+    /// Records whose counter the workload created or added to: checked at convergence.
+    counted: BTreeSet<RecordId>,
+    /// Per record, the sum of every acknowledged counter write (the creation's value and
+    /// each increment): what every node must show once healed, if no policy quarantined
+    /// any of them.
+    counter_sums: BTreeMap<RecordId, i64>,
 }
 
 impl<'a> World<'a> {
@@ -331,6 +345,7 @@ impl<'a> World<'a> {
                 timer_generation: 0,
                 next_command: 0,
                 writes: BTreeMap::new(),
+                counting: BTreeMap::new(),
                 wanted: BTreeSet::new(),
                 replies: BTreeMap::new(),
             });
@@ -358,6 +373,8 @@ impl<'a> World<'a> {
             trace: Trace::default(),
             play,
             to_check: Vec::new(),
+            counted: BTreeSet::new(),
+            counter_sums: BTreeMap::new(),
         }
     }
 
@@ -853,6 +870,14 @@ impl<'a> World<'a> {
                 {
                     self.checkers.acked.push((record, *hash, node));
                 }
+                if let Some((record, amount)) = self.slots[node].counting.remove(&id)
+                    && let Ok(Reply::Written {
+                        change: Some(_), ..
+                    }) = &result
+                {
+                    let sum = self.counter_sums.entry(record).or_default();
+                    *sum = sum.wrapping_add(amount);
+                }
                 if self.slots[node].wanted.remove(&id) {
                     self.slots[node].replies.insert(id, result);
                 }
@@ -1003,12 +1028,51 @@ impl<'a> World<'a> {
                 let fields = workload::random_fields(&mut self.rng, 3);
                 self.command(node, Command::Put { record, fields });
             }
+        } else if roll < 0.30 {
+            self.count_stock(node);
         } else {
             let record = workload::random_record(&mut self.rng, self.plan.records_per_collection);
             let count = 1 + self.rng.index(3);
             let fields = workload::random_fields(&mut self.rng, count);
             self.command(node, Command::Put { record, fields });
         }
+    }
+
+    /// A stock count: the node adds to the record's counter if it shows one. Only node 0
+    /// creates counters (when it shows none), so every increment lands on the one counter
+    /// and the sum of the acknowledged writes is what every node must show once healed.
+    fn count_stock(&mut self, node: usize) {
+        let record = workload::counted_record(&mut self.rng);
+        let amount = self.rng.range(0, 41) as i64 - 20;
+        let shown = match self.command_now(
+            node,
+            Command::Get {
+                record: record.clone(),
+            },
+        ) {
+            Some(Ok(Reply::Record(Some(view)))) => view.fields.get(workload::COUNTER).cloned(),
+            _ => None,
+        };
+        let edit = match shown {
+            Some(FieldValue::Counter(_)) => FieldEdit::Add(amount),
+            _ if node == 0 => FieldEdit::Set(FieldValue::Counter(amount)),
+            _ => return,
+        };
+        let fields = [(workload::COUNTER.to_owned(), edit)].into();
+        // Noted before the command goes in: a refusal completes at once.
+        let id = CommandId(self.slots[node].next_command + 1);
+        self.slots[node]
+            .counting
+            .insert(id, (record.clone(), amount));
+        let issued = self.command(
+            node,
+            Command::Put {
+                record: record.clone(),
+                fields,
+            },
+        );
+        debug_assert_eq!(issued, id);
+        self.counted.insert(record);
     }
 
     /// Runs a command on a node, remembering writes so their acknowledgement is checked.
@@ -1057,6 +1121,7 @@ impl<'a> World<'a> {
         slot.incarnation += 1;
         slot.timer_at = None;
         slot.writes.clear();
+        slot.counting.clear();
         slot.disk.crash(torn, keep, self.now);
     }
 
@@ -1244,7 +1309,62 @@ impl<'a> World<'a> {
             .map(|node| self.honest(node))
             .collect();
         let issued = self.play.as_ref().map(|play| play.issued);
-        self.checkers.converged(&nodes, &honest, issued, self.now)
+        if !self.checkers.converged(&nodes, &honest, issued, self.now) {
+            return false;
+        }
+        self.check_counters(&honest)
+    }
+
+    /// **counter-mismatch**: on every honest node, every counter the workload touched shows
+    /// what the simulator computes from the record's changes by its own reading of
+    /// Automerge's rules (`checkers::counter_from_changes`) and, when no policy can have
+    /// quarantined a write, the sum of the acknowledged counter writes.
+    fn check_counters(&mut self, honest: &[bool]) -> bool {
+        if self.slots.iter().any(|slot| !slot.counting.is_empty()) {
+            // A node shows its own write before the append that acknowledges it: wait.
+            return false;
+        }
+        let counted = std::mem::take(&mut self.counted);
+        let mut failure = None;
+        'records: for record in &counted {
+            for (index, slot) in self.slots.iter_mut().enumerate() {
+                let Some(node) = slot.node.as_mut().filter(|_| honest[index]) else {
+                    continue;
+                };
+                let Some((view, changes)) = node.accepted_record(record) else {
+                    continue;
+                };
+                let expected = crate::checkers::counter_from_changes(&changes, workload::COUNTER);
+                let shown = match view.fields.get(workload::COUNTER) {
+                    Some(FieldValue::Counter(count)) => Some(*count),
+                    _ => None,
+                };
+                if expected != Ok(shown) {
+                    failure = Some(format!(
+                        "node {index} shows {record} {} = {shown:?}, but its {} changes make it {expected:?}",
+                        workload::COUNTER,
+                        changes.len()
+                    ));
+                    break 'records;
+                }
+                let acknowledged = self.counter_sums.get(record).copied();
+                if self.play.is_none() && shown != acknowledged {
+                    failure = Some(format!(
+                        "node {index} shows {record} {} = {shown:?}, but the acknowledged counter writes add up to {acknowledged:?}",
+                        workload::COUNTER,
+                    ));
+                    break 'records;
+                }
+            }
+        }
+        self.counted = counted;
+        match failure {
+            Some(message) => {
+                self.fail("counter-mismatch", message);
+                false
+            }
+            None => true,
+        }
     }
 
     fn digest_list(&self) -> String {

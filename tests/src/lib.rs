@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crdt_schema::{FieldValue, Identity, NodeId, RecordId, RecordView};
+use crdt_schema::{FieldEdit, FieldValue, Identity, NodeId, RecordId, RecordView};
 use mesh_core::storage::{DocumentStore, Restore, SavedRecord, StorageRequest};
 use mesh_core::{
     Command, CommandError, CommandId, Config, Effect, Event, Input, Instant, Node, Reply, Status,
@@ -92,10 +92,10 @@ pub struct Harness {
 }
 
 /// Builds the field map of a put from pairs.
-pub fn fields(pairs: &[(&str, FieldValue)]) -> BTreeMap<String, Option<FieldValue>> {
+pub fn fields(pairs: &[(&str, FieldValue)]) -> BTreeMap<String, FieldEdit> {
     pairs
         .iter()
-        .map(|(name, value)| ((*name).to_owned(), Some(value.clone())))
+        .map(|(name, value)| ((*name).to_owned(), FieldEdit::Set(value.clone())))
         .collect()
 }
 
@@ -444,6 +444,16 @@ impl Harness {
             fields: fields(pairs),
         };
         self.command(index, command).expect("the write succeeds");
+    }
+
+    /// Adds `amount` to a counter field of a record on a node; panics if the write fails.
+    pub fn add(&mut self, index: usize, record: &str, field: &str, amount: i64) {
+        let command = Command::Put {
+            record: record.parse().expect("valid record"),
+            fields: [(field.to_owned(), FieldEdit::Add(amount))].into(),
+        };
+        self.command(index, command)
+            .expect("the increment succeeds");
     }
 
     /// Reads a record on a node.

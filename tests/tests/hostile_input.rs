@@ -51,7 +51,13 @@ fn changes_rejected(status: &mesh_core::Status) -> u64 {
 fn signed_change(record: &str) -> VerifiedChange {
     let identity = Identity::from_seed(1);
     let mut doc = RecordDoc::new(&identity.node_id());
-    let edit = Edit::Put([("count".to_owned(), Some(FieldValue::Int(99)))].into());
+    let edit = Edit::Put(
+        [(
+            "count".to_owned(),
+            crdt_schema::FieldEdit::Set(FieldValue::Int(99)),
+        )]
+        .into(),
+    );
     let change = doc.edit(&edit, 0).unwrap().unwrap();
     VerifiedChange::sign(
         &identity,
@@ -288,7 +294,13 @@ fn a_non_canonical_change_is_refused_at_the_door() {
 fn a_compressed_change_is_refused_before_it_is_inflated() {
     let identity = Identity::from_seed(1);
     let mut doc = RecordDoc::new(&identity.node_id());
-    let edit = Edit::Put([("blob".to_owned(), Some(FieldValue::Str("z".repeat(50_000))))].into());
+    let edit = Edit::Put(
+        [(
+            "blob".to_owned(),
+            crdt_schema::FieldEdit::Set(FieldValue::Str("z".repeat(50_000))),
+        )]
+        .into(),
+    );
     let mut change = doc.edit(&edit, 0).unwrap().unwrap();
     let compressed = change.bytes().into_owned();
     assert_eq!(compressed[8], 2, "a compressed chunk");
@@ -357,9 +369,21 @@ fn changes_waiting_for_their_dependencies_are_bounded_in_bytes() {
     let mut batch = Vec::new();
     for n in 0..80 {
         let mut doc = RecordDoc::new(&identity.node_id());
-        let first = Edit::Put([("a".to_owned(), Some(FieldValue::Int(1)))].into());
+        let first = Edit::Put(
+            [(
+                "a".to_owned(),
+                crdt_schema::FieldEdit::Set(FieldValue::Int(1)),
+            )]
+            .into(),
+        );
         doc.edit(&first, 0).unwrap();
-        let second = Edit::Put([("blob".to_owned(), Some(FieldValue::Str(big.clone())))].into());
+        let second = Edit::Put(
+            [(
+                "blob".to_owned(),
+                crdt_schema::FieldEdit::Set(FieldValue::Str(big.clone())),
+            )]
+            .into(),
+        );
         let change = doc.edit(&second, 0).unwrap().unwrap();
         let signed = VerifiedChange::sign(
             &identity,

@@ -1257,7 +1257,13 @@ fn the_first_policy_does_not_turn_a_strangers_writes_into_accepted_history() {
     mesh.run_until_quiet(100);
     let stranger = Identity::from_seed(777);
     let mut doc = RecordDoc::new(&stranger.node_id());
-    let edit = Edit::Put([("price".to_owned(), Some(FieldValue::Int(1)))].into());
+    let edit = Edit::Put(
+        [(
+            "price".to_owned(),
+            crdt_schema::FieldEdit::Set(FieldValue::Int(1)),
+        )]
+        .into(),
+    );
     let change = doc.edit(&edit, 0).unwrap().unwrap();
     let signed = VerifiedChange::sign(&stranger, &org_id(), "catalogue/x".parse().unwrap(), change);
     let push = Message::Push {

@@ -5,9 +5,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crdt_schema::{ChangeHash, Identity, RecordId};
+use crdt_schema::{ChangeHash, FieldEdit, FieldValue, Identity, RecordId};
 use mesh_core::{
-    Config, Digest, Effect, Input, Instant, Node, Queues, StorageOpId, StorageRequest,
+    Command, CommandId, Config, Digest, Effect, Input, Instant, Node, Queues, Reply, StorageOpId,
+    StorageRequest,
 };
 use sim::{Knobs, Options, Outcome, SimNode};
 
@@ -34,6 +35,12 @@ macro_rules! delegate_checks {
         }
         fn quarantined(&self) -> Vec<(String, ChangeHash)> {
             self.$core.quarantined()
+        }
+        fn accepted_record(
+            &mut self,
+            record: &RecordId,
+        ) -> Option<(crdt_schema::RecordView, Vec<Vec<u8>>)> {
+            self.$core.accepted_record(record)
         }
         fn use_document_store(&mut self, store: Box<dyn mesh_core::storage::DocumentStore>) {
             self.$core.use_document_store(store);
@@ -150,6 +157,106 @@ impl SimNode for KeepsStalledSessions {
         }
     }
     delegate_checks!(0);
+}
+
+/// Treats a counter like any other field, the last writer winning: asked to add N, it reads
+/// the counter, removes it and sets a new counter at the sum, so an increment made
+/// concurrently elsewhere is lost when the two meet. Its own follow-up commands use ids
+/// from the top of the range, and their completions are kept from the world.
+struct OverwritesCounters {
+    node: Node,
+    internal: BTreeSet<CommandId>,
+    next_internal: u64,
+}
+
+impl OverwritesCounters {
+    fn internal_command(&mut self, now: Instant, command: Command) -> Vec<Effect> {
+        self.next_internal -= 1;
+        let id = CommandId(self.next_internal);
+        self.internal.insert(id);
+        self.node.handle(now, Input::Command { id, command })
+    }
+}
+
+impl SimNode for OverwritesCounters {
+    fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let input = match input {
+            Input::Command {
+                id,
+                command: Command::Put { record, mut fields },
+            } => {
+                for (name, edit) in fields.iter_mut() {
+                    let FieldEdit::Add(amount) = *edit else {
+                        continue;
+                    };
+                    let get = Command::Get {
+                        record: record.clone(),
+                    };
+                    let read = self.internal_command(now, get);
+                    let current = read.iter().find_map(|effect| match effect {
+                        Effect::Complete {
+                            result: Ok(Reply::Record(Some(view))),
+                            ..
+                        } => match view.fields.get(name) {
+                            Some(FieldValue::Counter(count)) => Some(*count),
+                            _ => None,
+                        },
+                        _ => None,
+                    });
+                    effects.extend(read);
+                    let Some(current) = current else { continue };
+                    let remove = Command::Put {
+                        record: record.clone(),
+                        fields: [(name.clone(), FieldEdit::Remove)].into(),
+                    };
+                    effects.extend(self.internal_command(now, remove));
+                    *edit = FieldEdit::Set(FieldValue::Counter(current + amount));
+                }
+                Input::Command {
+                    id,
+                    command: Command::Put { record, fields },
+                }
+            }
+            input => input,
+        };
+        effects.extend(self.node.handle(now, input));
+        effects.retain(
+            |effect| !matches!(effect, Effect::Complete { id, .. } if self.internal.contains(id)),
+        );
+        effects
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.node.next_deadline()
+    }
+    delegate_checks!(node);
+}
+
+fn overwrites_counters(config: Config, identity: Identity, seed: u64) -> Box<dyn SimNode> {
+    Box::new(OverwritesCounters {
+        node: Node::new(config, identity, seed),
+        internal: BTreeSet::new(),
+        next_internal: u64::MAX,
+    })
+}
+
+#[test]
+fn a_node_that_lets_the_last_writer_win_on_a_counter_is_caught() {
+    // Partitions make nodes count the same stock while cut off from each other.
+    let knobs = Knobs {
+        partitions: Some(true),
+        write_rate: Some(10.0),
+        ..Knobs::default()
+    };
+    let broken = sweep(0..SEEDS, 10, &knobs, &overwrites_counters);
+    let caught = failures(&broken, "counter-mismatch");
+    assert_caught_often("a counter whose last writer wins", caught.len());
+    let real = sweep(0..SEEDS, 10, &knobs, &sim::real_node);
+    assert!(
+        real.iter().all(|outcome| outcome.failure.is_none()),
+        "the real core fails: {:?}",
+        real.iter().find_map(|o| o.failure.clone())
+    );
 }
 
 fn acks_before_durable(config: Config, identity: Identity, seed: u64) -> Box<dyn SimNode> {

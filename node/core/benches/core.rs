@@ -9,19 +9,19 @@ use std::time::Duration;
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ROOT};
-use crdt_schema::{FieldValue, Identity};
+use crdt_schema::{FieldEdit, FieldValue, Identity};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use mesh_core::wire::{EnvelopeBytes, Message};
 use mesh_core::{Command, CommandId, Config, Effect, Input, Instant, Node};
 
 const FIELDS: usize = 5;
 
-fn record_fields(value: i64) -> BTreeMap<String, Option<FieldValue>> {
+fn record_fields(value: i64) -> BTreeMap<String, FieldEdit> {
     (0..FIELDS)
         .map(|field| {
             (
                 format!("field{field}"),
-                Some(FieldValue::Int(value + field as i64)),
+                FieldEdit::Set(FieldValue::Int(value + field as i64)),
             )
         })
         .collect()
@@ -109,7 +109,11 @@ fn edit(c: &mut Criterion) {
         let mut n = 0u64;
         b.iter(|| {
             n += 1;
-            let fields = [("field0".to_owned(), Some(FieldValue::Int(n as i64)))].into();
+            let fields = [(
+                "field0".to_owned(),
+                FieldEdit::Set(FieldValue::Int(n as i64)),
+            )]
+            .into();
             write(
                 &mut node,
                 now,
@@ -154,7 +158,7 @@ fn remote_changes_for(org: crdt_schema::OrgId) -> (Vec<Vec<u8>>, Vec<Vec<automer
         for record in 0..1000 {
             id += 1;
             let record = format!("stock/item-{record:04}").parse().unwrap();
-            let fields = [("count".to_owned(), Some(FieldValue::Int(edit)))].into();
+            let fields = [("count".to_owned(), FieldEdit::Set(FieldValue::Int(edit)))].into();
             let effects = node.handle(
                 now,
                 Input::Command {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crdt_schema::{ChangeHash, FieldValue, NodeId, RecordId, RecordView, SchemaError};
+use crdt_schema::{ChangeHash, FieldEdit, NodeId, RecordId, RecordView, SchemaError};
 use serde::{Deserialize, Serialize};
 
 use crate::status::{PolicyView, QuarantineRow, RefusedChange, Status, SyncRecord};
@@ -105,12 +105,12 @@ pub enum Effect {
 /// Requests from the local application or user.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// Create or update some fields of a record (`None` removes a field).
+    /// Create or update some fields of a record: set, remove or add to a counter.
     Put {
         /// The record.
         record: RecordId,
-        /// The fields to set or remove.
-        fields: BTreeMap<String, Option<FieldValue>>,
+        /// What to do to each field.
+        fields: BTreeMap<String, FieldEdit>,
     },
     /// Mark a record deleted.
     Delete {

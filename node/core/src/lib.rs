@@ -8,13 +8,13 @@
 //!
 //! ```
 //! use mesh_core::{Command, CommandId, Config, Effect, Input, Instant, Node};
-//! use crdt_schema::{FieldValue, Identity};
+//! use crdt_schema::{FieldEdit, FieldValue, Identity};
 //!
 //! let mut node = Node::new(Config::default(), Identity::from_seed(1), 1);
 //! let now = Instant::from_millis(0);
 //! let put = Command::Put {
 //!     record: "stock/aspirin".parse().unwrap(),
-//!     fields: [("count".to_owned(), Some(FieldValue::Int(12)))].into(),
+//!     fields: [("count".to_owned(), FieldEdit::Set(FieldValue::Int(12)))].into(),
 //! };
 //! let effects = node.handle(now, Input::Command { id: CommandId(1), command: put });
 //! // The write is not acknowledged yet: first the driver must make the change durable.

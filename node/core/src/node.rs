@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crdt_schema::policy::{Policy, PolicyError, SignedPolicy};
-use crdt_schema::{ChangeHash, Edit, Identity, NodeId, RecordId, VerifiedChange};
+use crdt_schema::{ChangeHash, Edit, Identity, NodeId, RecordId, RecordView, VerifiedChange};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
@@ -596,6 +596,20 @@ impl Node {
         record: &RecordId,
     ) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)> {
         reads::accepted_changes(&mut self.records, record)
+    }
+
+    /// The record as a read shows it, with the bytes of every change of its accepted
+    /// document: for checkers that recompute what a node shows from the changes alone.
+    pub fn accepted_record(&mut self, record: &RecordId) -> Option<(RecordView, Vec<Vec<u8>>)> {
+        let view = reads::record(&mut self.records, record)?;
+        let changes = self
+            .records
+            .doc(record.as_str())
+            .changes_after(&[])
+            .iter()
+            .map(|change| change.raw_bytes().to_vec())
+            .collect();
+        Some((view, changes))
     }
 
     /// Refuses a connected peer that is not a member.

@@ -951,7 +951,7 @@ fn advertised(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crdt_schema::{Edit, FieldValue, Identity};
+    use crdt_schema::{Edit, FieldEdit, FieldValue, Identity};
 
     /// `count` different first changes of one record by one author: concurrent heads.
     fn concurrent_changes(count: i64) -> Vec<Change> {
@@ -959,7 +959,7 @@ mod tests {
         (0..count)
             .map(|value| {
                 let mut doc = RecordDoc::new(&author);
-                let fields = [("n".to_owned(), Some(FieldValue::Int(value)))].into();
+                let fields = [("n".to_owned(), FieldEdit::Set(FieldValue::Int(value)))].into();
                 doc.edit(&Edit::Put(fields), 0).unwrap().unwrap()
             })
             .collect()

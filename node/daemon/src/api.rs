@@ -29,7 +29,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use crdt_schema::{FieldValue, RecordId};
+use crdt_schema::{FieldEdit, RecordId};
 use mesh_core::{Command, CommandError, Reply};
 use serde_json::{Value, json};
 
@@ -313,9 +313,9 @@ async fn write(
     };
     let mut fields = BTreeMap::new();
     for (name, value) in &object {
-        let value = FieldValue::from_json(name, value)
+        let edit = FieldEdit::from_json(name, value)
             .map_err(|error| ApiError(StatusCode::BAD_REQUEST, error.to_string()))?;
-        fields.insert(name.clone(), value);
+        fields.insert(name.clone(), edit);
     }
     if fields.is_empty() {
         return Err(ApiError(

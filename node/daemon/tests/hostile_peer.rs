@@ -336,7 +336,7 @@ fn crafted() -> Crafted {
     let bomb_edit = Edit::Put(
         [(
             "blob".to_owned(),
-            Some(FieldValue::Str("z".repeat(8_000_000))),
+            crdt_schema::FieldEdit::Set(FieldValue::Str("z".repeat(8_000_000))),
         )]
         .into(),
     );
@@ -429,7 +429,13 @@ fn crafted_changes_of_every_class_leave_the_node_serving_restartable_and_converg
 /// A signed change by `author` that makes `record` with one field.
 fn signed_put(author: &Identity, record: &str, field: &str) -> Envelope {
     let mut doc = RecordDoc::new(&author.node_id());
-    let edit = Edit::Put([(field.to_owned(), Some(FieldValue::Str("v".into())))].into());
+    let edit = Edit::Put(
+        [(
+            field.to_owned(),
+            crdt_schema::FieldEdit::Set(FieldValue::Str("v".into())),
+        )]
+        .into(),
+    );
     let change = doc.edit(&edit, 0).unwrap().unwrap();
     VerifiedChange::sign(author, &OrgId::default(), record.parse().unwrap(), change).envelope
 }

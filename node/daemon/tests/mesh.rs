@@ -66,6 +66,59 @@ fn three_nodes_converge_after_writes_on_each() {
 }
 
 #[test]
+fn a_counter_counted_on_two_nodes_while_apart_adds_up_on_both() {
+    let (a, b) = (TempDir::new("counter-a"), TempDir::new("counter-b"));
+    init(&a.0, "a");
+    init(&b.0, "b");
+    let _a = start(&a.0);
+    let hub = listen_addr(&a.0);
+    let b_daemon = start_with_peers(&b.0, std::slice::from_ref(&hub));
+    let created = mesh(
+        &a.0,
+        &[
+            "put",
+            "stock",
+            "s1",
+            "--json",
+            r#"{"on_hand": {"$counter": 10}}"#,
+        ],
+    );
+    assert!(created.status.success(), "{created:?}");
+    eventually("the counter on b", || field(&b.0, "stock", "s1", "on_hand"));
+    drop(b_daemon);
+    // Apart: a receives 5, then b (started alone) dispenses 3, never having seen the 5.
+    mesh_ok(&a.0, &["put", "stock", "s1", "on_hand+=5"]);
+    let b_alone = start(&b.0);
+    mesh_ok(&b.0, &["put", "stock", "s1", "on_hand-=3"]);
+    assert_eq!(
+        field(&b.0, "stock", "s1", "on_hand").unwrap(),
+        serde_json::json!({"$counter": 7})
+    );
+    let set = mesh(&b.0, &["put", "stock", "s1", "on_hand=99"]);
+    assert!(
+        !set.status.success(),
+        "setting a counter outright is refused"
+    );
+    let said = String::from_utf8_lossy(&set.stderr);
+    assert!(
+        said.contains("is a counter") && said.contains("on_hand+=N"),
+        "{said}"
+    );
+    drop(b_alone);
+    let _b = start_with_peers(&b.0, &[hub]);
+    eventually("converged", || converged(&[&a.0, &b.0]));
+    for dir in [&a.0, &b.0] {
+        assert_eq!(
+            field(dir, "stock", "s1", "on_hand").unwrap(),
+            serde_json::json!({"$counter": 12}),
+            "10 + 5 - 3"
+        );
+    }
+    let shown = mesh_ok(&a.0, &["get", "stock", "s1"]);
+    assert!(shown.contains("12 (counter)"), "{shown}");
+}
+
+#[test]
 fn edits_of_different_fields_on_two_nodes_both_survive() {
     let (a, b) = (TempDir::new("fields-a"), TempDir::new("fields-b"));
     init(&a.0, "a");

@@ -88,9 +88,13 @@ pub(crate) fn print_record(record: &RecordReply) {
     out!("{}/{}{deleted}", record.collection, record.id);
     let width = record.fields.keys().map(String::len).max().unwrap_or(0);
     for (name, value) in &record.fields {
-        match value.as_str() {
-            Some(text) => out!("  {name:width$}  {text}"),
-            None => out!("  {name:width$}  {value}"),
+        let counter = value
+            .get("$counter")
+            .filter(|_| value.as_object().map(serde_json::Map::len) == Some(1));
+        match (value.as_str(), counter) {
+            (Some(text), _) => out!("  {name:width$}  {text}"),
+            (None, Some(count)) => out!("  {name:width$}  {count} (counter)"),
+            (None, None) => out!("  {name:width$}  {value}"),
         }
     }
 }

@@ -14,7 +14,8 @@ pub struct Args {
     collection: String,
     /// The record id.
     id: String,
-    /// Fields to set.
+    /// Fields to set as FIELD=VALUE (`FIELD=null` removes one), or counters to add to as
+    /// FIELD+=N or FIELD-=N. A counter is created with --json '{"FIELD": {"$counter": N}}'.
     fields: Vec<String>,
     /// Fields as a JSON object, merged with FIELD=VALUE pairs; `@FILE` reads the object
     /// from a file, `-` from standard input (for values too long for a command line).
@@ -49,13 +50,11 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
         None => serde_json::Map::new(),
     };
     for pair in &args.fields {
-        let (name, value) = pair
-            .split_once('=')
-            .ok_or_else(|| anyhow!("`{pair}` is not FIELD=VALUE"))?;
-        if object.contains_key(name) {
+        let (name, value) = parse_pair(pair)?;
+        if object.contains_key(&name) {
             return Err(anyhow!("field `{name}` is given twice").into());
         }
-        object.insert(name.to_owned(), parse_value(value)?);
+        object.insert(name, value);
     }
     if object.is_empty() {
         return Err(anyhow!("give fields as FIELD=VALUE or --json '{{...}}'").into());
@@ -66,6 +65,27 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
         .send_as("PUT", &path, &Value::Object(object))?;
     print_written(&written, "written");
     Ok(())
+}
+
+/// Reads FIELD=VALUE, or FIELD+=N / FIELD-=N (an increment of a counter, sent as
+/// `{"$inc": N}`). Only the first `=` counts, so a value may hold `+=`.
+fn parse_pair(pair: &str) -> anyhow::Result<(String, Value)> {
+    let (name, value) = pair
+        .split_once('=')
+        .ok_or_else(|| anyhow!("`{pair}` is not FIELD=VALUE, FIELD+=N or FIELD-=N"))?;
+    let increment = [('+', 1), ('-', -1)]
+        .into_iter()
+        .find_map(|(sign, factor)| Some((name.strip_suffix(sign)?, factor)));
+    let Some((counter, factor)) = increment.filter(|(counter, _)| !counter.is_empty()) else {
+        return Ok((name.to_owned(), parse_value(value)?));
+    };
+    let amount: i64 = value.parse().map_err(|_| {
+        anyhow!("`{pair}`: add a whole number to a counter, like {counter}+=5 or {counter}-=3")
+    })?;
+    let amount = amount
+        .checked_mul(factor)
+        .ok_or_else(|| anyhow!("`{pair}`: the amount is out of range"))?;
+    Ok((counter.to_owned(), json!({ "$inc": amount })))
 }
 
 /// Reads a FIELD=VALUE value. Only what reads back the same becomes a number: `007` stays
@@ -129,5 +149,22 @@ mod tests {
         let error = parse_value("99999999999999999999").unwrap_err().to_string();
         assert!(error.contains("does not fit a 64-bit integer"), "{error}");
         assert!(parse_value("1e400").is_err());
+    }
+
+    #[test]
+    fn plus_equals_and_minus_equals_add_to_a_counter() {
+        let pair = |text: &str| parse_pair(text).unwrap();
+        assert_eq!(pair("count+=5"), ("count".into(), json!({"$inc": 5})));
+        assert_eq!(pair("count-=3"), ("count".into(), json!({"$inc": -3})));
+        assert_eq!(pair("count=7"), ("count".into(), json!(7)));
+        assert_eq!(pair("note=a+=b"), ("note".into(), json!("a+=b")));
+        assert_eq!(
+            pair("+=5"),
+            ("+".into(), json!(5)),
+            "no name: a field called `+`"
+        );
+        let error = parse_pair("count+=lots").unwrap_err().to_string();
+        assert!(error.contains("whole number"), "{error}");
+        assert!(parse_pair("count").is_err());
     }
 }
