@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crdt_schema::{Edit, FieldEdit, FieldValue, Identity, RecordDoc, RecordId};
+use crdt_schema::{Decimal, Edit, FieldEdit, FieldValue, Identity, RecordDoc, RecordId};
 
 fn put(fields: &[(&str, FieldEdit)]) -> Edit {
     Edit::Put(
@@ -29,7 +29,8 @@ fn main() {
     let (head_office, clinic) = (Identity::from_seed(1), Identity::from_seed(2));
     let record: RecordId = "stock/paracetamol".parse().expect("valid");
 
-    // A counter created at 10, then +5 at head office and -3 at a clinic concurrently.
+    // Every field type; a counter created at 10, then +5 at head office and -3 at a
+    // clinic concurrently.
     let mut ours = RecordDoc::new(&head_office.node_id());
     ours.edit(
         &put(&[
@@ -43,6 +44,21 @@ fn main() {
             (
                 "checked",
                 FieldEdit::Set(FieldValue::Timestamp(1_790_000_000_000)),
+            ),
+            (
+                "price",
+                FieldEdit::Set(FieldValue::Decimal(
+                    Decimal::parse("12.50").expect("a decimal"),
+                )),
+            ),
+            (
+                "supplier",
+                FieldEdit::Set(FieldValue::Ref("suppliers/acme".parse().expect("valid"))),
+            ),
+            ("notes", FieldEdit::Set(FieldValue::Text("keep dry".into()))),
+            (
+                "tags",
+                FieldEdit::Set(FieldValue::List(vec!["pain".into(), "otc".into()])),
             ),
         ]),
         1,
@@ -59,6 +75,6 @@ fn main() {
         .expect("a change");
     ours.apply(vec![minus]).expect("merge");
     theirs.apply(vec![plus]).expect("merge");
-    write(dir, "counter", &record, &ours);
+    write(dir, "every_type", &record, &ours);
     println!("wrote fixtures to {}", dir.display());
 }

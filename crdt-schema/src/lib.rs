@@ -17,6 +17,7 @@
 
 pub mod change;
 pub mod crafted;
+pub mod decimal;
 pub mod guard;
 pub mod identity;
 pub mod policy;
@@ -29,6 +30,7 @@ pub use automerge::{Change, ChangeHash};
 pub use change::{
     Envelope, KeyCache, ParsedEnvelope, VerifiedCache, VerifiedChange, VerifyError, verify_all,
 };
+pub use decimal::Decimal;
 pub use identity::{Identity, NodeId, OrgId};
 pub use record::{Edit, FieldEdit, FieldValue, RecordDoc, RecordId, RecordView};
 pub use schema::{CollectionSchema, FieldSchema, FieldType, SchemaError};

@@ -14,6 +14,7 @@ use automerge::{Automerge, Change, ChangeHash, ObjType, ROOT, ReadDoc, ScalarVal
 use serde_json::{Map as JsonMap, Value as Json};
 
 use crate::change::VerifyError;
+use crate::decimal::Decimal;
 use crate::identity::NodeId;
 
 /// Longest collection name, in bytes.
@@ -80,6 +81,9 @@ pub enum FieldValue {
     List(Vec<String>),
     /// A reference to another record.
     Ref(RecordId),
+    /// An exact decimal (prices, amounts), never a float: stored as its canonical text in a
+    /// `{"$decimal": text}` map, as a reference is.
+    Decimal(Decimal),
     /// A counter: concurrent increments on different nodes add up instead of one value
     /// replacing the other. Changed only by [`FieldEdit::Add`] once it exists.
     Counter(i64),
@@ -285,6 +289,7 @@ impl FieldValue {
             FieldValue::List(items) => Json::from(items.clone()),
             FieldValue::Ref(record) => tagged("$ref", Json::String(record.to_string())),
             FieldValue::Counter(count) => tagged("$counter", Json::from(*count)),
+            FieldValue::Decimal(decimal) => tagged("$decimal", Json::String(decimal.to_string())),
         }
     }
 
@@ -331,6 +336,7 @@ impl FieldValue {
             FieldValue::List(_) => "list",
             FieldValue::Ref(_) => "reference",
             FieldValue::Counter(_) => "counter",
+            FieldValue::Decimal(_) => "decimal",
         }
     }
 }
@@ -364,7 +370,7 @@ fn from_tagged_json(object: &JsonMap<String, Json>) -> Result<FieldValue, String
     let mut entries = object.iter();
     let (Some((tag, value)), None) = (entries.next(), entries.next()) else {
         return Err(
-            "objects must have exactly one key: $timestamp, $text, $ref, $counter or $inc"
+            "objects must have exactly one key: $timestamp, $text, $ref, $decimal, $counter or $inc"
                 .to_owned(),
         );
     };
@@ -383,11 +389,18 @@ fn from_tagged_json(object: &JsonMap<String, Json>) -> Result<FieldValue, String
             .map(FieldValue::Counter)
             .ok_or_else(|| "$counter must be a 64-bit integer".to_owned()),
         ("$counter", _) => Err("$counter must be a 64-bit integer".to_owned()),
+        ("$decimal", Json::String(text)) => Decimal::parse(text)
+            .map(FieldValue::Decimal)
+            .map_err(|error| error.to_string()),
+        ("$decimal", _) => Err(
+            "$decimal must be a string of digits, like \"12.50\", so that it stays exact"
+                .to_owned(),
+        ),
         ("$timestamp", _) => Err("$timestamp must be integer milliseconds since 1970".to_owned()),
         ("$text", _) => Err("$text must be a string".to_owned()),
         ("$ref", _) => Err("$ref must be a string like \"collection/id\"".to_owned()),
         _ => Err(format!(
-            "unknown or mistyped tag `{tag}`: use {{\"$timestamp\": ms}}, {{\"$text\": \"...\"}}, {{\"$ref\": \"collection/id\"}}, {{\"$counter\": N}} or {{\"$inc\": N}}"
+            "unknown or mistyped tag `{tag}`: use {{\"$timestamp\": ms}}, {{\"$text\": \"...\"}}, {{\"$ref\": \"collection/id\"}}, {{\"$decimal\": \"12.50\"}}, {{\"$counter\": N}} or {{\"$inc\": N}}"
         )),
     }
 }
@@ -587,13 +600,22 @@ impl RecordDoc {
                     })
                     .collect(),
             )),
-            Value::Object(ObjType::Map) => match self.doc.get(&object, "$ref").ok()?? {
-                (Value::Scalar(scalar), _) => match scalar.as_ref() {
-                    ScalarValue::Str(key) => key.parse().ok().map(FieldValue::Ref),
+            Value::Object(ObjType::Map) => {
+                let tagged = |tag| match self.doc.get(&object, tag).ok()?? {
+                    (Value::Scalar(scalar), _) => match scalar.as_ref() {
+                        ScalarValue::Str(text) => Some(text.to_string()),
+                        _ => None,
+                    },
                     _ => None,
-                },
-                _ => None,
-            },
+                };
+                if let Some(key) = tagged("$ref") {
+                    key.parse().ok().map(FieldValue::Ref)
+                } else {
+                    Decimal::parse(&tagged("$decimal")?)
+                        .ok()
+                        .map(FieldValue::Decimal)
+                }
+            }
             Value::Object(_) => None,
         }
     }
@@ -753,7 +775,9 @@ fn write_field(
         FieldValue::Bool(flag) => Some(ScalarValue::Boolean(*flag)),
         FieldValue::Timestamp(ms) => Some(ScalarValue::Timestamp(*ms)),
         FieldValue::Counter(count) => Some(ScalarValue::counter(*count)),
-        FieldValue::Text(_) | FieldValue::List(_) | FieldValue::Ref(_) => None,
+        FieldValue::Text(_) | FieldValue::List(_) | FieldValue::Ref(_) | FieldValue::Decimal(_) => {
+            None
+        }
     };
     if let Some(scalar) = scalar {
         let unchanged =
@@ -786,15 +810,41 @@ fn write_field(
             }
         }
         FieldValue::Ref(record) => {
-            let same = matches!(&current, Some((Value::Object(ObjType::Map), object))
-                if matches!(tx.get(object, "$ref"), Ok(Some((Value::Scalar(key), _)))
-                    if matches!(key.as_ref(), ScalarValue::Str(key) if key.as_str() == record.as_str())));
-            if !same {
-                let object = tx.put_object(ROOT, name, ObjType::Map)?;
-                tx.put(&object, "$ref", record.as_str())?;
-            }
+            let map = held_map(current);
+            write_tagged(tx, name, map, "$ref", record.as_str())?;
+        }
+        FieldValue::Decimal(decimal) => {
+            let map = held_map(current);
+            write_tagged(tx, name, map, "$decimal", decimal.as_str())?;
         }
         _ => unreachable!("scalars were written above"),
+    }
+    Ok(())
+}
+
+/// The map a field holds, if it holds one.
+fn held_map(current: Option<(Value<'_>, automerge::ObjId)>) -> Option<automerge::ObjId> {
+    match current {
+        Some((Value::Object(ObjType::Map), object)) => Some(object),
+        _ => None,
+    }
+}
+
+/// Writes a `{tag: text}` map into field `name`, unless it already holds exactly that.
+fn write_tagged(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    name: &str,
+    current: Option<automerge::ObjId>,
+    tag: &str,
+    text: &str,
+) -> Result<(), DocError> {
+    let same = matches!(&current, Some(object)
+        if tx.length(object) == 1
+            && matches!(tx.get(object, tag), Ok(Some((Value::Scalar(held), _)))
+                if matches!(held.as_ref(), ScalarValue::Str(held) if held.as_str() == text)));
+    if !same {
+        let object = tx.put_object(ROOT, name, ObjType::Map)?;
+        tx.put(&object, tag, text)?;
     }
     Ok(())
 }
@@ -830,6 +880,10 @@ mod tests {
                 FieldValue::Ref(RecordId::new("catalogue", "p1").unwrap()),
             ),
             ("on_hand", FieldValue::Counter(7)),
+            (
+                "unit_price",
+                FieldValue::Decimal(Decimal::parse("12.50").unwrap()),
+            ),
         ];
         let mut doc = RecordDoc::new(&author);
         doc.edit(&put(&values), 0).unwrap().expect("a change");

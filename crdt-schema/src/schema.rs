@@ -9,7 +9,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{FieldValue, check_field_name};
+use crate::decimal::Decimal;
+use crate::record::{Edit, FieldEdit, FieldValue, check_field_name};
 
 /// The type a schema gives a field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +32,9 @@ pub enum FieldType {
     List,
     /// [`FieldValue::Counter`]: concurrent increments add up.
     Counter,
+    /// [`FieldValue::Decimal`]: exact; a local write's integers, and floats of at most 15
+    /// significant digits, are taken as the decimal they stand for.
+    Decimal,
     /// [`FieldValue::Ref`], optionally only to records of one collection.
     Reference {
         /// The collection the reference must point into, if any.
@@ -64,7 +68,7 @@ pub struct CollectionSchema {
 }
 
 /// What is wrong with one field.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SchemaProblem {
     /// A required field is absent.
     Missing,
@@ -84,10 +88,15 @@ pub enum SchemaProblem {
     },
     /// The schema does not list the field and does not allow other fields.
     Unknown,
+    /// A decimal field was given a float that may not be the decimal meant.
+    Inexact {
+        /// The float given.
+        float: f64,
+    },
 }
 
 /// One field that breaks the schema.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("field `{field}` {problem}")]
 pub struct SchemaError {
     /// The field's name.
@@ -110,7 +119,59 @@ impl fmt::Display for SchemaProblem {
             SchemaProblem::Unknown => {
                 f.write_str("is not in the collection's schema (allow_other_fields is off)")
             }
+            SchemaProblem::Inexact { float } => write!(
+                f,
+                "is a decimal, and the number {float} may be a rounding: send it as {{\"$decimal\": \"...\"}} with the digits meant"
+            ),
         }
+    }
+}
+
+impl CollectionSchema {
+    /// The values of a local write taken as the type the schema gives their field, where
+    /// that is exact: an integer or a float of at most 15 significant digits for a decimal
+    /// field becomes that decimal (a JSON number cannot say "decimal"). A float that may be
+    /// a rounding is refused, so the write names the decimal exactly instead.
+    pub fn coerce(&self, edit: &mut Edit) -> Result<(), SchemaError> {
+        let Edit::Put(fields) = edit else {
+            return Ok(());
+        };
+        for (name, update) in fields.iter_mut() {
+            let FieldEdit::Set(value) = update else {
+                continue;
+            };
+            let Some(FieldSchema { field_type, .. }) = self.fields.get(name) else {
+                continue;
+            };
+            if *field_type == FieldType::Float
+                && let FieldValue::Decimal(decimal) = value
+                && let Ok(float) = decimal.as_str().parse::<f64>()
+                && Decimal::parse(&format!("{float:e}")).as_ref() == Ok(&*decimal)
+            {
+                // A float field takes a decimal that a float holds exactly.
+                *value = FieldValue::Float(float);
+                continue;
+            }
+            if *field_type != FieldType::Decimal {
+                continue;
+            }
+            match value {
+                FieldValue::Int(integer) => {
+                    *value = FieldValue::Decimal(Decimal::from_integer(*integer))
+                }
+                FieldValue::Float(float) => match Decimal::from_float(*float) {
+                    Some(decimal) => *value = FieldValue::Decimal(decimal),
+                    None => {
+                        return Err(SchemaError {
+                            field: name.clone(),
+                            problem: SchemaProblem::Inexact { float: *float },
+                        });
+                    }
+                },
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -125,6 +186,7 @@ impl FieldType {
             FieldType::Text => "text".into(),
             FieldType::List => "list".into(),
             FieldType::Counter => "counter".into(),
+            FieldType::Decimal => "decimal".into(),
             FieldType::Reference { collection: None } => "reference".into(),
             FieldType::Reference {
                 collection: Some(collection),
@@ -142,6 +204,7 @@ impl FieldType {
                 | (FieldType::Timestamp, FieldValue::Timestamp(_))
                 | (FieldType::Text, FieldValue::Text(_))
                 | (FieldType::Counter, FieldValue::Counter(_))
+                | (FieldType::Decimal, FieldValue::Decimal(_))
                 | (FieldType::List, FieldValue::List(_))
                 | (FieldType::Reference { .. }, FieldValue::Ref(_))
         );
@@ -284,6 +347,66 @@ mod tests {
             schema().check(&BTreeMap::new(), true),
             Ok(()),
             "deleted records need nothing"
+        );
+    }
+
+    #[test]
+    fn numbers_for_a_decimal_field_become_that_decimal_when_exact() {
+        let schema: CollectionSchema = serde_json::from_value(serde_json::json!({
+            "fields": {"price": {"type": "decimal"}, "weight": {"type": "float"}}
+        }))
+        .unwrap();
+        let coerced = |value: FieldValue| {
+            let mut edit = Edit::Put(BTreeMap::from([(
+                "price".to_owned(),
+                FieldEdit::Set(value),
+            )]));
+            schema.coerce(&mut edit).map(|()| edit)
+        };
+        let decimal = |text| {
+            Edit::Put(BTreeMap::from([(
+                "price".to_owned(),
+                FieldEdit::Set(FieldValue::Decimal(Decimal::parse(text).unwrap())),
+            )]))
+        };
+        assert_eq!(coerced(FieldValue::Float(12.5)).unwrap(), decimal("12.5"));
+        assert_eq!(coerced(FieldValue::Int(3)).unwrap(), decimal("3"));
+        let error = coerced(FieldValue::Float(0.1 + 0.2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("$decimal") && error.contains("price"),
+            "{error}"
+        );
+        let mut weight = Edit::Put(BTreeMap::from([(
+            "weight".to_owned(),
+            FieldEdit::Set(FieldValue::Decimal(
+                Decimal::parse("0.30000000000000004").unwrap(),
+            )),
+        )]));
+        schema.coerce(&mut weight).unwrap();
+        let Edit::Put(fields) = weight else {
+            unreachable!()
+        };
+        assert_eq!(
+            fields["weight"],
+            FieldEdit::Set(FieldValue::Float(0.1 + 0.2))
+        );
+        let string_schema: CollectionSchema =
+            serde_json::from_value(serde_json::json!({"fields": {"code": {"type": "string"}}}))
+                .unwrap();
+        let mut code = Edit::Put(BTreeMap::from([(
+            "code".to_owned(),
+            FieldEdit::Set(FieldValue::Str("1e5".into())),
+        )]));
+        string_schema.coerce(&mut code).unwrap();
+        let Edit::Put(fields) = code else {
+            unreachable!()
+        };
+        assert_eq!(
+            fields["code"],
+            FieldEdit::Set(FieldValue::Str("1e5".into())),
+            "stays a string"
         );
     }
 

@@ -1,7 +1,7 @@
 // Loads every NAME.automerge in DIR (written by `cargo run -p crdt-schema --example
 // js_fixtures -- DIR`) with the JavaScript Automerge library and checks that each field
 // holds what a JavaScript user would expect for the value mesh reads (NAME.json): a
-// counter as an Automerge Counter, a timestamp as a Date, and so on.
+// counter as an Automerge Counter, a timestamp as a Date, a decimal as its exact text.
 // Usage: node tests/js/automerge_compat.mjs DIR
 import * as A from "@automerge/automerge";
 import { readFileSync, readdirSync } from "node:fs";
@@ -23,7 +23,11 @@ function expectField(doc, name, want) {
     assert.equal(have.toString(), want, `string ${name}`);
     return;
   }
-  if (want === null || typeof want !== "object" || Array.isArray(want)) {
+  if (Array.isArray(want)) {
+    assert.deepEqual(have.map(String), want, `list ${name}`);
+    return;
+  }
+  if (want === null || typeof want !== "object") {
     assert.deepEqual(have, want, `field ${name}`);
     return;
   }
@@ -41,7 +45,12 @@ function expectField(doc, name, want) {
       assert.equal(String(have), value, `text ${name}`);
       break;
     case "$ref":
-      assert.equal(have.$ref, value, `reference ${name}`);
+      assert.equal(String(have.$ref), value, `reference ${name}`);
+      break;
+    case "$decimal":
+      // A decimal is its exact text in a map, never a float.
+      assert.deepEqual(Object.keys(have), ["$decimal"], `decimal ${name} is one tagged map`);
+      assert.equal(String(have.$decimal), value, `decimal ${name}`);
       break;
     default:
       throw new Error(`the fixture has a value tagged ${tag} that this test does not know`);

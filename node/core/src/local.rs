@@ -34,6 +34,24 @@ pub(crate) fn write(
         );
         return Err(CommandError::Invalid(message));
     }
+    // A JSON number cannot say "decimal": take the write's numbers as the schemas' types.
+    let mut coerced = edit.clone();
+    let policy_schema = policy
+        .and_then(|policy| policy.collections.get(record.collection()))
+        .and_then(|rule| rule.schema.as_ref());
+    for schema in policy_schema
+        .into_iter()
+        .chain(config.schemas.get(record.collection()))
+    {
+        if let Err(error) = schema.coerce(&mut coerced) {
+            let collection = record.collection().to_owned();
+            return Err(CommandError::Schema {
+                collection,
+                errors: vec![error],
+            });
+        }
+    }
+    let edit = &coerced;
     let me = identity.node_id();
     let key = record.as_str().to_owned();
     let existed = records.entry(&key).is_some();

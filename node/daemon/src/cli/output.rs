@@ -88,13 +88,19 @@ pub(crate) fn print_record(record: &RecordReply) {
     out!("{}/{}{deleted}", record.collection, record.id);
     let width = record.fields.keys().map(String::len).max().unwrap_or(0);
     for (name, value) in &record.fields {
-        let counter = value
-            .get("$counter")
-            .filter(|_| value.as_object().map(serde_json::Map::len) == Some(1));
-        match (value.as_str(), counter) {
-            (Some(text), _) => out!("  {name:width$}  {text}"),
-            (None, Some(count)) => out!("  {name:width$}  {count} (counter)"),
-            (None, None) => out!("  {name:width$}  {value}"),
+        let tagged = |tag| {
+            value
+                .get(tag)
+                .filter(|_| value.as_object().map(serde_json::Map::len) == Some(1))
+        };
+        if let Some(text) = value.as_str() {
+            out!("  {name:width$}  {text}");
+        } else if let Some(count) = tagged("$counter") {
+            out!("  {name:width$}  {count} (counter)");
+        } else if let Some(decimal) = tagged("$decimal").and_then(serde_json::Value::as_str) {
+            out!("  {name:width$}  {decimal}");
+        } else {
+            out!("  {name:width$}  {value}");
         }
     }
 }

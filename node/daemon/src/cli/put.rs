@@ -89,39 +89,46 @@ fn parse_pair(pair: &str) -> anyhow::Result<(String, Value)> {
 }
 
 /// Reads a FIELD=VALUE value. Only what reads back the same becomes a number: `007` stays
-/// text (codes keep their zeros), as do `nan` and `inf`, which JSON cannot carry; an
-/// integer too large for 64 bits is refused rather than rounded.
+/// text (codes keep their zeros), as do `1e5`, `nan` and `inf` (only plain digits with an
+/// optional point are numbers); an integer too large for 64 bits is refused rather than
+/// rounded, and a number with a point that a float cannot hold exactly is sent as the
+/// decimal it is (`{"$decimal": "..."}`).
 fn parse_value(text: &str) -> anyhow::Result<Value> {
     if text.starts_with('+') {
         // `+41 79 …` is a phone number, not a number.
         return Ok(json!(text));
     }
     let digits = text.strip_prefix('-').unwrap_or(text);
-    let integer = !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit());
-    let leading_zero = digits.len() > 1 && digits.starts_with('0') && !digits.starts_with("0.");
+    let (whole, fraction) = match digits.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (digits, None),
+    };
+    let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    let plain_number = all_digits(whole) && fraction.is_none_or(all_digits);
+    let leading_zero = whole.len() > 1 && whole.starts_with('0');
     Ok(if text == "null" {
         Value::Null
     } else if text == "true" || text == "false" {
         json!(text == "true")
-    } else if leading_zero {
+    } else if !plain_number || leading_zero {
         json!(text)
-    } else if integer {
+    } else if fraction.is_none() {
         let number: i64 = text.parse().map_err(|_| {
             anyhow!(
                 "`{text}` does not fit a 64-bit integer; to store it as text, use --json '{{\"field\": \"{text}\"}}'"
             )
         })?;
         json!(number)
-    } else if let Ok(number) = text.parse::<f64>() {
-        if number.is_finite() && text.bytes().any(|byte| byte.is_ascii_digit()) {
-            json!(number)
-        } else if number.is_finite() || text.bytes().any(|byte| byte.is_ascii_digit()) {
-            return Err(anyhow!("`{text}` is out of range for a number"));
-        } else {
-            json!(text)
-        }
     } else {
-        json!(text)
+        let exact = crdt_schema::Decimal::parse(text).map_err(|error| anyhow!("{error}"))?;
+        let float: f64 = text
+            .parse()
+            .expect("plain digits with a point read as a float");
+        if crdt_schema::Decimal::from_float(float).as_ref() == Some(&exact) {
+            json!(float)
+        } else {
+            json!({ "$decimal": exact.to_string() })
+        }
     })
 }
 #[cfg(test)]
@@ -148,7 +155,19 @@ mod tests {
         assert_eq!(read("+5"), json!("+5"));
         let error = parse_value("99999999999999999999").unwrap_err().to_string();
         assert!(error.contains("does not fit a 64-bit integer"), "{error}");
-        assert!(parse_value("1e400").is_err());
+        assert_eq!(read("1e5"), json!("1e5"), "only plain digits are numbers");
+        assert_eq!(read("1e400"), json!("1e400"));
+        assert_eq!(read("1."), json!("1."));
+        assert_eq!(read("12.50"), json!(12.5));
+        assert_eq!(
+            read("0.30000000000000004"),
+            json!({"$decimal": "0.30000000000000004"}),
+            "17 digits a float would round are kept exactly"
+        );
+        assert_eq!(
+            read("-1234567890.123456789"),
+            json!({"$decimal": "-1234567890.123456789"})
+        );
     }
 
     #[test]
