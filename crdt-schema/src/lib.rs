@@ -32,5 +32,5 @@ pub use change::{
 };
 pub use decimal::Decimal;
 pub use identity::{Identity, NodeId, OrgId};
-pub use record::{Edit, FieldEdit, FieldValue, RecordDoc, RecordId, RecordView};
+pub use record::{Edit, FieldEdit, FieldValue, OtherValue, RecordDoc, RecordId, RecordView};
 pub use schema::{CollectionSchema, FieldSchema, FieldType, SchemaError};

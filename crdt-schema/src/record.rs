@@ -116,6 +116,21 @@ pub enum Edit {
     Delete,
 }
 
+/// A value of a field that concurrent writes left beside the one shown: Automerge keeps
+/// every concurrent value and shows the one whose operation has the greatest id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtherValue {
+    /// The value (`None` when it is of a kind mesh does not read).
+    pub value: Option<FieldValue>,
+    /// Who wrote it.
+    pub author: NodeId,
+    /// The author's name, where the reader knows it (a member name under a policy, a peer's
+    /// node name otherwise); filled in by the node, not the document.
+    pub author_name: Option<String>,
+    /// When its author's clock says it was written, in ms since 1970.
+    pub time_ms: i64,
+}
+
 /// A record as read: its fields, tombstone and heads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordView {
@@ -123,6 +138,9 @@ pub struct RecordView {
     pub record: RecordId,
     /// The current value of every field.
     pub fields: BTreeMap<String, FieldValue>,
+    /// The fields whose concurrent writes left other values beside the one shown, with
+    /// those values; empty when nothing is in conflict. Writing the field clears it.
+    pub conflicts: BTreeMap<String, Vec<OtherValue>>,
     /// Whether the record carries a tombstone.
     pub deleted: bool,
     /// The hashes of the latest changes.
@@ -413,13 +431,40 @@ impl RecordView {
             .iter()
             .map(|(name, value)| (name.clone(), value.to_json()))
             .collect();
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "collection": self.record.collection(),
             "id": self.record.id(),
             "deleted": self.deleted,
             "heads": self.heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "fields": fields,
-        })
+        });
+        if !self.conflicts.is_empty() {
+            json["conflicts"] = self.conflicts_json();
+        }
+        json
+    }
+
+    /// The conflicts as JSON: `{"field": [{"value", "author", "author_name", "time_ms"}]}`.
+    pub fn conflicts_json(&self) -> Json {
+        let conflicts: JsonMap<String, Json> = self
+            .conflicts
+            .iter()
+            .map(|(name, others)| {
+                let others = others
+                    .iter()
+                    .map(|other| {
+                        serde_json::json!({
+                            "value": other.value.as_ref().map_or(Json::Null, FieldValue::to_json),
+                            "author": other.author.to_string(),
+                            "author_name": other.author_name,
+                            "time_ms": other.time_ms,
+                        })
+                    })
+                    .collect();
+                (name.clone(), Json::Array(others))
+            })
+            .collect();
+        Json::Object(conflicts)
     }
 }
 
@@ -577,6 +622,68 @@ impl RecordDoc {
     /// The current value of one field.
     pub fn field(&self, name: &str) -> Option<FieldValue> {
         let (value, object) = self.doc.get(ROOT, name).ok()??;
+        self.read_value(value, &object)
+    }
+
+    /// Every user field that concurrent writes left with several values, and the values
+    /// beside the one shown, each with its author and claimed time.
+    pub fn conflicts(&self) -> BTreeMap<String, Vec<OtherValue>> {
+        let mut conflicts = BTreeMap::new();
+        for name in self.doc.keys(ROOT).filter(|key| !key.starts_with('_')) {
+            let Ok(values) = self.doc.get_all(ROOT, name.as_str()) else {
+                continue;
+            };
+            if values.len() < 2 {
+                continue;
+            }
+            let shown = self
+                .doc
+                .get(ROOT, name.as_str())
+                .ok()
+                .flatten()
+                .map(|(_, id)| id);
+            let others: Vec<OtherValue> = values
+                .into_iter()
+                .filter(|(_, id)| Some(id) != shown.as_ref())
+                .filter_map(|(value, id)| {
+                    let (author, time_ms) = self.op_author(&id)?;
+                    Some(OtherValue {
+                        value: self.read_value(value, &id),
+                        author,
+                        author_name: None,
+                        time_ms,
+                    })
+                })
+                .collect();
+            if !others.is_empty() {
+                conflicts.insert(name, others);
+            }
+        }
+        conflicts
+    }
+
+    /// The author of the operation `id` and the time of the change that holds it.
+    fn op_author(&self, id: &automerge::ObjId) -> Option<(NodeId, i64)> {
+        let automerge::ObjId::Id(counter, actor, _) = id else {
+            return None;
+        };
+        let author = NodeId::from_slice(actor.to_bytes()).ok()?;
+        let time_ms = self
+            .doc
+            .get_changes(&[])
+            .into_iter()
+            .find(|change| {
+                change.actor_id() == actor
+                    && (change.start_op().get()..change.start_op().get() + change.len() as u64)
+                        .contains(counter)
+            })
+            .map_or(0, |change| change.timestamp());
+        Some((author, time_ms))
+    }
+
+    /// A field's value as mesh reads it, from what Automerge holds there.
+    fn read_value(&self, value: Value<'_>, object: &automerge::ObjId) -> Option<FieldValue> {
+        let object = object.clone();
         match value {
             Value::Scalar(scalar) => match scalar.as_ref() {
                 ScalarValue::Str(text) => Some(FieldValue::Str(text.to_string())),
@@ -637,6 +744,7 @@ impl RecordDoc {
         RecordView {
             record: record.clone(),
             fields: self.fields(),
+            conflicts: self.conflicts(),
             deleted: self.deleted(),
             heads: self.heads(),
         }
@@ -1027,6 +1135,51 @@ mod tests {
         assert!(FieldEdit::from_json("c", &json!({"$inc": 1, "$x": 2})).is_err());
         assert!(FieldEdit::from_json("c", &json!({"$counter": "5"})).is_err());
         assert_eq!(FieldValue::Counter(5).to_json(), json!({"$counter": 5}));
+    }
+
+    #[test]
+    fn concurrent_values_of_a_field_are_listed_beside_the_one_shown_until_it_is_written() {
+        let (a, b) = (
+            Identity::from_seed(1).node_id(),
+            Identity::from_seed(2).node_id(),
+        );
+        let mut first = RecordDoc::new(&a);
+        first
+            .edit(&put(&[("count", FieldValue::Int(50))]), 1)
+            .unwrap();
+        let mut second = RecordDoc::load(&first.save(), &b).unwrap();
+        let ninety = first
+            .edit(&put(&[("count", FieldValue::Int(90))]), 2)
+            .unwrap()
+            .unwrap();
+        let seventy = second
+            .edit(&put(&[("count", FieldValue::Int(70))]), 3)
+            .unwrap()
+            .unwrap();
+        first.apply(vec![seventy]).unwrap();
+        second.apply(vec![ninety]).unwrap();
+        let record = RecordId::new("stock", "s1").unwrap();
+        let (one, two) = (first.view(&record), second.view(&record));
+        assert_eq!(one.fields, two.fields, "the same value wins on both");
+        assert_eq!(one.conflicts, two.conflicts);
+        let shown = one.fields["count"].clone();
+        let others = &one.conflicts["count"];
+        assert_eq!(others.len(), 1);
+        let other = &others[0];
+        let (loser, author, time) = if shown == FieldValue::Int(90) {
+            (FieldValue::Int(70), b, 3)
+        } else {
+            (FieldValue::Int(90), a, 2)
+        };
+        assert_eq!(
+            (other.value.clone(), other.author, other.time_ms),
+            (Some(loser), author, time)
+        );
+        assert!(one.to_json()["conflicts"]["count"][0]["author"].is_string());
+        first
+            .edit(&put(&[("count", FieldValue::Int(75))]), 4)
+            .unwrap();
+        assert!(first.conflicts().is_empty(), "a later write resolves it");
     }
 
     #[test]

@@ -279,6 +279,9 @@ pub struct World<'a> {
     to_check: Vec<(usize, RecordId)>,
     /// Records whose counter the workload created or added to: checked at convergence.
     counted: BTreeSet<RecordId>,
+    /// Records two nodes wrote at the same moment: their conflicts are compared at
+    /// convergence.
+    contested: BTreeSet<RecordId>,
     /// Per record, the sum of every acknowledged counter write (the creation's value and
     /// each increment): what every node must show once healed, if no policy quarantined
     /// any of them.
@@ -374,6 +377,7 @@ impl<'a> World<'a> {
             play,
             to_check: Vec::new(),
             counted: BTreeSet::new(),
+            contested: BTreeSet::new(),
             counter_sums: BTreeMap::new(),
         }
     }
@@ -1008,6 +1012,7 @@ impl<'a> World<'a> {
         } else if roll < 0.15 && self.slots.len() > 1 {
             // Two nodes edit the same field of the same record at the same moment.
             let record = workload::random_record(&mut self.rng, self.plan.records_per_collection);
+            self.contested.insert(record.clone());
             let other = (node + 1 + self.rng.index(self.slots.len() - 1)) % self.slots.len();
             for writer in [node, other] {
                 if self.slots[writer].node.is_some() && !self.slots[writer].paused {
@@ -1312,7 +1317,58 @@ impl<'a> World<'a> {
         if !self.checkers.converged(&nodes, &honest, issued, self.now) {
             return false;
         }
-        self.check_counters(&honest)
+        self.check_counters(&honest) && self.check_conflicts(&honest)
+    }
+
+    /// **conflict-diverged**: every honest node shows each record two nodes wrote at once
+    /// with the same fields and the same conflicts (the same other values by the same
+    /// authors), whatever order the changes came in.
+    fn check_conflicts(&mut self, honest: &[bool]) -> bool {
+        let contested = std::mem::take(&mut self.contested);
+        let mut failure = None;
+        'records: for record in &contested {
+            let mut first: Option<(usize, String)> = None;
+            for (index, slot) in self.slots.iter_mut().enumerate() {
+                let Some(node) = slot.node.as_mut().filter(|_| honest[index]) else {
+                    continue;
+                };
+                let shown = node.accepted_record(record).map(|(view, _)| {
+                    let conflicts: Vec<_> = view
+                        .conflicts
+                        .iter()
+                        .map(|(name, others)| {
+                            let others: Vec<_> = others
+                                .iter()
+                                .map(|other| {
+                                    (format!("{:?}", other.value), other.author, other.time_ms)
+                                })
+                                .collect();
+                            (name.clone(), others)
+                        })
+                        .collect();
+                    format!("{:?} {conflicts:?}", view.fields)
+                });
+                let shown = shown.unwrap_or_else(|| "not shown".into());
+                match &first {
+                    None => first = Some((index, shown)),
+                    Some((other, seen)) if *seen != shown => {
+                        failure = Some(format!(
+                            "{record}: node {other} shows {seen} but node {index} shows {shown}"
+                        ));
+                        break 'records;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        self.contested = contested;
+        match failure {
+            Some(message) => {
+                self.fail("conflict-diverged", message);
+                false
+            }
+            None => true,
+        }
     }
 
     /// **counter-mismatch**: on every honest node, every counter the workload touched shows
@@ -1320,7 +1376,11 @@ impl<'a> World<'a> {
     /// Automerge's rules (`checkers::counter_from_changes`) and, when no policy can have
     /// quarantined a write, the sum of the acknowledged counter writes.
     fn check_counters(&mut self, honest: &[bool]) -> bool {
-        if self.slots.iter().any(|slot| !slot.counting.is_empty()) {
+        if self
+            .slots
+            .iter()
+            .any(|slot| !slot.counting.is_empty() || !slot.writes.is_empty())
+        {
             // A node shows its own write before the append that acknowledges it: wait.
             return false;
         }

@@ -117,3 +117,62 @@ fn a_delete_merges_like_an_edit() {
         "deleted records are not counted as live"
     );
 }
+
+#[test]
+fn concurrent_writes_of_one_field_show_the_same_conflict_on_every_node_until_written_again() {
+    let mut mesh = mesh_tests::Harness::with_config(2, |index| mesh_core::Config {
+        name: ["head-office", "clinic"][index].to_owned(),
+        ..mesh_core::Config::default()
+    });
+    mesh.put(0, "stock/s1", &[("count", FieldValue::Int(50))]);
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(20);
+    mesh.disconnect(0, 1);
+    mesh.put(0, "stock/s1", &[("count", FieldValue::Int(90))]);
+    mesh.put(1, "stock/s1", &[("count", FieldValue::Int(70))]);
+    mesh.connect(0, 1);
+    mesh.run_until_quiet(20);
+    assert!(mesh.converged());
+    let views: Vec<_> = (0..2)
+        .map(|node| mesh.get(node, "stock/s1").unwrap())
+        .collect();
+    let shown = views[0].fields["count"].clone();
+    assert_eq!(
+        views[1].fields["count"], shown,
+        "the same winner everywhere"
+    );
+    let others: Vec<_> = views[0].conflicts["count"]
+        .iter()
+        .map(|other| (other.value.clone(), other.author))
+        .collect();
+    let (node0, node1) = (mesh.id(0), mesh.id(1));
+    let (expected, name) = if shown == FieldValue::Int(90) {
+        ((Some(FieldValue::Int(70)), node1), "clinic")
+    } else {
+        assert_eq!(shown, FieldValue::Int(70));
+        ((Some(FieldValue::Int(90)), node0), "head-office")
+    };
+    assert_eq!(
+        others,
+        vec![expected.clone()],
+        "the other value and its author"
+    );
+    for view in &views {
+        let authors: Vec<_> = view.conflicts["count"].iter().map(|o| o.author).collect();
+        assert_eq!(authors, vec![expected.1]);
+    }
+    for view in &views {
+        let named = view.conflicts["count"][0].author_name.as_deref();
+        assert_eq!(named, Some(name), "named for the reader, itself or a peer");
+    }
+    mesh.put(1, "stock/s1", &[("count", FieldValue::Int(75))]);
+    mesh.run_until_quiet(20);
+    for node in 0..2 {
+        let view = mesh.get(node, "stock/s1").unwrap();
+        assert!(
+            view.conflicts.is_empty(),
+            "node {node}: one later write resolves it"
+        );
+        assert_eq!(view.fields["count"], FieldValue::Int(75));
+    }
+}

@@ -254,7 +254,10 @@ impl Node {
                 }
             }
             Command::Get { record } => {
-                let view = reads::record(&mut self.records, &record);
+                let mut view = reads::record(&mut self.records, &record);
+                if let Some(view) = view.as_mut() {
+                    self.name_authors(view);
+                }
                 self.out.complete(id, Ok(Reply::Record(view)));
             }
             Command::List {
@@ -596,6 +599,17 @@ impl Node {
         record: &RecordId,
     ) -> Vec<(ChangeHash, NodeId, Vec<ChangeHash>)> {
         reads::accepted_changes(&mut self.records, record)
+    }
+
+    /// Names the authors of a view's conflicting values: member names under a policy,
+    /// the names peers gave otherwise, this node's own name for its own values.
+    fn name_authors(&self, view: &mut RecordView) {
+        let me = self.identity.node_id();
+        for other in view.conflicts.values_mut().flatten() {
+            other.author_name = self
+                .name_of(&other.author)
+                .or_else(|| (other.author == me).then(|| self.config.name.clone()));
+        }
     }
 
     /// The record as a read shows it, with the bytes of every change of its accepted

@@ -67,6 +67,24 @@ pub struct RecordReply {
     pub heads: Vec<String>,
     /// The record id within the collection.
     pub id: String,
+    /// Fields whose concurrent writes left other values beside the one shown: per field,
+    /// those values with `value`, `author`, `author_name` and `time_ms`. Absent when
+    /// nothing is in conflict.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub conflicts: BTreeMap<String, Vec<OtherValueReply>>,
+}
+
+/// One value a conflict left beside the one shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OtherValueReply {
+    /// The value, in the API's JSON form (`null` if of a kind mesh does not read).
+    pub value: Value,
+    /// Its author's node id.
+    pub author: String,
+    /// Its author's name, where the node knows it.
+    pub author_name: Option<String>,
+    /// When its author's clock says it was written, ms since 1970.
+    pub time_ms: i64,
 }
 
 impl From<&RecordView> for RecordReply {
@@ -81,6 +99,8 @@ impl From<&RecordView> for RecordReply {
                 .collect(),
             heads: view.heads.iter().map(ToString::to_string).collect(),
             id: view.record.id().to_owned(),
+            conflicts: serde_json::from_value(view.conflicts_json())
+                .expect("the conflicts' JSON is an OtherValueReply map"),
         }
     }
 }
@@ -134,6 +154,15 @@ mod tests {
             ]),
             deleted: false,
             heads: Vec::new(),
+            conflicts: BTreeMap::from([(
+                "count".to_owned(),
+                vec![crdt_schema::OtherValue {
+                    value: Some(FieldValue::Int(4)),
+                    author: crdt_schema::Identity::from_seed(2).node_id(),
+                    author_name: Some("clinic".into()),
+                    time_ms: 7,
+                }],
+            )]),
         };
         let reply = serde_json::to_value(RecordReply::from(&view)).unwrap();
         assert_eq!(reply, view.to_json());

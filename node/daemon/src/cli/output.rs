@@ -88,20 +88,47 @@ pub(crate) fn print_record(record: &RecordReply) {
     out!("{}/{}{deleted}", record.collection, record.id);
     let width = record.fields.keys().map(String::len).max().unwrap_or(0);
     for (name, value) in &record.fields {
-        let tagged = |tag| {
-            value
-                .get(tag)
-                .filter(|_| value.as_object().map(serde_json::Map::len) == Some(1))
+        let Some(others) = record.conflicts.get(name) else {
+            out!("  {name:width$}  {}", shown_value(value));
+            continue;
         };
-        if let Some(text) = value.as_str() {
-            out!("  {name:width$}  {text}");
-        } else if let Some(count) = tagged("$counter") {
-            out!("  {name:width$}  {count} (counter)");
-        } else if let Some(decimal) = tagged("$decimal").and_then(serde_json::Value::as_str) {
-            out!("  {name:width$}  {decimal}");
-        } else {
-            out!("  {name:width$}  {value}");
+        // A field concurrent writes left with several values: say so, and list the others.
+        out!(
+            "  {name:width$}  {}  (conflict: {} other)",
+            shown_value(value),
+            others.len()
+        );
+        for other in others {
+            let author = other
+                .author_name
+                .clone()
+                .unwrap_or_else(|| short(Some(&other.author), 12).to_owned());
+            let when = u64::try_from(other.time_ms).ok();
+            out!(
+                "  {:width$}    also {} by {author}, written {}",
+                "",
+                shown_value(&other.value),
+                ago(when)
+            );
         }
+    }
+}
+
+/// A field's value as the CLI prints it: text bare, a counter and a decimal as numbers.
+fn shown_value(value: &serde_json::Value) -> String {
+    let tagged = |tag| {
+        value
+            .get(tag)
+            .filter(|_| value.as_object().map(serde_json::Map::len) == Some(1))
+    };
+    if let Some(text) = value.as_str() {
+        text.to_owned()
+    } else if let Some(count) = tagged("$counter") {
+        format!("{count} (counter)")
+    } else if let Some(decimal) = tagged("$decimal").and_then(serde_json::Value::as_str) {
+        decimal.to_owned()
+    } else {
+        value.to_string()
     }
 }
 
