@@ -265,8 +265,11 @@ impl Node {
                 after,
                 limit,
             } => {
-                let (records, next) =
+                let (mut records, next) =
                     reads::list(&mut self.records, &collection, after.as_deref(), limit);
+                for view in &mut records {
+                    self.name_authors(view);
+                }
                 self.out.complete(id, Ok(Reply::Records { records, next }));
             }
             Command::Status => {

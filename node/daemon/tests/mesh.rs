@@ -119,6 +119,64 @@ fn a_counter_counted_on_two_nodes_while_apart_adds_up_on_both() {
 }
 
 #[test]
+fn a_field_two_nodes_set_while_apart_is_shown_in_conflict_until_written_again() {
+    let (a, b) = (TempDir::new("conflict-a"), TempDir::new("conflict-b"));
+    init(&a.0, "head-office");
+    init(&b.0, "clinic");
+    let _a = start(&a.0);
+    let hub = listen_addr(&a.0);
+    let b_daemon = start_with_peers(&b.0, std::slice::from_ref(&hub));
+    mesh_ok(&a.0, &["put", "stock", "s1", "count=50", "name=gauze"]);
+    eventually("the record on b", || field(&b.0, "stock", "s1", "count"));
+    assert_eq!(
+        mesh_ok(&b.0, &["conflicts"]).trim(),
+        "no conflicts: every field has one value"
+    );
+    drop(b_daemon);
+    mesh_ok(&a.0, &["put", "stock", "s1", "count=90"]);
+    let b_alone = start(&b.0);
+    mesh_ok(&b.0, &["put", "stock", "s1", "count=70"]);
+    drop(b_alone);
+    let _b = start_with_peers(&b.0, &[hub]);
+    eventually("converged", || converged(&[&a.0, &b.0]));
+    for dir in [&a.0, &b.0] {
+        let listed: serde_json::Value =
+            serde_json::from_str(&mesh_ok(dir, &["conflicts", "--json"])).unwrap();
+        let records = listed.as_array().unwrap();
+        assert_eq!(records.len(), 1, "{listed}");
+        let shown = &records[0]["fields"]["count"];
+        let other = &records[0]["conflicts"]["count"][0];
+        let (value, author) = if *shown == 90 {
+            (70, "clinic")
+        } else {
+            (90, "head-office")
+        };
+        assert_eq!(other["value"], value, "{listed}");
+        assert_eq!(other["author_name"], author, "{listed}");
+        assert!(
+            records[0]["conflicts"].get("name").is_none(),
+            "only the field both set"
+        );
+        let human = mesh_ok(dir, &["get", "stock", "s1"]);
+        assert!(human.contains("(conflict: 1 other)"), "{human}");
+        assert!(
+            human.contains(&format!("also {value} by {author}")),
+            "{human}"
+        );
+        let summary = mesh_ok(dir, &["conflicts", "stock"]);
+        assert!(
+            summary.contains("1 record in conflict (1 field)"),
+            "{summary}"
+        );
+    }
+    mesh_ok(&a.0, &["put", "stock", "s1", "count=75"]);
+    eventually("the conflict resolved on b", || {
+        let listed = mesh_ok(&b.0, &["conflicts", "--json"]);
+        (listed.trim() == "[]").then_some(())
+    });
+}
+
+#[test]
 fn edits_of_different_fields_on_two_nodes_both_survive() {
     let (a, b) = (TempDir::new("fields-a"), TempDir::new("fields-b"));
     init(&a.0, "a");

@@ -3,6 +3,7 @@
 //! directory and the API client, and [`output`] for everything printed.
 
 mod completions;
+mod conflicts;
 mod delete;
 mod demo;
 mod export;
@@ -53,13 +54,15 @@ enum Commands {
     /// Peers and their connection state.
     Peers(peers::Args),
     /// Set fields of a record: FIELD=VALUE, where VALUE is read as null (removes the field),
-    /// true/false, an integer, a decimal number, or else text; numbers written with a leading
-    /// zero (007) stay text. Use --json for exact types.
+    /// true/false, an integer, a number with a point, or else text (007 and 1e5 stay text);
+    /// FIELD+=N and FIELD-=N add to a counter. Use --json for exact types.
     Put(put::Args),
     /// Read a record.
     Get(get::Args),
     /// List the live records of a collection.
     List(list::Args),
+    /// List the records whose fields concurrent writes left with several values.
+    Conflicts(conflicts::Args),
     /// Delete a record (a tombstone that syncs like an edit).
     Delete(delete::Args),
     /// Print record changes as they happen, until Ctrl-C.
@@ -131,6 +134,7 @@ pub fn run(cli: Cli) -> Result<(), ClientError> {
         Commands::Put(args) => put::run(&context, args),
         Commands::Get(args) => get::run(&context, args),
         Commands::List(args) => list::run(&context, args),
+        Commands::Conflicts(args) => conflicts::run(&context, args),
         Commands::Delete(args) => delete::run(&context, args),
         Commands::Watch(args) => watch::run(&context, args),
         Commands::Sync(args) => sync::run(&context, args),
