@@ -629,6 +629,8 @@ impl RecordDoc {
     /// beside the one shown, each with its author and claimed time.
     pub fn conflicts(&self) -> BTreeMap<String, Vec<OtherValue>> {
         let mut conflicts = BTreeMap::new();
+        // The record's changes, read once and only if some field is in conflict.
+        let mut changes: Option<Vec<Change>> = None;
         for name in self.doc.keys(ROOT).filter(|key| !key.starts_with('_')) {
             let Ok(values) = self.doc.get_all(ROOT, name.as_str()) else {
                 continue;
@@ -646,7 +648,8 @@ impl RecordDoc {
                 .into_iter()
                 .filter(|(_, id)| Some(id) != shown.as_ref())
                 .filter_map(|(value, id)| {
-                    let (author, time_ms) = self.op_author(&id)?;
+                    let changes = changes.get_or_insert_with(|| self.doc.get_changes(&[]));
+                    let (author, time_ms) = op_author(changes, &id)?;
                     Some(OtherValue {
                         value: self.read_value(value, &id),
                         author,
@@ -660,25 +663,6 @@ impl RecordDoc {
             }
         }
         conflicts
-    }
-
-    /// The author of the operation `id` and the time of the change that holds it.
-    fn op_author(&self, id: &automerge::ObjId) -> Option<(NodeId, i64)> {
-        let automerge::ObjId::Id(counter, actor, _) = id else {
-            return None;
-        };
-        let author = NodeId::from_slice(actor.to_bytes()).ok()?;
-        let time_ms = self
-            .doc
-            .get_changes(&[])
-            .into_iter()
-            .find(|change| {
-                change.actor_id() == actor
-                    && (change.start_op().get()..change.start_op().get() + change.len() as u64)
-                        .contains(counter)
-            })
-            .map_or(0, |change| change.timestamp());
-        Some((author, time_ms))
     }
 
     /// A field's value as mesh reads it, from what Automerge holds there.
@@ -928,6 +912,24 @@ fn write_field(
         _ => unreachable!("scalars were written above"),
     }
     Ok(())
+}
+
+/// The author of the operation `id` and the time of the change among `changes` that
+/// holds it.
+fn op_author(changes: &[Change], id: &automerge::ObjId) -> Option<(NodeId, i64)> {
+    let automerge::ObjId::Id(counter, actor, _) = id else {
+        return None;
+    };
+    let author = NodeId::from_slice(actor.to_bytes()).ok()?;
+    let time_ms = changes
+        .iter()
+        .find(|change| {
+            change.actor_id() == actor
+                && (change.start_op().get()..change.start_op().get() + change.len() as u64)
+                    .contains(counter)
+        })
+        .map_or(0, Change::timestamp);
+    Some((author, time_ms))
 }
 
 /// The map a field holds, if it holds one.

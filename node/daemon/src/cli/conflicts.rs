@@ -1,12 +1,10 @@
 //! `mesh conflicts`: the records whose fields concurrent writes left with several values.
 
 use super::Context;
+use super::list::{PAGE, fetch_page};
 use super::output::{plural, print_or, print_record};
 use crate::client::ClientError;
-use crate::replies::{RecordReply, RecordsReply};
-
-/// Records asked for in one page (the API's largest page).
-const PAGE: usize = 1000;
+use crate::replies::RecordReply;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,15 +34,7 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
     for collection in &collections {
         let mut after: Option<String> = None;
         loop {
-            let mut path = format!("/v1/records/{collection}?limit={PAGE}");
-            if let Some(after) = &after {
-                let after = percent_encoding::utf8_percent_encode(
-                    after,
-                    percent_encoding::NON_ALPHANUMERIC,
-                );
-                path.push_str(&format!("&after={after}"));
-            }
-            let page: RecordsReply = client.get_as(&path)?;
+            let page = fetch_page(&client, collection, after.as_deref(), PAGE)?;
             for record in page.records {
                 if record.conflicts.is_empty() {
                     continue;

@@ -2,11 +2,27 @@
 
 use super::Context;
 use super::output::{print_or, print_record};
-use crate::client::ClientError;
+use crate::client::{Client, ClientError};
 use crate::replies::RecordsReply;
 
 /// Records asked for in one page (the API's largest page).
-const PAGE: usize = 1000;
+pub(super) const PAGE: usize = 1000;
+
+/// One page of at most `limit` of a collection's live records, after the id `after`.
+pub(super) fn fetch_page(
+    client: &Client,
+    collection: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<RecordsReply, ClientError> {
+    let mut path = format!("/v1/records/{collection}?limit={limit}");
+    if let Some(after) = after {
+        let after =
+            percent_encoding::utf8_percent_encode(after, percent_encoding::NON_ALPHANUMERIC);
+        path.push_str(&format!("&after={after}"));
+    }
+    client.get_as(&path)
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,13 +55,7 @@ pub fn run(context: &Context, args: Args) -> Result<(), ClientError> {
             break;
         }
         first = false;
-        let mut path = format!("/v1/records/{collection}?limit={wanted}");
-        if let Some(after) = &all.next {
-            let after =
-                percent_encoding::utf8_percent_encode(after, percent_encoding::NON_ALPHANUMERIC);
-            path.push_str(&format!("&after={after}"));
-        }
-        let page: RecordsReply = client.get_as(&path)?;
+        let page = fetch_page(&client, &collection, all.next.as_deref(), wanted)?;
         listed += page.records.len();
         all.next = page.next;
         if args.json {
